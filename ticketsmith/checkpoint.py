@@ -1,0 +1,100 @@
+"""Checkpoints: safetensors files with a content checksum, written atomically.
+
+A checkpoint holds a model's state dict (keys prefixed `model.`), optionally its mask
+(`mask.`), and JSON metadata (how to rebuild the model, level, variant, config hash).
+Loading never unpickles: safetensors stores raw tensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .masks import Mask
+
+FORMAT = "ticketsmith-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, foreign, tampered with or does not fit."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state: dict[str, torch.Tensor]
+    mask: Mask | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) then rename over `path`, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], mask: Mask | None = None,
+                    meta: dict[str, Any] | None = None) -> Path:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+    if mask is not None:
+        tensors.update(mask.state())
+    metadata = {
+        "format": FORMAT,
+        "sha256": _digest(tensors),
+        "meta": json.dumps(meta or {}, sort_keys=True),
+    }
+    atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata=metadata))
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify a checkpoint; any problem is one CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a TicketSmith checkpoint (format "
+                              f"{metadata.get('format')!r}, expected {FORMAT!r})")
+    if _digest(tensors) != metadata.get("sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch; the file was modified or is corrupt")
+    state = {k[len("model."):]: v.to(device) for k, v in tensors.items() if k.startswith("model.")}
+    mask_state = {k: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
+    return Checkpoint(state=state, mask=Mask.from_state(mask_state) if mask_state else None,
+                      meta=json.loads(metadata.get("meta", "{}")))

@@ -1,0 +1,254 @@
+"""Typed, validated experiment config: YAML + `--set section.key=value` overrides + a hash.
+
+One frozen pydantic model per section; unknown keys and out-of-range values are rejected
+with a one-line error naming the full key path. The experiment hash covers only fields that
+differ from their defaults (and only fields that change results), so adding an option with a
+default keeps every old hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Fields that name where things go or how they are shown, not what is computed.
+_NOT_HASHED = {"json_schema_extra": {"hashed": False}}
+
+
+class ConfigError(ValueError):
+    """One-line description of a bad config: file or key path, and what is expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    name: Literal["mnist", "fashion_mnist", "cifar10", "synthetic"] = Field(
+        "mnist", description="Data set; 'synthetic' is a tiny generated set for smoke tests.")
+    root: str = Field("data", description="Folder holding downloaded data sets.", **_NOT_HASHED)
+    val_size: int = Field(5000, ge=0, description="Examples held out of the training set.")
+    factory: str | None = Field(None, description="'pkg.module:function' returning your data.")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="Keyword arguments for the data set or factory.")
+
+
+class ModelConfig(_Section):
+    name: str = Field("lenet_300_100", description="Registered model name (see models.MODELS).")
+    factory: str | None = Field(None, description="'pkg.module:function' building your model.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Builder keyword arguments.")
+    exclude: list[str] = Field(default_factory=list,
+                               description="Module names whose weights are never pruned.")
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Optimizer.")
+    lr: float = Field(1.2e-3, gt=0, le=10, description="Learning rate.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    batch_size: int = Field(60, ge=1, description="Examples per optimizer step.")
+    epochs: float | None = Field(None, gt=0, description="Training length in epochs "
+                                 "(exclusive with iterations).")
+    iterations: int | None = Field(None, ge=1, description="Training length in optimizer steps.")
+    eval_every: int = Field(100, ge=1, description="Iterations between validation evaluations.")
+    eval_batch_size: int = Field(2048, ge=1, description="Batch size for evaluation only.",
+                                 **_NOT_HASHED)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA if present.",
+                                                  **_NOT_HASHED)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainConfig":
+        if (self.epochs is None) == (self.iterations is None):
+            raise ValueError("set exactly one of train.epochs or train.iterations")
+        return self
+
+
+class PruneConfig(_Section):
+    levels: int = Field(5, ge=0, le=100, description="Pruning levels after the dense level 0.")
+    fraction: float = Field(0.2, gt=0, lt=1, description="Fraction of *remaining* weights "
+                            "pruned per level.")
+    output_fraction: float | None = Field(None, gt=0, lt=1, description="Rate for the output "
+                                          "layer; default half of `fraction` (layer-wise).")
+    layer_fractions: dict[str, float] = Field(default_factory=dict, description="Per-layer rates "
+                                              "by weight name or module-type prefix "
+                                              "('conv', 'linear').")
+    scope: Literal["layerwise", "global"] = Field("layerwise", description="Who competes.")
+    schedule: Literal["iterative", "oneshot"] = Field("iterative", description="'oneshot' "
+                                                     "prunes the dense net straight to each level's density.")
+    rewind_iteration: int = Field(0, ge=0, description="Rewind survivors to weights at this "
+                                  "iteration of the dense run (0 = original init).")
+    pattern: Literal["unstructured", "2:4"] = Field("unstructured", description="'2:4' adds "
+                                                    "semi-structured sparsity for GPU serving.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "PruneConfig":
+        for name, f in self.layer_fractions.items():
+            if not 0 <= f < 1:
+                raise ValueError(f"layer_fractions.{name} must be in [0, 1), got {f}")
+        return self
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("imp", min_length=1, description="Human-readable experiment name.",
+                      **_NOT_HASHED)
+    seed: int = Field(0, ge=0, description="Base seed; replicate r uses seed + r.")
+    replicates: int = Field(1, ge=1, le=100, description="Seeds to run.")
+    variants: list[Literal["ticket", "random_reinit", "random_prune"]] = Field(
+        default_factory=lambda: ["ticket", "random_reinit"], description="What each level trains.")
+    output_dir: str = Field("runs", description="Local run directory root.", **_NOT_HASHED)
+    benchmark: bool = Field(False, description="Benchmark every level's ticket at the end.",
+                            **_NOT_HASHED)
+
+    @model_validator(mode="after")
+    def _ticket_first(self) -> "ExperimentConfig":
+        if "ticket" not in self.variants:
+            raise ValueError("variants must include 'ticket' (it is what the next level prunes)")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError("variants must not repeat")
+        return self
+
+
+class GateConfig(_Section):
+    max_accuracy_drop: float = Field(2.0, ge=0, description="Accuracy points a ticket may lose "
+                                     "vs dense (mean over replicates).", **_NOT_HASHED)
+    max_loss_delta: float | None = Field(None, ge=0, description="Largest allowed rise in test "
+                                         "loss vs dense; None disables.", **_NOT_HASHED)
+    require_beats_random: bool = Field(True, description="Ticket must beat random re-init at "
+                                       "the same level.", **_NOT_HASHED)
+    release_min_sparsity: float = Field(0.0, ge=0, le=1, description="Release check: the champion "
+                                        "must reach at least this sparsity.", **_NOT_HASHED)
+
+
+class TrackingConfig(_Section):
+    system_metrics: bool = Field(False, description="Log CPU/GPU/memory on parent runs.",
+                                 **_NOT_HASHED)
+    register_model: bool = Field(True, description="Register ticket candidates in the model registry.",
+                           **_NOT_HASHED)
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1))
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def hash(self) -> str:
+        """12 hex chars naming the experiment: sha256 of the hashed, non-default fields."""
+        return hashlib.sha256(canonical_json(self).encode()).hexdigest()[:12]
+
+    def flat(self) -> dict[str, Any]:
+        """Resolved config flattened to `section.key` → value (for MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _hashed_fields(model: BaseModel) -> dict[str, Any]:
+    out = {}
+    for name, info in type(model).model_fields.items():
+        extra = info.json_schema_extra or {}
+        if isinstance(extra, dict) and extra.get("hashed") is False:
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            sub = _hashed_fields(value)
+            if sub:
+                out[name] = sub
+        elif value != info.get_default(call_default_factory=True):
+            out[name] = value
+    return out
+
+
+def canonical_json(cfg: Config) -> str:
+    # Compared field by field against defaults, so leaving `train` out and writing
+    # `train: {epochs: 1}` (the section default) hash the same.
+    return json.dumps(_hashed_fields(cfg), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    where = f"{source}: " if source else ""
+    return f"{where}{path or 'config'}: {msg}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=0.001' → (['train', 'lr'], 0.001); the value is parsed as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = json.loads(json.dumps(raw))  # deep copy; the caller's dict is not modified
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            at = f" at line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{at}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,234 @@
+"""Iterative Magnitude Pruning: levels x variants x replicates, rewinding, resume.
+
+Level 0 trains the dense network. Level k>0 prunes the previous level's trained ticket
+(iterative) or the dense network straight to the level's density (one-shot), then trains
+each variant from its starting point under its mask. Finished (level, variant) runs are
+found in the run directory and skipped, so a killed experiment resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import Config, dump_config
+from .data import Dataset, load_dataset
+from .masks import Mask, prune_magnitude, prune_n_m, prune_to_density, random_mask_like
+from .models import build_model, count_params, output_layer, prunable_weights
+from .reporting import NullTracker, Tracker
+from .store import RunStore
+from .train import resolve_device, train
+
+log = logging.getLogger("ticketsmith.lottery")
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (same on every machine and Python run)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def layer_fractions(cfg: Config, weights: dict[str, torch.Tensor], out_name: str) -> dict[str, float]:
+    """Per-layer pruning rate: `fraction`, output layer at half rate (layer-wise) unless set,
+    overridden by `layer_fractions` keyed by weight name or by 'conv' / 'linear'."""
+    p = cfg.prune
+    rates = {}
+    for name, w in weights.items():
+        rate = p.fraction
+        if name == out_name and p.scope == "layerwise":
+            rate = p.output_fraction if p.output_fraction is not None else p.fraction / 2
+        kind = "conv" if w.dim() > 2 else "linear"
+        rate = p.layer_fractions.get(kind, rate)
+        rates[name] = p.layer_fractions.get(name, rate)
+    return rates
+
+
+def level_mask(cfg: Config, level: int, prev_weights: dict[str, torch.Tensor], prev_mask: Mask,
+               dense_weights: dict[str, torch.Tensor], rates: dict[str, float]) -> Mask:
+    """The mask of `level` (>0): pure function of trained weights and the schedule."""
+    if cfg.prune.schedule == "oneshot":
+        # Straight from the dense weights to the density IMP would reach after `level` steps.
+        densities = {n: (1 - r) ** level for n, r in rates.items()}
+        mask = prune_to_density(dense_weights, densities, cfg.prune.scope)
+    else:
+        mask = prune_magnitude(prev_weights, prev_mask, rates, cfg.prune.scope)
+    if cfg.prune.pattern == "2:4":
+        source = dense_weights if cfg.prune.schedule == "oneshot" else prev_weights
+        mask = prune_n_m(source, mask, 2, 4)
+    return mask
+
+
+# --- variants: what is trained at a level, as (starting weights, mask) ---------------------
+
+@dataclass
+class LevelContext:
+    cfg: Config
+    replicate: int
+    level: int
+    mask: Mask                        # the IMP mask of this level
+    rewind_state: dict[str, torch.Tensor]
+    build: Callable[[], nn.Module]    # fresh model with the global RNG as it stands
+
+
+def _ticket(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
+    return ctx.rewind_state, ctx.mask
+
+
+def _random_reinit(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
+    seed = derive_seed(ctx.cfg.experiment.seed, ctx.replicate, ctx.level, "random_reinit")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = ctx.build().state_dict()
+    return state, ctx.mask
+
+
+def _random_prune(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
+    gen = torch.Generator().manual_seed(
+        derive_seed(ctx.cfg.experiment.seed, ctx.replicate, ctx.level, "random_prune"))
+    return ctx.rewind_state, random_mask_like(ctx.mask.to("cpu"), gen)
+
+
+VARIANTS: dict[str, Callable[[LevelContext], tuple[dict[str, torch.Tensor], Mask]]] = {
+    "ticket": _ticket,
+    "random_reinit": _random_reinit,
+    "random_prune": _random_prune,
+}
+
+
+@dataclass
+class ExperimentResult:
+    exp_hash: str
+    run_root: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    trained: list[tuple[int, int, str]] = field(default_factory=list)  # what this call trained
+
+
+def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
+    """What `checkpoint` metadata needs to rebuild the model without the experiment config."""
+    return {"model": cfg.model.name, "factory": cfg.model.factory, "options": cfg.model.options,
+            "exclude": cfg.model.exclude, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "dataset": data.name}
+
+
+def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: bool = True,
+                   echo: Callable[[str], None] = print, data: Dataset | None = None) -> ExperimentResult:
+    """Run (or resume) the whole experiment described by `cfg`."""
+    tracker = tracker or NullTracker()
+    exp_hash = cfg.hash()
+    store = RunStore(Path(cfg.experiment.output_dir) / exp_hash)
+    store.root.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(store.root / "config.yaml", dump_config(cfg))
+    device = resolve_device(cfg.train.device)
+    if data is None:
+        data = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
+                            split_seed=cfg.experiment.seed, device=device,
+                            factory=cfg.data.factory, options=cfg.data.options)
+    result = ExperimentResult(exp_hash, store.root)
+    tracker.experiment_started(cfg, exp_hash, store.root)
+    echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "
+         f"{len(data.val_x)} val / {len(data.test_x)} test, {cfg.prune.levels} levels, "
+         f"variants {cfg.experiment.variants}, {cfg.experiment.replicates} replicate(s)")
+    for replicate in range(cfg.experiment.replicates):
+        tracker.replicate_started(replicate)
+        records = _run_replicate(cfg, replicate, data, store, tracker, result, progress, echo, device)
+        tracker.replicate_finished(replicate, records)
+        result.records.extend(records)
+    tracker.experiment_finished(result.records)
+    return result
+
+
+def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, tracker: Tracker,
+                   result: ExperimentResult, progress: bool, echo, device) -> list[dict[str, Any]]:
+    seed = cfg.experiment.seed + replicate
+    meta = model_meta(cfg, data)
+
+    def build() -> nn.Module:
+        return build_model(cfg.model.name, data.input_shape, data.num_classes,
+                           cfg.model.factory, cfg.model.options)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build().to(device)
+    init_path = store.init_path(replicate)
+    if init_path.is_file():  # resume: the stored init is the truth, whatever the RNG says now
+        model.load_state_dict(ckpt.load_checkpoint(init_path, device).state)
+    else:
+        ckpt.save_checkpoint(init_path, model.state_dict(), meta=meta)
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = list(prunable_weights(model, cfg.model.exclude))
+    out_name = output_layer(model)
+    rates = layer_fractions(cfg, dict(prunable_weights(model, cfg.model.exclude)), out_name)
+    total_params = count_params(model)
+    data_seed = derive_seed(cfg.experiment.seed, replicate, "data-order")
+
+    def run(level: int, variant: str, start: dict[str, torch.Tensor], mask: Mask,
+            save_at: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if store.is_done(replicate, level, variant):
+            loaded = ckpt.load_checkpoint(store.checkpoint_path(replicate, level, variant), device)
+            return store.read_metrics(replicate, level, variant), loaded.state
+        tracker.run_started(replicate, level, variant)
+        model.load_state_dict(start)
+        weights = prunable_weights(model, cfg.model.exclude)
+
+        def on_eval(step: int, row: dict[str, float]) -> None:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step)
+
+        res = train(model, data, cfg.train, seed=data_seed, masked=weights, mask=mask.to(device),
+                    save_state_at=save_at, on_eval=on_eval, progress=progress,
+                    desc=f"r{replicate} L{level} {variant}")
+        if save_at is not None and save_at > 0:
+            ckpt.save_checkpoint(store.rewind_path(replicate), res.saved_state, meta=meta)
+        kept = mask.kept()
+        record = {
+            "replicate": replicate, "level": level, "variant": variant, "seed": seed,
+            "test_accuracy": res.test_accuracy, "test_loss": res.test_loss,
+            "best_val_accuracy": res.best_val_accuracy,
+            "early_stop_iteration": res.early_stop_iteration,
+            "density": mask.density(), "sparsity": mask.sparsity(),
+            "nonzero_params": total_params - (mask.size() - kept), "prunable_params": mask.size(),
+            "total_params": total_params, "iterations": res.iterations,
+            "wall_time_s": res.wall_time_s, "layer_density": mask.layer_density(),
+        }
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        run_meta = {**meta, "level": level, "variant": variant, "replicate": replicate,
+                    "hash": store.root.name, "density": record["density"]}
+        ckpt.save_checkpoint(store.checkpoint_path(replicate, level, variant), state, mask, run_meta)
+        store.write_json(store.run_dir(replicate, level, variant) / "curve.json", res.curve)
+        store.write_json(store.metrics_path(replicate, level, variant), record)  # the done marker
+        result.trained.append((replicate, level, variant))
+        tracker.run_finished(record, store.run_dir(replicate, level, variant))
+        return record, state
+
+    records = []
+    dense_mask = Mask.ones_like({n: p for n, p in prunable_weights(model, cfg.model.exclude).items()})
+    rewind_at = cfg.prune.rewind_iteration
+    dense, dense_state = run(0, "dense", init_state, dense_mask, save_at=rewind_at or None)
+    records.append(dense)
+    echo(f"  r{replicate} level 0  density 100.00%  dense {dense['test_accuracy']:.2%}")
+    rewind_state = init_state
+    if rewind_at:
+        rewind_state = ckpt.load_checkpoint(store.rewind_path(replicate), device).state
+    dense_weights = {n: dense_state[n] for n in names}
+    prev_weights, prev_mask = dense_weights, dense_mask
+    for level in range(1, cfg.prune.levels + 1):
+        if store.is_done(replicate, level, "ticket"):
+            mask = ckpt.load_checkpoint(store.checkpoint_path(replicate, level, "ticket")).mask
+        else:
+            mask = level_mask(cfg, level, prev_weights, prev_mask, dense_weights, rates)
+        ctx = LevelContext(cfg, replicate, level, mask, rewind_state, build)
+        line = [f"  r{replicate} level {level:<2} density {mask.density():7.2%}"]
+        for variant in cfg.experiment.variants:
+            start, vmask = VARIANTS[variant](ctx)
+            record, state = run(level, variant, start, vmask)
+            records.append(record)
+            line.append(f"{variant} {record['test_accuracy']:.2%}")
+            if variant == "ticket":
+                prev_weights, prev_mask = {n: state[n] for n in names}, mask
+        echo("  ".join(line))
+    return records
