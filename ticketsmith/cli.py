@@ -6,24 +6,37 @@ Commands parse arguments and call the library; nothing else happens here.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
 import shlex
 import sys
 from typing import Callable
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
+from .data import DataError
+from .gates import GateError
+from .masks import MaskError
+from .models import ModelError
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+# Errors that describe bad input: printed as one line, no traceback, exit code 2.
+USER_ERRORS = (ConfigError, DataError, ModelError, MaskError, CheckpointError, GateError)
+
+# name → (handler, function adding the command's arguments)
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
+                          Callable[[argparse.ArgumentParser], None]]] = {}
 
 
-def _command(name: str):
+def command(name: str, add_args: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Register a CLI command; `add_args` defaults to the config arguments."""
     def register(fn):
-        COMMANDS[name] = fn
+        COMMANDS[name] = (fn, add_args or add_config_args)
         return fn
     return register
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="experiment YAML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
@@ -32,12 +45,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
-def _load(args: argparse.Namespace):
+def load(args: argparse.Namespace):
     overrides = list(args.overrides) + shlex.split(args.override_string or "")
     return load_config(args.config, overrides)
 
 
-@_command("train")
+@command("train")
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one dense model and report its test accuracy."""
     from .data import load_dataset
@@ -45,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import resolve_device, train
     import torch
 
-    cfg = _load(args)
+    cfg = load(args)
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
                         split_seed=cfg.experiment.seed, device=device,
@@ -62,33 +75,105 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-@_command("prune")
+def add_prune_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--no-tracking", action="store_true",
+                   help="run the engine only: no MLflow runs, gates or registry")
+    p.add_argument("--legacy-stages", action="store_true",
+                   help="also move deprecated registry stages (Production/Archived)")
+
+
+@command("prune", add_prune_args)
 def cmd_prune(args: argparse.Namespace) -> int:
     """Run (or resume) the IMP experiment: dense, then pruned levels with every variant."""
-    from .lottery import run_experiment
+    cfg = load(args)
+    if args.no_tracking:
+        from .lottery import run_experiment
 
-    cfg = _load(args)
-    result = run_experiment(cfg, progress=not args.quiet)
-    print(f"done: {len(result.records)} runs ({len(result.trained)} trained now) in {result.run_root}")
+        result = run_experiment(cfg, progress=not args.quiet)
+        print(f"done: {len(result.records)} runs ({len(result.trained)} trained now) "
+              f"in {result.run_root}")
+        return 0
+    from .pipeline import run_prune
+
+    out = run_prune(cfg, progress=not args.quiet, legacy_stages=args.legacy_stages)
+    print(f"done: {len(out.experiment.records)} runs ({len(out.experiment.trained)} trained now) "
+          f"in {out.experiment.run_root}")
     return 0
 
 
+def add_gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", "-e", required=True,
+                   help="MLflow experiment name or config hash")
+    p.add_argument("--config", "-c", help="take gate thresholds from this YAML instead of the "
+                   "experiment's logged config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a gate threshold, e.g. --set gate.max_accuracy_drop=1.0")
+
+
+@command("gate", add_gate_args)
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Print the quality-gate table of a tracked experiment; exit 1 if the release check fails."""
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from .gates import evaluate_gates, format_table, release_check
+    from .tracking import load_records, parent_runs, resolve_experiment
+
+    client = MlflowClient()
+    exp_id, exp_hash = resolve_experiment(client, args.experiment)
+    config_path = args.config
+    if config_path is None:
+        parents = parent_runs(client, exp_id, exp_hash)
+        config_path = mlflow.artifacts.download_artifacts(
+            run_id=parents[0].info.run_id, artifact_path="config.yaml",
+            dst_path=tempfile.mkdtemp(), tracking_uri=client.tracking_uri)
+    cfg = load_config(config_path, args.overrides)
+    verdicts = evaluate_gates(load_records(client, exp_id, exp_hash), cfg.gate)
+    print(f"experiment {exp_hash}: quality gates (mean over replicates)")
+    print(format_table(verdicts))
+    ok, reason = release_check(verdicts, cfg.gate)
+    print(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
+    return 0 if ok else 1
+
+
+# Modules that register further commands with @command when imported. Each is also a
+# `python -m` door of its own (e.g. `python -m ticketsmith.benchmark_cli`).
+COMMAND_MODULES = ["ticketsmith.benchmark_cli", "ticketsmith.report", "ticketsmith.sweep"]
+
+
+def _import_command_modules() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a missing dependency inside the module is a real error
+                raise
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ticketsmith", description=__doc__.splitlines()[0])
+    _import_command_modules()
+    parser = argparse.ArgumentParser(
+        prog="ticketsmith", description="Lottery-ticket experiments: how far can a network be "
+        "pruned before quality drops, and what does it save at serving time?")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in COMMANDS.items():
+    for name, (fn, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0],
                            description=(fn.__doc__ or "").strip())
-        _add_config_args(p)
+        add_args(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Per-file download bars from MLflow drown the experiment's own progress output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except ConfigError as exc:
+        return COMMANDS[args.command][0](args)
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .data import Dataset, load_dataset
 from .masks import Mask, prune_magnitude, prune_n_m, prune_to_density, random_mask_like
 from .models import build_model, count_params, output_layer, prunable_weights
 from .reporting import NullTracker, Tracker
 from .store import RunStore
-from .train import resolve_device, train
+from .train import resolve_device, total_iterations, train
 
 log = logging.getLogger("ticketsmith.lottery")
 
@@ -38,6 +38,10 @@ def layer_fractions(cfg: Config, weights: dict[str, torch.Tensor], out_name: str
     """Per-layer pruning rate: `fraction`, output layer at half rate (layer-wise) unless set,
     overridden by `layer_fractions` keyed by weight name or by 'conv' / 'linear'."""
     p = cfg.prune
+    unknown = sorted(set(p.layer_fractions) - {"conv", "linear"} - set(weights))
+    if unknown:  # a typo would otherwise silently prune that layer at the default rate
+        raise ConfigError(f"prune.layer_fractions.{unknown[0]}: not 'conv', 'linear' or a "
+                          f"prunable weight of this model ({', '.join(weights)})")
     rates = {}
     for name, w in weights.items():
         rate = p.fraction
@@ -130,7 +134,7 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
                             split_seed=cfg.experiment.seed, device=device,
                             factory=cfg.data.factory, options=cfg.data.options)
     result = ExperimentResult(exp_hash, store.root)
-    tracker.experiment_started(cfg, exp_hash, store.root)
+    tracker.experiment_started(cfg, exp_hash, store.root, data)
     echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "
          f"{len(data.val_x)} val / {len(data.test_x)} test, {cfg.prune.levels} levels, "
          f"variants {cfg.experiment.variants}, {cfg.experiment.replicates} replicate(s)")
@@ -171,7 +175,9 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
             save_at: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         if store.is_done(replicate, level, variant):
             loaded = ckpt.load_checkpoint(store.checkpoint_path(replicate, level, variant), device)
-            return store.read_metrics(replicate, level, variant), loaded.state
+            record = store.read_metrics(replicate, level, variant)
+            tracker.run_reused(record, store.run_dir(replicate, level, variant))
+            return record, loaded.state
         tracker.run_started(replicate, level, variant)
         model.load_state_dict(start)
         weights = prunable_weights(model, cfg.model.exclude)
@@ -208,6 +214,9 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
     records = []
     dense_mask = Mask.ones_like({n: p for n, p in prunable_weights(model, cfg.model.exclude).items()})
     rewind_at = cfg.prune.rewind_iteration
+    if rewind_at > (total := total_iterations(cfg.train, len(data.train_x))):
+        raise ConfigError(f"prune.rewind_iteration: {rewind_at} is after the end of training "
+                          f"({total} iterations)")
     dense, dense_state = run(0, "dense", init_state, dense_mask, save_at=rewind_at or None)
     records.append(dense)
     echo(f"  r{replicate} level 0  density 100.00%  dense {dense['test_accuracy']:.2%}")
@@ -218,7 +227,7 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
     prev_weights, prev_mask = dense_weights, dense_mask
     for level in range(1, cfg.prune.levels + 1):
         if store.is_done(replicate, level, "ticket"):
-            mask = ckpt.load_checkpoint(store.checkpoint_path(replicate, level, "ticket")).mask
+            mask = ckpt.load_checkpoint(store.checkpoint_path(replicate, level, "ticket"), device).mask
         else:
             mask = level_mask(cfg, level, prev_weights, prev_mask, dense_weights, rates)
         ctx = LevelContext(cfg, replicate, level, mask, rewind_state, build)

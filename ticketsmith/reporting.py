@@ -2,11 +2,12 @@
 
 The engine never imports MLflow. It calls these hooks in this order:
 
-    experiment_started → (replicate_started → (run_started → log_metrics* → run_finished)*
-    → replicate_finished)* → experiment_finished
+    experiment_started → (replicate_started → (run_started → log_metrics* → run_finished
+    | run_reused)* → replicate_finished)* → experiment_finished
 
 `experiment_started` may fill the run directory (e.g. recover finished levels from an
-artifact store) before the engine looks for finished work.
+artifact store) before the engine looks for finished work. `run_reused` reports a level
+found finished in the run directory and not trained again.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any, Protocol
 
 
 class Tracker(Protocol):
-    def experiment_started(self, cfg: Any, exp_hash: str, run_root: Path) -> None: ...
+    def experiment_started(self, cfg: Any, exp_hash: str, run_root: Path, data: Any) -> None: ...
     def replicate_started(self, replicate: int) -> None: ...
     def run_started(self, replicate: int, level: int, variant: str) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def run_finished(self, record: dict[str, Any], run_dir: Path) -> None: ...
+    def run_reused(self, record: dict[str, Any], run_dir: Path) -> None: ...
     def replicate_finished(self, replicate: int, records: list[dict[str, Any]]) -> None: ...
     def experiment_finished(self, records: list[dict[str, Any]]) -> None: ...
 
@@ -27,7 +29,7 @@ class Tracker(Protocol):
 class NullTracker:
     """Reports nothing; the engine alone, e.g. in tests or with tracking switched off."""
 
-    def experiment_started(self, cfg: Any, exp_hash: str, run_root: Path) -> None:
+    def experiment_started(self, cfg: Any, exp_hash: str, run_root: Path, data: Any) -> None:
         pass
 
     def replicate_started(self, replicate: int) -> None:
@@ -40,6 +42,9 @@ class NullTracker:
         pass
 
     def run_finished(self, record: dict[str, Any], run_dir: Path) -> None:
+        pass
+
+    def run_reused(self, record: dict[str, Any], run_dir: Path) -> None:
         pass
 
     def replicate_finished(self, replicate: int, records: list[dict[str, Any]]) -> None:
