@@ -1,0 +1,243 @@
+"""MLflow as the system of record: run tree, resume, registry — on real tracking stores."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from ticketsmith.checkpoint import load_checkpoint
+from ticketsmith.config import load_config
+from ticketsmith.models import build_model
+from ticketsmith.pipeline import run_prune
+from ticketsmith.tracking import TAG, load_records, resolve_experiment, retry, TrackingError
+
+LEVELS, VARIANTS = 3, ["ticket", "random_reinit"]
+
+
+def tiny(tmp_path: Path, *extra: str):
+    return load_config("configs/tiny.yaml", [f"experiment.output_dir={tmp_path / 'runs'}",
+                                             "experiment.replicates=2", *extra])
+
+
+def runs_of(client: MlflowClient, exp_hash: str, role: str):
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, f"tags.`{TAG}hash` = '{exp_hash}' and tags.`{TAG}role` = '{role}'")
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, repo_root):
+    """A tiny 2-replicate experiment, run once through the whole prune pipeline.
+
+    Module-scoped: the tests below read it, and the rerun/resume tests leave it as they
+    found it (same runs, same versions), which they assert.
+    """
+    tmp_path = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(repo_root)
+        mlflow.set_tracking_uri(uri)
+        cfg = tiny(tmp_path)
+        client = MlflowClient(uri)
+        out = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+        yield cfg, client, out
+    mlflow.set_tracking_uri(None)
+
+
+def test_run_tree_tags_params_metrics_artifacts(tracked):
+    cfg, client, out = tracked
+    h = cfg.hash()
+    parents = runs_of(client, h, "parent")
+    children = runs_of(client, h, "child")
+    assert len(parents) == 2
+    assert len(children) == 2 * (1 + LEVELS * len(VARIANTS))
+    parent_ids = {p.info.run_id for p in parents}
+    keys = set()
+    for run in children:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert tags["mlflow.parentRunId"] in parent_ids
+        assert tags[TAG + "hash"] == h
+        key = (tags[TAG + "replicate"], tags[TAG + "level"], tags[TAG + "variant"])
+        keys.add(key)
+        assert params["variant"] == key[2] and params["level"] == key[1]
+        assert float(params["train.lr"]) == cfg.train.lr
+        for m in ("test_accuracy", "test_loss", "best_val_accuracy", "early_stop_iteration",
+                  "sparsity", "density", "nonzero_params"):
+            assert m in metrics, m
+        assert 0.0 < metrics["test_accuracy"] <= 1.0
+        assert abs(metrics["sparsity"] + metrics["density"] - 1) < 1e-9
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert len(history) == cfg.train.iterations // cfg.train.eval_every
+        assert [m.step for m in history] == sorted(m.step for m in history)
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "run")}
+        assert {"run/checkpoint.safetensors", "run/metrics.json", "run/curve.json"} <= files
+        figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"figures/loss_curves.png", "figures/samples.png"} <= figs
+    assert len(keys) == len(children)  # no duplicates
+    for p in parents:
+        names = {a.path for a in client.list_artifacts(p.info.run_id)}
+        assert {"config.yaml", "environment.json", "replicate"} <= names
+        assert p.data.tags[TAG + "env.torch"] == torch.__version__
+        assert p.info.status == "FINISHED"
+
+
+def test_metrics_match_local_records(tracked):
+    cfg, client, out = tracked
+    exp_id, h = resolve_experiment(client, cfg.experiment.name)
+    assert h == cfg.hash()
+    remote = {(r["replicate"], r["level"], r["variant"]): r for r in load_records(client, exp_id, h)}
+    for rec in out.experiment.records:
+        r = remote[(rec["replicate"], rec["level"], rec["variant"])]
+        assert r["test_accuracy"] == pytest.approx(rec["test_accuracy"])
+        assert r["density"] == pytest.approx(rec["density"])
+
+
+def test_registry_champion_rejections_and_model_loads(tracked):
+    cfg, client, out = tracked
+    name = cfg.experiment.name
+    promo = out.promotion
+    passing = [v for v in out.verdicts if v.passed]
+    assert passing, "the tiny experiment should have at least one passing ticket"
+    best = max(passing, key=lambda v: v.sparsity)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == promo.versions[best.level]
+    assert champion.tags["level"] == str(best.level)
+    assert champion.tags["quality_gate"] == "passed"
+    for v in out.verdicts:
+        mv = client.get_model_version(name, promo.versions[v.level])
+        assert mv.tags["quality_gate"] == ("passed" if v.passed else "rejected")
+        assert mv.tags["gate.accuracy_drop"].startswith("PASS" if any(
+            g.passed for g in v.gates if g.name == "accuracy_drop") else "FAIL")
+        if not v.passed:
+            assert mv.aliases == []
+    # models:/name@champion reloads and predicts what the checkpoint predicts
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    ck = load_checkpoint(Path(cfg.experiment.output_dir) / cfg.hash() / "replicate_0" /
+                         f"level_{best.level}" / "ticket" / "checkpoint.safetensors")
+    net = build_model(ck.meta["model"], tuple(ck.meta["input_shape"]), ck.meta["num_classes"],
+                      options=ck.meta["options"])
+    net.load_state_dict(ck.state)
+    x = torch.randn(5, *ck.meta["input_shape"])
+    np.testing.assert_allclose(model.predict(x.numpy()), net.eval()(x).detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # masks are baked into the registered weights
+    for name_w, m in ck.mask.items():
+        assert torch.all(ck.state[name_w][~m] == 0)
+
+
+def test_rerun_is_idempotent(tracked, tmp_path):
+    cfg, client, out = tracked
+    before_runs = len(runs_of(client, cfg.hash(), "child"))
+    before_versions = len(client.search_model_versions(f"name = '{cfg.experiment.name}'"))
+    again = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    assert again.experiment.trained == []
+    assert len(runs_of(client, cfg.hash(), "child")) == before_runs
+    assert len(client.search_model_versions(f"name = '{cfg.experiment.name}'")) == before_versions
+    assert again.promotion.champion == out.promotion.champion
+
+
+def test_resume_from_artifact_store_without_local_run_dir(tracked):
+    cfg, client, out = tracked
+    run_root = Path(out.experiment.run_root)
+    shutil.rmtree(run_root)
+    again = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    assert again.experiment.trained == []
+    assert (run_root / "replicate_1" / "init.safetensors").is_file()
+    ck = run_root / "replicate_0" / f"level_{LEVELS}" / "ticket" / "checkpoint.safetensors"
+    assert load_checkpoint(ck).mask is not None
+    assert len(runs_of(client, cfg.hash(), "child")) == 2 * (1 + LEVELS * len(VARIANTS))
+
+
+def test_interrupted_experiment_resumes_into_same_parent(tmp_path, sqlite_uri, repo_root,
+                                                         monkeypatch):
+    monkeypatch.chdir(repo_root)
+    cfg = tiny(tmp_path, "experiment.replicates=1")
+    client = MlflowClient(sqlite_uri)
+    from ticketsmith import tracking
+
+    original = tracking.MlflowTracker.log_metrics
+    def dying(self, metrics, step):  # the process is killed during level 2's ticket
+        original(self, metrics, step)
+        if self.current:
+            run = client.get_run(self.current)
+            if run.data.tags[TAG + "level"] == "2" and step >= 40:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.MlflowTracker, "log_metrics", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    parent_before = runs_of(client, cfg.hash(), "parent")[0].info.run_id
+    monkeypatch.setattr(tracking.MlflowTracker, "log_metrics", original)
+    again = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    assert sorted(again.experiment.trained) == [(0, 2, "random_reinit"), (0, 2, "ticket"),
+                                                (0, 3, "random_reinit"), (0, 3, "ticket")]
+    parents = runs_of(client, cfg.hash(), "parent")
+    assert [p.info.run_id for p in parents] == [parent_before]
+    children = runs_of(client, cfg.hash(), "child")
+    assert len(children) == 1 + LEVELS * len(VARIANTS)
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_secrets_never_reach_params_or_tags(tmp_path, sqlite_uri, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    key = "c2VjcmV0LWtleS1kby1ub3QtbG9n"
+    conn = f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={key};"
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", conn)
+    client = MlflowClient(sqlite_uri)
+    # A user pastes the connection string into a config value that becomes a param.
+    cfg = tiny(tmp_path, "experiment.replicates=1", "prune.levels=1",
+               f"model.options.note='{conn}'", f"experiment.name=leak-{key[:6]}")
+    run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    runs = runs_of(client, cfg.hash(), "parent") + runs_of(client, cfg.hash(), "child")
+    assert runs
+    for run in runs:
+        assert run.data.params["model.options.note"].count("***") >= 1
+        assert key not in json.dumps([run.data.params, run.data.tags, run.info.run_name])
+        if run.data.tags[TAG + "role"] == "parent":
+            for name in ("environment.json", "config.yaml"):
+                assert key not in Path(client.download_artifacts(run.info.run_id, name)).read_text()
+
+
+def test_retry_backs_off_then_fails_loudly():
+    attempts, sleeps = [], []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("connection refused")
+        return "ok"
+
+    assert retry(flaky, "log", sleep=sleeps.append) == "ok"
+    assert sleeps == [0.5, 1.0]
+    sleeps.clear()
+
+    def down():
+        raise ConnectionError("connection refused")
+
+    with pytest.raises(TrackingError, match="log batch failed after 5 attempt"):
+        retry(down, "log batch", sleep=sleeps.append)
+    assert sleeps == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_http_tracking_server(tmp_path, mlflow_server, repo_root, monkeypatch):
+    """The same experiment against a real `mlflow server` process over HTTP."""
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    cfg = tiny(tmp_path, "experiment.replicates=1", "prune.levels=2", "experiment.name=http")
+    client = MlflowClient(mlflow_server)
+    out = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    children = runs_of(client, cfg.hash(), "child")
+    assert len(children) == 1 + 2 * len(VARIANTS)
+    art = {a.path for a in client.list_artifacts(children[0].info.run_id, "run")}
+    assert "run/checkpoint.safetensors" in art
+    shutil.rmtree(out.experiment.run_root)
+    again = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    assert again.experiment.trained == []
+    mlflow.set_tracking_uri(None)

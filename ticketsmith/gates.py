@@ -1,0 +1,115 @@
+"""Quality gates: pure checks of a ticket's metrics against the dense baseline.
+
+Each gate returns the value, the threshold and the decision; a level's verdict is PASS when
+every evaluated gate passes. Means are over replicates (accuracy in points, 0–100).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from statistics import mean
+from typing import Any, Iterable
+
+from .config import GateConfig
+
+
+class GateError(ValueError):
+    """The records cannot be gated (e.g. no dense baseline)."""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    value: float | None        # None: not evaluated (e.g. no random control at this level)
+    threshold: float | None
+    passed: bool | None        # None when not evaluated; it then does not block promotion
+    detail: str
+
+
+@dataclass(frozen=True)
+class LevelVerdict:
+    level: int
+    sparsity: float
+    ticket_accuracy: float     # mean test accuracy, points
+    replicates: int
+    gates: list[GateResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed is not False for g in self.gates)
+
+
+def _mean(records: Iterable[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records]
+    return mean(values) if values else None
+
+
+def evaluate_gates(records: list[dict[str, Any]], cfg: GateConfig) -> list[LevelVerdict]:
+    """One verdict per pruned level (>0) that has ticket records."""
+    dense = [r for r in records if r["level"] == 0 and r["variant"] == "dense"]
+    if not dense:
+        raise GateError("no dense baseline (level 0) among the records; run level 0 first")
+    dense_acc = 100 * _mean(dense, "test_accuracy")
+    dense_loss = _mean(dense, "test_loss")
+    verdicts = []
+    for level in sorted({r["level"] for r in records if r["level"] > 0}):
+        tickets = [r for r in records if r["level"] == level and r["variant"] == "ticket"]
+        if not tickets:
+            continue
+        randoms = [r for r in records if r["level"] == level and r["variant"] == "random_reinit"]
+        acc = 100 * _mean(tickets, "test_accuracy")
+        drop = dense_acc - acc
+        gates = [GateResult("accuracy_drop", drop, cfg.max_accuracy_drop,
+                            drop <= cfg.max_accuracy_drop,
+                            f"dense {dense_acc:.2f} - ticket {acc:.2f} = {drop:.2f} points")]
+        loss_delta = _mean(tickets, "test_loss") - dense_loss
+        if cfg.max_loss_delta is not None:
+            gates.append(GateResult("loss_delta", loss_delta, cfg.max_loss_delta,
+                                    loss_delta <= cfg.max_loss_delta,
+                                    f"ticket loss - dense loss = {loss_delta:+.4f}"))
+        else:
+            gates.append(GateResult("loss_delta", loss_delta, None, None,
+                                    f"{loss_delta:+.4f} (no bound configured)"))
+        if cfg.require_beats_random:
+            if randoms:
+                margin = acc - 100 * _mean(randoms, "test_accuracy")
+                gates.append(GateResult("beats_random", margin, 0.0, margin > 0,
+                                        f"ticket - random re-init = {margin:+.2f} points"))
+            else:
+                gates.append(GateResult("beats_random", None, 0.0, None,
+                                        "no random_reinit control at this level"))
+        verdicts.append(LevelVerdict(level, tickets[0]["sparsity"], acc, len(tickets), gates))
+    return verdicts
+
+
+def champion_level(verdicts: list[LevelVerdict]) -> LevelVerdict | None:
+    """The sparsest level whose ticket passes every gate."""
+    passing = [v for v in verdicts if v.passed]
+    return max(passing, key=lambda v: v.sparsity) if passing else None
+
+
+def release_check(verdicts: list[LevelVerdict], cfg: GateConfig) -> tuple[bool, str]:
+    """CI-style release check: a champion exists and reaches `release_min_sparsity`."""
+    best = champion_level(verdicts)
+    if best is None:
+        return False, "no ticket passes every gate"
+    if best.sparsity < cfg.release_min_sparsity:
+        return False, (f"sparsest passing ticket is {best.sparsity:.1%}, below the required "
+                       f"{cfg.release_min_sparsity:.1%}")
+    return True, f"level {best.level} passes at {best.sparsity:.1%} sparsity"
+
+
+def format_table(verdicts: list[LevelVerdict]) -> str:
+    """Plain-text gate table: one line per level with every gate's number and decision."""
+    def mark(g: GateResult) -> str:
+        return {True: "PASS", False: "FAIL", None: "n/a"}[g.passed]
+
+    lines = [f"{'level':>5} {'sparsity':>9} {'ticket acc':>10}  verdict  gates"]
+    for v in verdicts:
+        gates = "; ".join(
+            f"{g.name} {g.value:+.3f}" + (f" (≤ {g.threshold})" if g.name != "beats_random"
+                                          and g.threshold is not None else "")
+            + f" {mark(g)}" if g.value is not None else f"{g.name} {mark(g)}: {g.detail}"
+            for g in v.gates)
+        lines.append(f"{v.level:>5} {v.sparsity:>9.2%} {v.ticket_accuracy:>9.2f}%  "
+                     f"{'PASS' if v.passed else 'FAIL':<7}  {gates}")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""The prune pipeline: experiment → benchmark → gates → registry, tracked in MLflow.
+
+This is what `ticketsmith prune`, `python -m ticketsmith.prune` and the MLproject `prune`
+entry point run. Each stage reads what the previous one recorded, so each is idempotent.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mlflow import MlflowClient
+
+from .config import Config
+from .gates import LevelVerdict, evaluate_gates, format_table, release_check
+from .lottery import ExperimentResult, run_experiment
+from .registry import Promotion, model_name_for, promote, ticket_runs
+from .tracking import TAG, MlflowTracker, load_records, retry
+
+
+@dataclass
+class PipelineResult:
+    experiment: ExperimentResult
+    verdicts: list[LevelVerdict]
+    promotion: Promotion | None
+    release_ok: bool
+    release_reason: str
+
+
+def log_gates(client: MlflowClient, tracker: MlflowTracker, verdicts: list[LevelVerdict]) -> None:
+    """Gate numbers on every ticket child run (tags + metrics) and a table on the parents."""
+    for (rep, level, variant), run in tracker.children.items():
+        v = next((v for v in verdicts if v.level == level), None)
+        if variant != "ticket" or v is None:
+            continue
+        for g in v.gates:
+            decision = {True: "PASS", False: "FAIL", None: "n/a"}[g.passed]
+            retry(lambda: client.set_tag(run.info.run_id, f"gate.{g.name}", decision), "tag gate")
+            if g.value is not None:
+                retry(lambda: client.log_metric(run.info.run_id, f"gate_{g.name}", g.value),
+                      "log gate metric")
+        retry(lambda: client.set_tag(run.info.run_id, "quality_gate",
+                                     "passed" if v.passed else "rejected"), "tag gate")
+    table = format_table(verdicts)
+    for run_id in tracker.parents.values():
+        retry(lambda: client.log_text(run_id, table, "gates/gates.txt"), "upload gate table")
+
+
+def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool = True,
+              legacy_stages: bool = False, echo: Callable[[str], None] = print) -> PipelineResult:
+    client = client or MlflowClient()
+    tracker = MlflowTracker(client, echo=echo)
+    result = run_experiment(cfg, tracker=tracker, progress=progress, echo=echo)
+    if cfg.experiment.benchmark:
+        benchmark_levels(cfg, client, tracker, result, echo)
+    records = load_records(client, tracker.exp_id, result.exp_hash)
+    verdicts = evaluate_gates(records, cfg.gate)
+    echo("quality gates (mean over replicates):\n" + format_table(verdicts))
+    log_gates(client, tracker, verdicts)
+    promotion = None
+    if cfg.tracking.register_model and verdicts:
+        runs = ticket_runs(client, tracker.exp_id, result.exp_hash, result.run_root)
+        promotion = promote(client, model_name_for(cfg.experiment.name), runs, verdicts,
+                            legacy_stages=legacy_stages, echo=echo)
+    ok, reason = release_check(verdicts, cfg.gate)
+    echo(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
+    return PipelineResult(result, verdicts, promotion, ok, reason)
+
+
+def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
+                     result: ExperimentResult, echo: Callable[[str], None]) -> None:
+    """Serving benchmark of every level's ticket (replicate 0), logged to its child run."""
+    from .benchmark import benchmark_experiment
+
+    for bench in benchmark_experiment(result.run_root, result.records, quick=True):
+        key = (0, bench["level"], bench["variant"])
+        run = tracker.children.get(key)
+        path = Path(bench["path"])
+        if run is None or not path.is_file():
+            continue
+        run_id = run.info.run_id
+        retry(lambda: client.log_artifact(run_id, str(path), "benchmark"), "upload benchmark")
+        for row in json.loads(path.read_text())["results"]:
+            if row.get("correct") and row.get("speedup") is not None:
+                retry(lambda: client.log_metric(
+                    run_id, f"speedup_{row['format']}_bs{row['batch_size']}", row["speedup"]),
+                    "log speedup")
+    echo(f"benchmark: logged serving results for {len(tracker.children)} runs")

@@ -1,0 +1,335 @@
+"""MLflow as the system of record: the engine's Tracker implemented on an MLflow store.
+
+Run tree: one parent run per experiment replicate, one nested child per (level, variant).
+Every run carries the tags `ticketsmith.hash/replicate/level/variant` (+ `ticketsmith.role`),
+so a rerun finds its runs again instead of duplicating them, and a fresh machine recovers
+finished levels from the artifact store.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .config import Config
+from .figures import loss_curves, sample_grid
+from .models import build_model
+from .secrets import redact
+
+TAG = "ticketsmith."
+CHILD_METRICS = ("test_accuracy", "test_loss", "best_val_accuracy", "early_stop_iteration",
+                 "sparsity", "density", "nonzero_params", "total_params", "wall_time_s")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store could not be reached or refused a write (after retries)."""
+
+
+def retry(fn: Callable[[], Any], what: str, attempts: int = 5, base_delay_s: float = 0.5,
+          sleep: Callable[[float], None] = time.sleep) -> Any:
+    """Call fn, retrying transient failures with exponential backoff, then fail loudly.
+
+    A metric is never silently dropped: the last failure becomes a TrackingError.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OSError, ConnectionError) as exc:
+            code = getattr(exc, "error_code", "")
+            permanent = code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
+                                 "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED")
+            if permanent or attempt == attempts - 1:
+                raise TrackingError(f"{what} failed after {attempt + 1} attempt(s): "
+                                    f"{redact(str(exc)).splitlines()[0]}") from exc
+            sleep(base_delay_s * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def environment() -> dict[str, str]:
+    """Hardware and versions recorded with every experiment."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return {
+        "ticketsmith": __version__, "torch": torch.__version__, "mlflow": mlflow.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": str(torch.get_num_threads()), "git_commit": commit or "unknown",
+    }
+
+
+def _key(tags: dict[str, str]) -> tuple[int, int, str]:
+    return int(tags[TAG + "replicate"]), int(tags[TAG + "level"]), tags[TAG + "variant"]
+
+
+class MlflowTracker:
+    """Engine Tracker writing to MLflow. Pass the client explicitly; no global state."""
+
+    def __init__(self, client: MlflowClient | None = None, *, artifact_location: str | None = None,
+                 echo: Callable[[str], None] = print):
+        self.client = client or MlflowClient()
+        self.artifact_location = artifact_location or os.environ.get("TICKETSMITH_ARTIFACT_LOCATION")
+        self.echo = echo
+        self.parents: dict[int, str] = {}
+        self.children: dict[tuple[int, int, str], Any] = {}
+        self.current: str | None = None
+        self._monitor = None
+
+    # --- lookup ---------------------------------------------------------------------------
+    def _experiment_id(self, name: str) -> str:
+        exp = retry(lambda: self.client.get_experiment_by_name(name), "get experiment")
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                retry(lambda: self.client.restore_experiment(exp.experiment_id), "restore experiment")
+            return exp.experiment_id
+        return retry(lambda: self.client.create_experiment(
+            name, artifact_location=self.artifact_location), "create experiment")
+
+    def _runs(self, role: str) -> list[Any]:
+        flt = f"tags.`{TAG}hash` = '{self.hash}' and tags.`{TAG}role` = '{role}'"
+        return retry(lambda: self.client.search_runs([self.exp_id], flt, max_results=5000),
+                     "search runs")
+
+    # --- Tracker protocol -----------------------------------------------------------------
+    def experiment_started(self, cfg: Config, exp_hash: str, run_root: Path, data: Any) -> None:
+        self.cfg, self.hash, self.run_root, self.data = cfg, exp_hash, Path(run_root), data
+        self.exp_id = self._experiment_id(cfg.experiment.name)
+        self.parents = {int(r.data.tags[TAG + "replicate"]): r.info.run_id for r in self._runs("parent")}
+        self.children = {_key(r.data.tags): r for r in self._runs("child")}
+        self.echo(f"tracking: {redact(self.client.tracking_uri)} experiment "
+                  f"'{cfg.experiment.name}' (id {self.exp_id})")
+        self._recover()
+
+    def replicate_started(self, replicate: int) -> None:
+        tags = {TAG + "hash": self.hash, TAG + "replicate": str(replicate), TAG + "role": "parent",
+                TAG + "level": "all", TAG + "variant": "all"}
+        if replicate in self.parents:
+            run_id = self.parents[replicate]
+            retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen parent run")
+        else:
+            launcher = os.environ.get("MLFLOW_RUN_ID")
+            if launcher:  # started by `mlflow run`: hang the replicates under the project run
+                tags["mlflow.parentRunId"] = launcher
+            name = redact(f"{self.cfg.experiment.name}-{self.hash}-r{replicate}")
+            run = retry(lambda: self.client.create_run(self.exp_id, tags=tags, run_name=name),
+                        "create parent run")
+            run_id = self.parents[replicate] = run.info.run_id
+            env = environment()
+            params = self._params({"replicate": replicate})
+            env_tags = [RunTag(TAG + f"env.{k}", redact(v)) for k, v in env.items()]
+            self._batch(run_id, params=params, tags=env_tags)
+            self._log_text(run_id, json.dumps(env, indent=2), "environment.json")
+            self._log_text(run_id, (self.run_root / "config.yaml").read_text(), "config.yaml")
+        if self.cfg.tracking.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=5,
+                                                 tracking_uri=self.client.tracking_uri)
+            self._monitor.start()
+
+    def run_started(self, replicate: int, level: int, variant: str) -> None:
+        old = self.children.pop((replicate, level, variant), None)
+        if old is not None:  # an interrupted attempt: keep one live run per (level, variant)
+            retry(lambda: self.client.delete_run(old.info.run_id), "delete unfinished run")
+        self.current = self._create_child(replicate, level, variant)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not math.isnan(v)]
+        self._batch(self.current, metrics=batch)
+
+    def run_finished(self, record: dict[str, Any], run_dir: Path) -> None:
+        self._finish(self.current, record, Path(run_dir))
+        self.current = None
+
+    def run_reused(self, record: dict[str, Any], run_dir: Path) -> None:
+        key = (record["replicate"], record["level"], record["variant"])
+        found = self.children.get(key)
+        if found is not None and found.info.status == "FINISHED":
+            return
+        # Finished locally but not in this store (e.g. first run untracked): backfill it.
+        if found is not None:
+            retry(lambda: self.client.delete_run(found.info.run_id), "delete unfinished run")
+        run_id = self._create_child(*key)
+        curve = json.loads((Path(run_dir) / "curve.json").read_text())
+        for row in curve:
+            self.current = run_id
+            self.log_metrics({k: v for k, v in row.items() if k != "iteration"}, int(row["iteration"]))
+        self._finish(run_id, record, Path(run_dir))
+
+    def replicate_finished(self, replicate: int, records: list[dict[str, Any]]) -> None:
+        run_id = self.parents[replicate]
+        rep_dir = self.run_root / f"replicate_{replicate}"
+        for name in ("init.safetensors", "rewind.safetensors"):
+            if (rep_dir / name).is_file():
+                retry(lambda: self.client.log_artifact(run_id, str(rep_dir / name), "replicate"),
+                      f"upload {name}")
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "finish parent run")
+
+    def experiment_finished(self, records: list[dict[str, Any]]) -> None:
+        pass
+
+    # --- helpers --------------------------------------------------------------------------
+    def _params(self, extra: dict[str, Any]) -> list[Param]:
+        flat = {**self.cfg.flat(), **extra}
+        return [Param(k, redact(json.dumps(v) if not isinstance(v, str) else v)[:6000])
+                for k, v in flat.items()]
+
+    def _create_child(self, replicate: int, level: int, variant: str) -> str:
+        tags = {TAG + "hash": self.hash, TAG + "replicate": str(replicate), TAG + "level": str(level),
+                TAG + "variant": variant, TAG + "role": "child",
+                "mlflow.parentRunId": self.parents[replicate]}
+        run = retry(lambda: self.client.create_run(
+            self.exp_id, tags=tags, run_name=f"r{replicate}-L{level}-{variant}"), "create child run")
+        self._batch(run.info.run_id, params=self._params(
+            {"variant": variant, "level": level, "replicate": replicate}))
+        return run.info.run_id
+
+    def _finish(self, run_id: str, record: dict[str, Any], run_dir: Path) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(record[k]), now, 0) for k in CHILD_METRICS
+                   if isinstance(record.get(k), (int, float)) and not math.isnan(record[k])]
+        self._batch(run_id, metrics=metrics)
+        self._figures(run_id, record, run_dir)
+        retry(lambda: self.client.log_artifacts(run_id, str(run_dir), "run"), "upload run artifacts")
+        retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "finish child run")
+        self.children[(record["replicate"], record["level"], record["variant"])] = \
+            retry(lambda: self.client.get_run(run_id), "read run")
+
+    def _figures(self, run_id: str, record: dict[str, Any], run_dir: Path) -> None:
+        title = f"level {record['level']} {record['variant']} ({record['density']:.1%} weights)"
+        with tempfile.TemporaryDirectory() as tmp:
+            curve = json.loads((run_dir / "curve.json").read_text())
+            loss_curves(curve, Path(tmp) / "loss_curves.png", title)
+            if self.data is not None:
+                ck = load_checkpoint(run_dir / "checkpoint.safetensors")
+                model = build_model(ck.meta["model"], tuple(ck.meta["input_shape"]),
+                                    ck.meta["num_classes"], ck.meta.get("factory"),
+                                    ck.meta.get("options"))
+                model.load_state_dict(ck.state)
+                sample_grid(model, self.data.test_x.cpu(), self.data.test_y.cpu(),
+                            Path(tmp) / "samples.png", title)
+            retry(lambda: self.client.log_artifacts(run_id, tmp, "figures"), "upload figures")
+
+    def _batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        # MLflow takes at most 1000 metrics, 100 params and 100 tags per batch.
+        for i in range(0, max(len(metrics), len(params), len(tags)), 100):
+            m, p, t = metrics[i:i + 100], params[i:i + 100], tags[i:i + 100]
+            retry(lambda: self.client.log_batch(run_id, metrics=m, params=p, tags=t), "log batch")
+
+    def _log_text(self, run_id: str, text: str, name: str) -> None:
+        retry(lambda: self.client.log_text(run_id, redact(text), name), f"upload {name}")
+
+    def _recover(self) -> None:
+        """Fill the local run directory with finished levels from the artifact store."""
+        recovered = 0
+        for (rep, level, variant), run in self.children.items():
+            if run.info.status != "FINISHED":
+                continue
+            dest = self.run_root / f"replicate_{rep}" / f"level_{level}" / variant
+            if (dest / "metrics.json").is_file():
+                continue
+            self._download(run.info.run_id, "run", dest)
+            recovered += 1
+        for rep, run_id in self.parents.items():
+            rep_dir = self.run_root / f"replicate_{rep}"
+            if not (rep_dir / "init.safetensors").is_file():
+                self._download(run_id, "replicate", rep_dir, required=False)
+        if recovered:
+            self.echo(f"tracking: recovered {recovered} finished run(s) from the artifact store")
+
+    def _download(self, run_id: str, path: str, dest: Path, required: bool = True) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = retry(lambda: mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=path, dst_path=tmp,
+                    tracking_uri=self.client.tracking_uri), f"download {path} of run {run_id}")
+            except TrackingError:
+                if required:
+                    raise
+                return
+            dest.mkdir(parents=True, exist_ok=True)
+            files = sorted(Path(local).iterdir(), key=lambda p: p.name == "metrics.json")
+            for f in files:  # metrics.json (the done marker) last; each file lands whole
+                part = dest / f".{f.name}.part"
+                shutil.copyfile(f, part)
+                os.replace(part, dest / f.name)
+
+
+# --- reading back: what gates, the registry and the report use ------------------------------
+
+def resolve_experiment(client: MlflowClient, ref: str) -> tuple[str, str]:
+    """(MLflow experiment id, config hash) for an experiment name or a config hash.
+
+    A name with several hashes resolves to the most recently started one.
+    """
+    flt_hash = f"tags.`{TAG}hash` = '{ref}' and tags.`{TAG}role` = 'parent'"
+    runs = []
+    if len(ref) == 12 and all(c in "0123456789abcdef" for c in ref):
+        ids = [e.experiment_id for e in retry(client.search_experiments, "list experiments")]
+        runs = retry(lambda: client.search_runs(ids, flt_hash, max_results=1,
+                                                order_by=["attributes.start_time DESC"]),
+                     "search runs")
+    if runs:
+        return runs[0].info.experiment_id, ref
+    exp = retry(lambda: client.get_experiment_by_name(ref), "get experiment")
+    if exp is None:
+        raise TrackingError(f"--experiment {ref!r}: no MLflow experiment or config hash of that "
+                            f"name in {redact(client.tracking_uri)}")
+    runs = retry(lambda: client.search_runs([exp.experiment_id], f"tags.`{TAG}role` = 'parent'",
+                                            max_results=1, order_by=["attributes.start_time DESC"]),
+                 "search runs")
+    if not runs:
+        raise TrackingError(f"--experiment {ref!r}: the experiment has no TicketSmith runs")
+    return exp.experiment_id, runs[0].data.tags[TAG + "hash"]
+
+
+def load_records(client: MlflowClient, experiment_id: str, exp_hash: str) -> list[dict[str, Any]]:
+    """Finished child runs as engine-style records (plus `run_id`), sorted."""
+    flt = (f"tags.`{TAG}hash` = '{exp_hash}' and tags.`{TAG}role` = 'child' and "
+           f"attributes.status = 'FINISHED'")
+    runs = retry(lambda: client.search_runs([experiment_id], flt, max_results=50000), "search runs")
+    records = []
+    for run in runs:
+        rep, level, variant = _key(run.data.tags)
+        rec = {"replicate": rep, "level": level, "variant": variant, "run_id": run.info.run_id}
+        rec.update(run.data.metrics)
+        records.append(rec)
+    return sorted(records, key=lambda r: (r["replicate"], r["level"], r["variant"]))
+
+
+def parent_runs(client: MlflowClient, experiment_id: str, exp_hash: str) -> list[Any]:
+    flt = f"tags.`{TAG}hash` = '{exp_hash}' and tags.`{TAG}role` = 'parent'"
+    runs = retry(lambda: client.search_runs([experiment_id], flt, max_results=1000), "search runs")
+    return sorted(runs, key=lambda r: int(r.data.tags[TAG + "replicate"]))
