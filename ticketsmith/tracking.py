@@ -92,8 +92,11 @@ class MlflowTracker:
     """Engine Tracker writing to MLflow. Pass the client explicitly; no global state."""
 
     def __init__(self, client: MlflowClient | None = None, *, artifact_location: str | None = None,
-                 echo: Callable[[str], None] = print):
+                 parent_run_id: str | None = None, echo: Callable[[str], None] = print):
+        """parent_run_id: hang the replicate runs under this run (a sweep trial, or the run
+        `mlflow run` created, whose id MLflow passes in MLFLOW_RUN_ID)."""
         self.client = client or MlflowClient()
+        self.parent_run_id = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
         self.artifact_location = artifact_location or os.environ.get("TICKETSMITH_ARTIFACT_LOCATION")
         self.echo = echo
         self.parents: dict[int, str] = {}
@@ -133,9 +136,8 @@ class MlflowTracker:
             run_id = self.parents[replicate]
             retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen parent run")
         else:
-            launcher = os.environ.get("MLFLOW_RUN_ID")
-            if launcher:  # started by `mlflow run`: hang the replicates under the project run
-                tags["mlflow.parentRunId"] = launcher
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
             name = redact(f"{self.cfg.experiment.name}-{self.hash}-r{replicate}")
             run = retry(lambda: self.client.create_run(self.exp_id, tags=tags, run_name=name),
                         "create parent run")
