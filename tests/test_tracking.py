@@ -214,15 +214,25 @@ def test_retry_backs_off_then_fails_loudly():
         return "ok"
 
     assert retry(flaky, "log", sleep=sleeps.append) == "ok"
-    assert sleeps == [0.5, 1.0]
+    assert sleeps == [1.0, 2.0]
     sleeps.clear()
 
     def down():
         raise ConnectionError("connection refused")
 
-    with pytest.raises(TrackingError, match="log batch failed after 5 attempt"):
+    with pytest.raises(TrackingError, match="log batch failed after 6 attempt"):
         retry(down, "log batch", sleep=sleeps.append)
-    assert sleeps == [0.5, 1.0, 2.0, 4.0]
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, 16.0]
+
+    def refused():
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException("bad value", error_code="INVALID_PARAMETER_VALUE")
+
+    sleeps.clear()
+    with pytest.raises(TrackingError, match="after 1 attempt"):
+        retry(refused, "log param", sleep=sleeps.append)
+    assert sleeps == []  # a refused write is not retried
 
 
 def test_http_tracking_server(tmp_path, mlflow_server, repo_root, monkeypatch):
@@ -241,3 +251,18 @@ def test_http_tracking_server(tmp_path, mlflow_server, repo_root, monkeypatch):
     again = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
     assert again.experiment.trained == []
     mlflow.set_tracking_uri(None)
+
+
+def test_system_metrics_on_parent_runs_when_asked(tmp_path, sqlite_uri, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    # MLflow's own knob for the sampling period (seconds); the run lasts several periods.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    client = MlflowClient(sqlite_uri)
+    cfg = tiny(tmp_path, "experiment.replicates=1", "prune.levels=1", "tracking.system_metrics=true",
+               "experiment.name=sysmetrics")
+    run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    parent = runs_of(client, cfg.hash(), "parent")[0]
+    system = [k for k in parent.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system
+    child = runs_of(client, cfg.hash(), "child")[0]
+    assert not any(k.startswith("system/") for k in child.data.metrics)

@@ -19,6 +19,7 @@ from .data import DataError
 from .gates import GateError
 from .masks import MaskError
 from .models import ModelError
+from .reporting import TrackingError
 
 # Errors that describe bad input: printed as one line, no traceback, exit code 2.
 USER_ERRORS = (ConfigError, DataError, ModelError, MaskError, CheckpointError, GateError)
@@ -170,12 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Per-file download bars from MLflow drown the experiment's own progress output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's HTTP client retries 7 times with exponential backoff (minutes) inside each of
+    # our retries (tracking.retry); two inner retries keep an outage's failure prompt.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][0](args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrackingError as exc:
+        print(f"error: tracking failed, nothing recorded so far is lost; rerun to resume: {exc}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished levels are kept; run the same command again to resume",
               file=sys.stderr)

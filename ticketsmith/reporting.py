@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 
+class TrackingError(RuntimeError):
+    """A tracker could not record (store unreachable after retries, or a refused write)."""
+
+
 class Tracker(Protocol):
     def experiment_started(self, cfg: Any, exp_hash: str, run_root: Path, data: Any) -> None: ...
     def replicate_started(self, replicate: int) -> None: ...

@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .figures import loss_curves, sample_grid
 from .models import build_model
+from .reporting import TrackingError
 from .secrets import redact
 
 TAG = "ticketsmith."
@@ -36,15 +37,12 @@ CHILD_METRICS = ("test_accuracy", "test_loss", "best_val_accuracy", "early_stop_
                  "sparsity", "density", "nonzero_params", "total_params", "wall_time_s")
 
 
-class TrackingError(RuntimeError):
-    """The tracking store could not be reached or refused a write (after retries)."""
-
-
-def retry(fn: Callable[[], Any], what: str, attempts: int = 5, base_delay_s: float = 0.5,
+def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay_s: float = 1.0,
           sleep: Callable[[float], None] = time.sleep) -> Any:
     """Call fn, retrying transient failures with exponential backoff, then fail loudly.
 
-    A metric is never silently dropped: the last failure becomes a TrackingError.
+    A metric is never silently dropped: the last failure becomes a TrackingError. The
+    defaults ride out about half a minute of outage (1+2+4+8+16 s between attempts).
     """
     for attempt in range(attempts):
         try:
