@@ -226,8 +226,9 @@ def test_retry_backs_off_then_fails_loudly():
 
     def refused():
         from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        raise MlflowException("bad value", error_code="INVALID_PARAMETER_VALUE")
+        raise MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE)
 
     sleeps.clear()
     with pytest.raises(TrackingError, match="after 1 attempt"):
