@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs from outside pip: the Azurite blob-storage emulator
+# (npm package, pinned) into .ci/node. Idempotent: a second run with the pinned version already
+# present returns at once. The GCS emulator (gcp-storage-emulator) and the other test-only
+# Python packages come from pip with the project's `test` extra.
+#
+#   bash .ci/install-services.sh          # then: tests/emulators.py finds .ci/node/node_modules/.bin/azurite-blob
+#
+# Override the location with TICKETSMITH_NODE_PREFIX (tests read the same variable).
+set -euo pipefail
+
+# 3.35.0 is the newest release whose engines accept Node 20 (the Node these machines ship);
+# 3.36+ require Node >= 21.
+AZURITE_VERSION="3.35.0"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+prefix="${TICKETSMITH_NODE_PREFIX:-$here/node}"
+pkg="$prefix/node_modules/azurite/package.json"
+
+installed_version() {
+  [[ -f "$pkg" ]] && node -p "require('$pkg').version" 2>/dev/null || true
+}
+
+if [[ "$(installed_version)" == "$AZURITE_VERSION" && -x "$prefix/node_modules/.bin/azurite-blob" ]]; then
+  echo "azurite $AZURITE_VERSION already installed in $prefix"
+  exit 0
+fi
+
+if ! command -v npm >/dev/null 2>&1; then
+  echo "npm not found: installing Node.js from Debian packages" >&2
+  if command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  else
+    echo "error: npm is required to install azurite (Azure Blob emulator)" >&2
+    exit 1
+  fi
+fi
+
+mkdir -p "$prefix"
+# --no-fund/--no-audit: no extra registry round trips; --ignore-scripts: azurite needs no
+# install scripts (only a protobufjs postinstall hint), and skipping them keeps the install fast.
+npm install --prefix "$prefix" --no-fund --no-audit --no-save --ignore-scripts \
+  "azurite@$AZURITE_VERSION" >/dev/null
+echo "installed azurite $(installed_version) in $prefix"

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Scale-to-zero node pools for TicketSmith, the NVIDIA device plugin, and a GPU smoke test.
+#
+#   scripts/gpu_pools.sh aks          # AKS: CPU batch pool (+ optional GPU pool), device plugin
+#   scripts/gpu_pools.sh gke          # GKE: GPU pool (driver + device plugin managed by GKE)
+#   scripts/gpu_pools.sh smoke-test   # a one-GPU Job: the pool scales up, runs nvidia-smi, scales down
+#   ... --apply                       # run the commands instead of printing them
+#
+# Without --apply nothing is changed: the commands are printed for review (copy-pasteable).
+# Settings come from the environment (defaults in brackets below). The labels and taints here
+# are what the Job templates select and tolerate (k8s_backend/job-template-{gpu,cpu}.yaml):
+#   GPU pool: label ticketsmith.io/pool=gpu, taint nvidia.com/gpu=present:NoSchedule
+#   CPU pool: label ticketsmith.io/pool=cpu, taint ticketsmith.io/batch=true:NoSchedule
+# Every pool has min 0 nodes: with no experiment pending it costs nothing; the cluster
+# autoscaler adds a node for a Pending pod and removes it ~10 minutes after the last pod ends.
+# See docs/kubernetes.md and docs/azure-to-gcp-migration.md.
+set -euo pipefail
+
+# --- settings -------------------------------------------------------------------------------
+AKS_RESOURCE_GROUP="${AKS_RESOURCE_GROUP:-ticketsmith-rg}"
+AKS_CLUSTER="${AKS_CLUSTER:-ticketsmith-aks}"
+AKS_CPU_SKU="${AKS_CPU_SKU:-Standard_D8s_v5}"
+AKS_GPU_SKU="${AKS_GPU_SKU:-Standard_NC4as_T4_v3}"
+AKS_WITH_GPU="${AKS_WITH_GPU:-0}"          # 1: also add a GPU pool on AKS
+GKE_PROJECT="${GKE_PROJECT:-ticketsmith-prod}"
+GKE_CLUSTER="${GKE_CLUSTER:-ticketsmith}"
+GKE_LOCATION="${GKE_LOCATION:-europe-west4}"
+GKE_NODE_ZONES="${GKE_NODE_ZONES:-europe-west4-a}"   # zones that have the accelerator
+GKE_MACHINE_TYPE="${GKE_MACHINE_TYPE:-g2-standard-8}"
+GKE_ACCELERATOR="${GKE_ACCELERATOR:-nvidia-l4}"
+GPU_MAX_NODES="${GPU_MAX_NODES:-4}"        # also bounded by the namespace ResourceQuota
+CPU_MAX_NODES="${CPU_MAX_NODES:-4}"
+
+GPU_LABEL="ticketsmith.io/pool=gpu"
+GPU_TAINT="nvidia.com/gpu=present:NoSchedule"
+CPU_LABEL="ticketsmith.io/pool=cpu"
+CPU_TAINT="ticketsmith.io/batch=true:NoSchedule"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$HERE")"
+
+APPLY=0
+run() {
+  if [[ "$APPLY" == 1 ]]; then
+    echo "+ $*" >&2
+    "$@"
+  else
+    printf '%q ' "$@"
+    echo
+  fi
+}
+
+aks() {
+  echo "# AKS ($AKS_CLUSTER): the cluster needs a NetworkPolicy engine for k8s_backend/tracking-server"
+  echo "# (az aks create ... --network-plugin azure --network-policy azure, or cilium)."
+  run az aks nodepool add \
+    --resource-group "$AKS_RESOURCE_GROUP" --cluster-name "$AKS_CLUSTER" \
+    --name cpubatch --mode User --os-type Linux \
+    --node-vm-size "$AKS_CPU_SKU" \
+    --node-count 0 --enable-cluster-autoscaler --min-count 0 --max-count "$CPU_MAX_NODES" \
+    --labels "$CPU_LABEL" --node-taints "$CPU_TAINT"
+  if [[ "$AKS_WITH_GPU" == 1 ]]; then
+    # AKS installs the NVIDIA driver on GPU SKUs; the device plugin is ours (below).
+    run az aks nodepool add \
+      --resource-group "$AKS_RESOURCE_GROUP" --cluster-name "$AKS_CLUSTER" \
+      --name gpupool --mode User --os-type Linux \
+      --node-vm-size "$AKS_GPU_SKU" \
+      --node-count 0 --enable-cluster-autoscaler --min-count 0 --max-count "$GPU_MAX_NODES" \
+      --labels "$GPU_LABEL" --node-taints "$GPU_TAINT"
+    run kubectl apply -f "$REPO/k8s_backend/gpu/nvidia-device-plugin.yaml"
+  fi
+  # Scale empty nodes down sooner than the 10-minute default: idle GPUs are the main cost.
+  run az aks update \
+    --resource-group "$AKS_RESOURCE_GROUP" --name "$AKS_CLUSTER" \
+    --cluster-autoscaler-profile scale-down-unneeded-time=5m scale-down-delay-after-add=5m
+}
+
+gke() {
+  echo "# GKE ($GKE_CLUSTER): Dataplane V2 (--enable-dataplane-v2) enforces NetworkPolicy; Workload"
+  echo "# Identity (--workload-pool=$GKE_PROJECT.svc.id.goog) gives pods bucket access without keys."
+  # gpu-driver-version=latest: GKE installs the driver and runs its own device plugin (do NOT
+  # apply k8s_backend/gpu/nvidia-device-plugin.yaml on GKE). GKE taints GPU nodes with
+  # nvidia.com/gpu=present:NoSchedule by itself, so the taint is not repeated here (a duplicate
+  # key/effect would be rejected); check it with the command printed below.
+  run gcloud container node-pools create gpu-pool \
+    --project "$GKE_PROJECT" --cluster "$GKE_CLUSTER" --location "$GKE_LOCATION" \
+    --node-locations "$GKE_NODE_ZONES" \
+    --machine-type "$GKE_MACHINE_TYPE" \
+    --accelerator "type=$GKE_ACCELERATOR,count=1,gpu-driver-version=latest" \
+    --num-nodes 0 --enable-autoscaling --min-nodes 0 --max-nodes "$GPU_MAX_NODES" \
+    --node-labels "$GPU_LABEL" \
+    --workload-metadata GKE_METADATA
+  run gcloud container clusters update "$GKE_CLUSTER" \
+    --project "$GKE_PROJECT" --location "$GKE_LOCATION" \
+    --autoscaling-profile optimize-utilization
+  echo "# once a GPU node exists: kubectl get nodes -l $GPU_LABEL -o jsonpath='{..taints}'"
+}
+
+smoke_test() {
+  run kubectl apply -f "$REPO/k8s_backend/gpu/gpu-smoke-test.yaml"
+  run kubectl -n ticketsmith wait --for=condition=complete job/gpu-smoke-test --timeout=30m
+  run kubectl -n ticketsmith logs job/gpu-smoke-test
+}
+
+usage() {
+  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  exit 2
+}
+
+[[ $# -ge 1 ]] || usage
+what="$1"
+shift
+for arg in "$@"; do
+  case "$arg" in
+    --apply) APPLY=1 ;;
+    *) usage ;;
+  esac
+done
+case "$what" in
+  aks) aks ;;
+  gke) gke ;;
+  smoke-test) smoke_test ;;
+  *) usage ;;
+esac
