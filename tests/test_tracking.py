@@ -267,3 +267,18 @@ def test_system_metrics_on_parent_runs_when_asked(tmp_path, sqlite_uri, repo_roo
     assert "system/cpu_utilization_percentage" in system
     child = runs_of(client, cfg.hash(), "child")[0]
     assert not any(k.startswith("system/") for k in child.data.metrics)
+
+
+@pytest.mark.parametrize("uri,refused", [("sqlite:///mlflow.db", True), ("file:///tmp/mlruns", True),
+                                         ("mlruns", True), ("http://mlflow.ml:5000", False)])
+def test_a_pod_refuses_a_local_tracking_store(uri, refused, monkeypatch):
+    from ticketsmith.config import ConfigError
+    from ticketsmith.tracking import check_shared_store
+
+    check_shared_store(uri)  # outside a pod: anything goes
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    if refused:
+        with pytest.raises(ConfigError, match="lost with it"):
+            check_shared_store(uri)
+        monkeypatch.setenv("TICKETSMITH_ALLOW_LOCAL_TRACKING", "1")
+    check_shared_store(uri)

@@ -17,12 +17,14 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
 from .gates import GateError
+from .lottery import LotteryError
 from .masks import MaskError
 from .models import ModelError
 from .reporting import TrackingError
 
 # Errors that describe bad input: printed as one line, no traceback, exit code 2.
-USER_ERRORS = (ConfigError, DataError, ModelError, MaskError, CheckpointError, GateError)
+USER_ERRORS = (ConfigError, DataError, ModelError, MaskError, CheckpointError, GateError,
+               LotteryError)
 
 # name → (handler, function adding the command's arguments)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
@@ -82,22 +84,51 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="run the engine only: no MLflow runs, gates or registry")
     p.add_argument("--legacy-stages", action="store_true",
                    help="also move deprecated registry stages (Production/Archived)")
+    p.add_argument("--levels", metavar="A:B", help="train only levels A..B (inclusive; 'A:' "
+                   "or ':B' open-ended); earlier levels must be finished. Keeps the hash.")
+    p.add_argument("--variants", metavar="V1,V2", help="train only these variants "
+                   "(ticket, random_reinit, random_prune). Keeps the hash.")
+
+
+def parse_selection(levels: str | None, variants: str | None):
+    """--levels/--variants → lottery.Selection, with one-line errors naming the option."""
+    from .lottery import VARIANTS, Selection
+
+    first, last = 0, None
+    if levels:
+        lo, sep, hi = levels.partition(":")
+        try:
+            first = int(lo) if lo.strip() else 0
+            last = (int(hi) if hi.strip() else None) if sep else first
+        except ValueError:
+            raise ConfigError(f"--levels {levels!r}: expected A:B with whole numbers") from None
+        if first < 0 or (last is not None and last < first):
+            raise ConfigError(f"--levels {levels!r}: expected 0 <= A <= B")
+    chosen = None
+    if variants:
+        chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+        unknown = [v for v in chosen if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    return Selection(first, last, chosen)
 
 
 @command("prune", add_prune_args)
 def cmd_prune(args: argparse.Namespace) -> int:
     """Run (or resume) the IMP experiment: dense, then pruned levels with every variant."""
     cfg = load(args)
+    selection = parse_selection(args.levels, args.variants)
     if args.no_tracking:
         from .lottery import run_experiment
 
-        result = run_experiment(cfg, progress=not args.quiet)
+        result = run_experiment(cfg, progress=not args.quiet, selection=selection)
         print(f"done: {len(result.records)} runs ({len(result.trained)} trained now) "
               f"in {result.run_root}")
         return 0
     from .pipeline import run_prune
 
-    out = run_prune(cfg, progress=not args.quiet, legacy_stages=args.legacy_stages)
+    out = run_prune(cfg, progress=not args.quiet, legacy_stages=args.legacy_stages,
+                    selection=selection)
     print(f"done: {len(out.experiment.records)} runs ({len(out.experiment.trained)} trained now) "
           f"in {out.experiment.run_root}")
     return 0

@@ -105,6 +105,26 @@ VARIANTS: dict[str, Callable[[LevelContext], tuple[dict[str, torch.Tensor], Mask
 }
 
 
+class LotteryError(ValueError):
+    """Work that cannot be done as asked (e.g. a level range whose prerequisites are missing)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which part of the experiment to train now (the rest must be finished or is left out).
+
+    Selecting work never changes the experiment hash: a Job can train levels 3:4 or only the
+    random control of an experiment that other Jobs train the rest of.
+    """
+    first_level: int = 0
+    last_level: int | None = None      # inclusive; None = the config's last level
+    variants: tuple[str, ...] | None = None  # None = every configured variant
+
+    def allows(self, level: int, variant: str) -> bool:
+        in_range = self.first_level <= level and (self.last_level is None or level <= self.last_level)
+        return in_range and (self.variants is None or variant in self.variants or variant == "dense")
+
+
 @dataclass
 class ExperimentResult:
     exp_hash: str
@@ -121,8 +141,9 @@ def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
 
 
 def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: bool = True,
-                   echo: Callable[[str], None] = print, data: Dataset | None = None) -> ExperimentResult:
-    """Run (or resume) the whole experiment described by `cfg`."""
+                   echo: Callable[[str], None] = print, data: Dataset | None = None,
+                   selection: Selection = Selection()) -> ExperimentResult:
+    """Run (or resume) the experiment described by `cfg`, or the `selection` of it."""
     tracker = tracker or NullTracker()
     exp_hash = cfg.hash()
     store = RunStore(Path(cfg.experiment.output_dir) / exp_hash)
@@ -140,7 +161,8 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
          f"variants {cfg.experiment.variants}, {cfg.experiment.replicates} replicate(s)")
     for replicate in range(cfg.experiment.replicates):
         tracker.replicate_started(replicate)
-        records = _run_replicate(cfg, replicate, data, store, tracker, result, progress, echo, device)
+        records = _run_replicate(cfg, replicate, data, store, tracker, result, progress, echo,
+                                 device, selection)
         tracker.replicate_finished(replicate, records)
         result.records.extend(records)
     tracker.experiment_finished(result.records)
@@ -148,7 +170,8 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
 
 
 def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, tracker: Tracker,
-                   result: ExperimentResult, progress: bool, echo, device) -> list[dict[str, Any]]:
+                   result: ExperimentResult, progress: bool, echo, device,
+                   selection: Selection) -> list[dict[str, Any]]:
     seed = cfg.experiment.seed + replicate
     meta = model_meta(cfg, data)
 
@@ -178,6 +201,9 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
             record = store.read_metrics(replicate, level, variant)
             tracker.run_reused(record, store.run_dir(replicate, level, variant))
             return record, loaded.state
+        if not selection.allows(level, variant):
+            raise LotteryError(f"level {level} {variant} of replicate {replicate} is not finished "
+                               "and is outside --levels/--variants; train it first")
         tracker.run_started(replicate, level, variant)
         model.load_state_dict(start)
         weights = prunable_weights(model, cfg.model.exclude)
@@ -225,7 +251,9 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
         rewind_state = ckpt.load_checkpoint(store.rewind_path(replicate), device).state
     dense_weights = {n: dense_state[n] for n in names}
     prev_weights, prev_mask = dense_weights, dense_mask
-    for level in range(1, cfg.prune.levels + 1):
+    last = cfg.prune.levels if selection.last_level is None else min(selection.last_level,
+                                                                      cfg.prune.levels)
+    for level in range(1, last + 1):
         if store.is_done(replicate, level, "ticket"):
             mask = ckpt.load_checkpoint(store.checkpoint_path(replicate, level, "ticket"), device).mask
         else:
@@ -233,6 +261,11 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
         ctx = LevelContext(cfg, replicate, level, mask, rewind_state, build)
         line = [f"  r{replicate} level {level:<2} density {mask.density():7.2%}"]
         for variant in cfg.experiment.variants:
+            # Outside the selection and not needed later: leave it for another Job.
+            needed_later = variant == "ticket" and level < last
+            if (not selection.allows(level, variant) and not needed_later
+                    and not store.is_done(replicate, level, variant)):
+                continue
             start, vmask = VARIANTS[variant](ctx)
             record, state = run(level, variant, start, vmask)
             records.append(record)

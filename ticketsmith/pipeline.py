@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from .config import Config
 from .gates import LevelVerdict, evaluate_gates, format_table, release_check
-from .lottery import ExperimentResult, run_experiment
+from .lottery import ExperimentResult, Selection, run_experiment
 from .reporting import Tracker
 from .registry import Promotion, model_name_for, promote, ticket_runs
 from .tracking import TAG, MlflowTracker, load_records, retry
@@ -50,13 +50,14 @@ def log_gates(client: MlflowClient, tracker: MlflowTracker, verdicts: list[Level
 
 def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool = True,
               legacy_stages: bool = False, echo: Callable[[str], None] = print,
-              tracker: MlflowTracker | None = None, engine_tracker: Tracker | None = None
-              ) -> PipelineResult:
+              tracker: MlflowTracker | None = None, engine_tracker: Tracker | None = None,
+              selection: Selection = Selection()) -> PipelineResult:
     """engine_tracker: what the engine reports to, if not `tracker` itself — e.g. a sweep's
     wrapper that forwards to `tracker` and stops hopeless trials between levels."""
     client = client or MlflowClient()
     tracker = tracker or MlflowTracker(client, echo=echo)
-    result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo)
+    result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo,
+                            selection=selection)
     if cfg.experiment.benchmark:
         benchmark_levels(cfg, client, tracker, result, echo)
     records = load_records(client, tracker.exp_id, result.exp_hash)

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from . import __version__
 from .checkpoint import load_checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .figures import loss_curves, sample_grid
 from .models import build_model
 from .reporting import TrackingError
@@ -82,6 +82,16 @@ def environment() -> dict[str, str]:
     }
 
 
+def check_shared_store(uri: str) -> None:
+    """Inside a Kubernetes pod, a local store dies with the pod: refuse it up front."""
+    local = uri.split(":", 1)[0] in ("sqlite", "file") or "://" not in uri
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and local and \
+            not os.environ.get("TICKETSMITH_ALLOW_LOCAL_TRACKING"):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {redact(uri)!r} is local to this pod and is lost "
+                          "with it; point it at the shared tracking server (see docs/kubernetes.md)"
+                          " or set TICKETSMITH_ALLOW_LOCAL_TRACKING=1")
+
+
 def _key(tags: dict[str, str]) -> tuple[int, int, str]:
     return int(tags[TAG + "replicate"]), int(tags[TAG + "level"]), tags[TAG + "variant"]
 
@@ -119,6 +129,7 @@ class MlflowTracker:
 
     # --- Tracker protocol -----------------------------------------------------------------
     def experiment_started(self, cfg: Config, exp_hash: str, run_root: Path, data: Any) -> None:
+        check_shared_store(self.client.tracking_uri)
         self.cfg, self.hash, self.run_root, self.data = cfg, exp_hash, Path(run_root), data
         self.exp_id = self._experiment_id(cfg.experiment.name)
         self.parents = {int(r.data.tags[TAG + "replicate"]): r.info.run_id for r in self._runs("parent")}

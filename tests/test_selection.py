@@ -1,0 +1,48 @@
+"""Training part of an experiment (--levels / --variants) without changing its hash."""
+from __future__ import annotations
+
+import pytest
+
+from ticketsmith.cli import parse_selection
+from ticketsmith.config import ConfigError, load_config
+from ticketsmith.lottery import LotteryError, Selection, run_experiment
+
+
+def tiny(tmp_path):
+    return load_config("configs/tiny.yaml", [f"experiment.output_dir={tmp_path / 'runs'}",
+                                             "train.iterations=40"])
+
+
+def run(cfg, selection=Selection()):
+    return run_experiment(cfg, progress=False, echo=lambda s: None, selection=selection)
+
+
+def test_level_ranges_and_variants_split_the_work(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    cfg = tiny(tmp_path)
+    first = run(cfg, parse_selection("0:1", None))
+    assert sorted(first.trained) == [(0, 0, "dense"), (0, 1, "random_reinit"), (0, 1, "ticket")]
+    # only the random control of level 2: level 2's ticket is not needed (nothing after it runs)
+    second = run(cfg, parse_selection("2:2", "random_reinit"))
+    assert second.trained == [(0, 2, "random_reinit")]
+    # level 3 needs level 2's ticket, which is outside this selection and not finished
+    with pytest.raises(LotteryError, match="level 2 ticket of replicate 0 is not finished"):
+        run(cfg, parse_selection("3:3", None))
+    rest = run(cfg)
+    assert sorted(rest.trained) == [(0, 2, "ticket"), (0, 3, "random_reinit"), (0, 3, "ticket")]
+    assert cfg.hash() == tiny(tmp_path).hash()
+
+
+def test_a_range_that_skips_unfinished_levels_is_refused(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    with pytest.raises(LotteryError, match="level 0 dense"):
+        run(tiny(tmp_path), parse_selection("2:3", None))
+
+
+@pytest.mark.parametrize("levels,variants,message", [
+    ("a:b", None, "--levels 'a:b'"), ("3:1", None, "expected 0 <= A <= B"),
+    (None, "ticket,lottery", "--variants: unknown ['lottery']"),
+])
+def test_bad_selection_is_one_clear_line(levels, variants, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_selection(levels, variants)
