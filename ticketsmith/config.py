@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails
 
 # Fields that name where things go or how they are shown, not what is computed.
 _NOT_HASHED = {"json_schema_extra": {"hashed": False}}
@@ -27,14 +29,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The same names as data.DATASETS, kept here so loading a config does not import torch.
+BUILTIN_DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+
+
 class DataConfig(_Section):
-    name: Literal["mnist", "fashion_mnist", "cifar10", "synthetic"] = Field(
-        "mnist", description="Data set; 'synthetic' is a tiny generated set for smoke tests.")
+    name: str = Field("mnist", description="Data set: mnist, fashion_mnist, cifar10 or synthetic "
+                      "(a tiny generated set for smoke tests); with `factory`, only a label.")
     root: str = Field("data", description="Folder holding downloaded data sets.", **_NOT_HASHED)
     val_size: int = Field(5000, ge=0, description="Examples held out of the training set.")
     factory: str | None = Field(None, description="'pkg.module:function' returning your data.")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="Keyword arguments for the data set or factory.")
+
+    @model_validator(mode="after")
+    def _known_name(self) -> "DataConfig":
+        if self.factory is None and self.name not in BUILTIN_DATASETS:
+            # Raised with loc ("name",) so the message names `data.name`, like a Literal would.
+            expected = ", ".join(repr(n) for n in BUILTIN_DATASETS)
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type="literal_error", loc=("name",), input=self.name,
+                ctx={"expected": f"{expected} (or set data.factory)"})])
+        return self
 
 
 class ModelConfig(_Section):
@@ -73,9 +89,9 @@ class PruneConfig(_Section):
                             "pruned per level.")
     output_fraction: float | None = Field(None, gt=0, lt=1, description="Rate for the output "
                                           "layer; default half of `fraction` (layer-wise).")
-    layer_fractions: dict[str, float] = Field(default_factory=dict, description="Per-layer rates "
-                                              "by weight name or module-type prefix "
-                                              "('conv', 'linear').")
+    layer_fractions: dict[str, Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=dict, description="Per-layer rates by weight name or module-type "
+        "prefix ('conv', 'linear'); a weight name wins over its type.")
     scope: Literal["layerwise", "global"] = Field("layerwise", description="Who competes.")
     schedule: Literal["iterative", "oneshot"] = Field("iterative", description="'oneshot' "
                                                      "prunes the dense net straight to each level's density.")
@@ -83,13 +99,6 @@ class PruneConfig(_Section):
                                   "iteration of the dense run (0 = original init).")
     pattern: Literal["unstructured", "2:4"] = Field("unstructured", description="'2:4' adds "
                                                     "semi-structured sparsity for GPU serving.")
-
-    @model_validator(mode="after")
-    def _fractions(self) -> "PruneConfig":
-        for name, f in self.layer_fractions.items():
-            if not 0 <= f < 1:
-                raise ValueError(f"layer_fractions.{name} must be in [0, 1), got {f}")
-        return self
 
 
 class ExperimentConfig(_Section):
@@ -103,13 +112,14 @@ class ExperimentConfig(_Section):
     benchmark: bool = Field(False, description="Benchmark every level's ticket at the end.",
                             **_NOT_HASHED)
 
-    @model_validator(mode="after")
-    def _ticket_first(self) -> "ExperimentConfig":
-        if "ticket" not in self.variants:
-            raise ValueError("variants must include 'ticket' (it is what the next level prunes)")
-        if len(set(self.variants)) != len(self.variants):
-            raise ValueError("variants must not repeat")
-        return self
+    @field_validator("variants")
+    @classmethod
+    def _ticket_first(cls, variants: list[str]) -> list[str]:
+        if "ticket" not in variants:
+            raise ValueError("must include 'ticket' (it is what the next level prunes)")
+        if len(set(variants)) != len(variants):
+            raise ValueError("must not repeat a variant")
+        return variants
 
 
 class GateConfig(_Section):
@@ -184,7 +194,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _format_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     path = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):

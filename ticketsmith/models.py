@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 
 class ModelError(ValueError):
-    """Unknown model name, bad factory path or a model with nothing to prune."""
+    """Unknown model name, bad factory path, an exclude naming no module, or nothing to prune."""
 
 
 def _flat_features(input_shape: tuple[int, ...]) -> int:
@@ -164,12 +164,21 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
 def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Parameter]:
     """Weights of Linear/Conv layers in module order, keyed `<module>.weight`.
 
-    `exclude` names modules (or prefixes of them) whose weights are left dense.
+    `exclude` names modules (or prefixes of them) whose weights are left dense; a name that
+    matches no module is an error (a typo would otherwise silently prune the layer).
     """
+    def excluded(mod_name: str, e: str) -> bool:
+        return mod_name == e or mod_name.startswith(e + ".")
+
+    modules = dict(model.named_modules())
+    unknown = [e for e in exclude if not any(excluded(m, e) for m in modules)]
+    if unknown:
+        raise ModelError(f"model.exclude: no module named {unknown} in {type(model).__name__} "
+                         f"(modules: {[m for m in modules if m][:20]})")
     found = {}
-    for mod_name, module in model.named_modules():
+    for mod_name, module in modules.items():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if any(mod_name == e or mod_name.startswith(e + ".") for e in exclude):
+            if any(excluded(mod_name, e) for e in exclude):
                 continue
             found[f"{mod_name}.weight"] = module.weight
     if not found:

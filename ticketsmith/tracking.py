@@ -242,7 +242,7 @@ class MlflowTracker:
         with tempfile.TemporaryDirectory() as tmp:
             curve = json.loads((run_dir / "curve.json").read_text())
             loss_curves(curve, Path(tmp) / "loss_curves.png", title)
-            if self.data is not None:
+            if self.data is not None and self.data.test_x.dim() == 4:  # images only
                 ck = load_checkpoint(run_dir / "checkpoint.safetensors")
                 model = build_model(ck.meta["model"], tuple(ck.meta["input_shape"]),
                                     ck.meta["num_classes"], ck.meta.get("factory"),
