@@ -35,8 +35,9 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) and the metadata JSON."""
+    h = hashlib.sha256(meta_json.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(name.encode())
@@ -69,11 +70,8 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], mask: Mask
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
     if mask is not None:
         tensors.update(mask.state())
-    metadata = {
-        "format": FORMAT,
-        "sha256": _digest(tensors),
-        "meta": json.dumps(meta or {}, sort_keys=True),
-    }
+    meta_json = json.dumps(meta or {}, sort_keys=True)
+    metadata = {"format": FORMAT, "sha256": _digest(tensors, meta_json), "meta": meta_json}
     atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata=metadata))
     return Path(path)
 
@@ -92,7 +90,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a TicketSmith checkpoint (format "
                               f"{metadata.get('format')!r}, expected {FORMAT!r})")
-    if _digest(tensors) != metadata.get("sha256"):
+    if _digest(tensors, metadata.get("meta", "{}")) != metadata.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch; the file was modified or is corrupt")
     state = {k[len("model."):]: v.to(device) for k, v in tensors.items() if k.startswith("model.")}
     mask_state = {k: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}

@@ -131,6 +131,8 @@ class ExperimentResult:
     run_root: Path
     records: list[dict[str, Any]] = field(default_factory=list)
     trained: list[tuple[int, int, str]] = field(default_factory=list)  # what this call trained
+    data: Dataset | None = None          # the data it ran on (for benchmarks and figures)
+    device: torch.device | None = None
 
 
 def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
@@ -154,7 +156,7 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
         data = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
                             split_seed=cfg.experiment.seed, device=device,
                             factory=cfg.data.factory, options=cfg.data.options)
-    result = ExperimentResult(exp_hash, store.root)
+    result = ExperimentResult(exp_hash, store.root, data=data, device=device)
     tracker.experiment_started(cfg, exp_hash, store.root, data)
     echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "
          f"{len(data.val_x)} val / {len(data.test_x)} test, {cfg.prune.levels} levels, "

@@ -5,12 +5,13 @@ entry point run. Each stage reads what the previous one recorded, so each is ide
 """
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 from .config import Config
 from .gates import LevelVerdict, evaluate_gates, format_table, release_check
@@ -77,19 +78,22 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
 def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                      result: ExperimentResult, echo: Callable[[str], None]) -> None:
     """Serving benchmark of every level's ticket (replicate 0), logged to its child run."""
-    from .benchmark import benchmark_experiment
+    from .benchmark import benchmark_experiment, metric_key
 
-    for bench in benchmark_experiment(result.run_root, result.records, quick=True):
-        key = (0, bench["level"], bench["variant"])
-        run = tracker.children.get(key)
+    logged = 0
+    for bench in benchmark_experiment(result.run_root, result.records, quick=True,
+                                      data=result.data, device=str(result.device),
+                                      allow_factory=cfg.model.factory is not None):
+        run = tracker.children.get((0, bench["level"], bench["variant"]))
         path = Path(bench["path"])
         if run is None or not path.is_file():
             continue
         run_id = run.info.run_id
         retry(lambda: client.log_artifact(run_id, str(path), "benchmark"), "upload benchmark")
-        for row in json.loads(path.read_text())["results"]:
-            if row.get("correct") and row.get("speedup") is not None:
-                retry(lambda: client.log_metric(
-                    run_id, f"speedup_{row['format']}_bs{row['batch_size']}", row["speedup"]),
-                    "log speedup")
-    echo(f"benchmark: logged serving results for {len(tracker.children)} runs")
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"speedup_{metric_key(row['format'])}_bs{row['batch_size']}",
+                          row["speedup"], now, 0)
+                   for row in bench["results"] if row.get("correct") and row.get("speedup")]
+        tracker.log_batch(run_id, metrics=metrics)
+        logged += 1
+    echo(f"benchmark: serving results logged for {logged} level(s)")

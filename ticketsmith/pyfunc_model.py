@@ -11,6 +11,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 
+
 class TicketModel(PythonModel):
     def load_context(self, context):
         from ticketsmith.checkpoint import load_checkpoint

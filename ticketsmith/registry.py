@@ -7,7 +7,6 @@ archived version kept for rollback. `legacy_stages=True` also moves stages.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,10 +52,9 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
     ck = load_checkpoint(checkpoint)
     example = np.zeros((2, *ck.meta["input_shape"]), dtype=np.float32)
     mlflow.set_tracking_uri(client.tracking_uri)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with mlflow.start_run(run_id=run_id):
         # The model carries its own code (ticketsmith/) and states its requirements, so MLflow
         # need not infer them by re-importing the model in a subprocess (~10 s per version).
-        warnings.filterwarnings("ignore", message=".*type hints.*")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"checkpoint": str(checkpoint)},
             input_example=example, code_paths=[str(Path(__file__).parent)],

@@ -154,7 +154,7 @@ class MlflowTracker:
             env = environment()
             params = self._params({"replicate": replicate})
             env_tags = [RunTag(TAG + f"env.{k}", redact(v)) for k, v in env.items()]
-            self._batch(run_id, params=params, tags=env_tags)
+            self.log_batch(run_id, params=params, tags=env_tags)
             self._log_text(run_id, json.dumps(env, indent=2), "environment.json")
             self._log_text(run_id, (self.run_root / "config.yaml").read_text(), "config.yaml")
         if self.cfg.tracking.system_metrics:
@@ -174,7 +174,7 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not math.isnan(v)]
-        self._batch(self.current, metrics=batch)
+        self.log_batch(self.current, metrics=batch)
 
     def run_finished(self, record: dict[str, Any], run_dir: Path) -> None:
         self._finish(self.current, record, Path(run_dir))
@@ -222,7 +222,7 @@ class MlflowTracker:
                 "mlflow.parentRunId": self.parents[replicate]}
         run = retry(lambda: self.client.create_run(
             self.exp_id, tags=tags, run_name=f"r{replicate}-L{level}-{variant}"), "create child run")
-        self._batch(run.info.run_id, params=self._params(
+        self.log_batch(run.info.run_id, params=self._params(
             {"variant": variant, "level": level, "replicate": replicate}))
         return run.info.run_id
 
@@ -230,7 +230,7 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(record[k]), now, 0) for k in CHILD_METRICS
                    if isinstance(record.get(k), (int, float)) and not math.isnan(record[k])]
-        self._batch(run_id, metrics=metrics)
+        self.log_batch(run_id, metrics=metrics)
         self._figures(run_id, record, run_dir)
         retry(lambda: self.client.log_artifacts(run_id, str(run_dir), "run"), "upload run artifacts")
         retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "finish child run")
@@ -252,7 +252,8 @@ class MlflowTracker:
                             Path(tmp) / "samples.png", title)
             retry(lambda: self.client.log_artifacts(run_id, tmp, "figures"), "upload figures")
 
-    def _batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        """Log to any run, in MLflow-sized chunks, with retries."""
         metrics, params, tags = list(metrics), list(params), list(tags)
         # MLflow takes at most 1000 metrics, 100 params and 100 tags per batch.
         for i in range(0, max(len(metrics), len(params), len(tags)), 100):
