@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs from outside pip: the Azurite blob-storage emulator
+# Installs what the test suite needs from outside pip: headless Chromium and the Azurite
+# blob-storage emulator
 # (npm package, pinned) into .ci/node. Idempotent: a second run with the pinned version already
 # present returns at once. The GCS emulator (gcp-storage-emulator) and the other test-only
 # Python packages come from pip with the project's `test` extra.
@@ -8,6 +9,9 @@
 #
 # Override the location with TICKETSMITH_NODE_PREFIX (tests read the same variable).
 set -euo pipefail
+
+# Headless Chromium for the HTML report test (Debian package; returns at once if present).
+bash "$(dirname "${BASH_SOURCE[0]}")/install-chromium.sh"
 
 # 3.35.0 is the newest release whose engines accept Node 20 (the Node these machines ship);
 # 3.36+ require Node >= 21.

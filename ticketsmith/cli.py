@@ -84,6 +84,9 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="run the engine only: no MLflow runs, gates or registry")
     p.add_argument("--legacy-stages", action="store_true",
                    help="also move deprecated registry stages (Production/Archived)")
+    p.add_argument("--report-dir", default="reports",
+                   help="where the executive report is written at the end (default: reports)")
+    p.add_argument("--no-report", action="store_true", help="skip the executive report")
     p.add_argument("--levels", metavar="A:B", help="train only levels A..B (inclusive; 'A:' "
                    "or ':B' open-ended); earlier levels must be finished. Keeps the hash.")
     p.add_argument("--variants", metavar="V1,V2", help="train only these variants "
@@ -128,7 +131,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import run_prune
 
     out = run_prune(cfg, progress=not args.quiet, legacy_stages=args.legacy_stages,
-                    selection=selection)
+                    selection=selection, report_dir=None if args.no_report else args.report_dir)
     print(f"done: {len(out.experiment.records)} runs ({len(out.experiment.trained)} trained now) "
           f"in {out.experiment.run_root}")
     return 0

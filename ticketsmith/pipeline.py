@@ -52,9 +52,11 @@ def log_gates(client: MlflowClient, tracker: MlflowTracker, verdicts: list[Level
 def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool = True,
               legacy_stages: bool = False, echo: Callable[[str], None] = print,
               tracker: MlflowTracker | None = None, engine_tracker: Tracker | None = None,
-              selection: Selection = Selection()) -> PipelineResult:
+              selection: Selection = Selection(),
+              report_dir: str | Path | None = None) -> PipelineResult:
     """engine_tracker: what the engine reports to, if not `tracker` itself — e.g. a sweep's
-    wrapper that forwards to `tracker` and stops hopeless trials between levels."""
+    wrapper that forwards to `tracker` and stops hopeless trials between levels.
+    report_dir: write the executive report there at the end (None: no report)."""
     client = client or MlflowClient()
     tracker = tracker or MlflowTracker(client, echo=echo)
     result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo,
@@ -72,6 +74,10 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
                             legacy_stages=legacy_stages, echo=echo)
     ok, reason = release_check(verdicts, cfg.gate)
     echo(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
+    if report_dir is not None:
+        from .report import build_report
+
+        echo(f"report: {build_report(client, result.exp_hash, report_dir)}")
     return PipelineResult(result, verdicts, promotion, ok, reason)
 
 
