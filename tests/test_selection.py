@@ -7,9 +7,11 @@ from ticketsmith.cli import parse_selection
 from ticketsmith.config import ConfigError, load_config
 from ticketsmith.lottery import LotteryError, Selection, run_experiment
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 
 def tiny(tmp_path):
-    return load_config("configs/tiny.yaml", [f"experiment.output_dir={tmp_path / 'runs'}",
+    return load_config(REPO / "configs" / "tiny.yaml", [f"experiment.output_dir={tmp_path / 'runs'}",
                                              "train.iterations=40"])
 
 
@@ -18,7 +20,6 @@ def run(cfg, selection=Selection()):
 
 
 def test_level_ranges_and_variants_split_the_work(tmp_path, repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
     cfg = tiny(tmp_path)
     first = run(cfg, parse_selection("0:1", None))
     assert sorted(first.trained) == [(0, 0, "dense"), (0, 1, "random_reinit"), (0, 1, "ticket")]
@@ -34,7 +35,6 @@ def test_level_ranges_and_variants_split_the_work(tmp_path, repo_root, monkeypat
 
 
 def test_a_range_that_skips_unfinished_levels_is_refused(tmp_path, repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
     with pytest.raises(LotteryError, match="level 0 dense"):
         run(tiny(tmp_path), parse_selection("2:3", None))
 

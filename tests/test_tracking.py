@@ -18,10 +18,11 @@ from ticketsmith.pipeline import run_prune
 from ticketsmith.tracking import TAG, load_records, resolve_experiment, retry, TrackingError
 
 LEVELS, VARIANTS = 3, ["ticket", "random_reinit"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(tmp_path: Path, *extra: str):
-    return load_config("configs/tiny.yaml", [f"experiment.output_dir={tmp_path / 'runs'}",
+    return load_config(REPO / "configs" / "tiny.yaml", [f"experiment.output_dir={tmp_path / 'runs'}",
                                              "experiment.replicates=2", *extra])
 
 
@@ -41,7 +42,7 @@ def tracked(tmp_path_factory, repo_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(repo_root)
+        mp.chdir(tmp_path)  # MLflow's local artifacts (./mlruns) land in tmp
         mlflow.set_tracking_uri(uri)
         cfg = tiny(tmp_path)
         client = MlflowClient(uri)
@@ -156,7 +157,6 @@ def test_resume_from_artifact_store_without_local_run_dir(tracked):
 
 def test_interrupted_experiment_resumes_into_same_parent(tmp_path, sqlite_uri, repo_root,
                                                          monkeypatch):
-    monkeypatch.chdir(repo_root)
     cfg = tiny(tmp_path, "experiment.replicates=1")
     client = MlflowClient(sqlite_uri)
     from ticketsmith import tracking
@@ -185,7 +185,6 @@ def test_interrupted_experiment_resumes_into_same_parent(tmp_path, sqlite_uri, r
 
 
 def test_secrets_never_reach_params_or_tags(tmp_path, sqlite_uri, repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
     key = "c2VjcmV0LWtleS1kby1ub3QtbG9n"
     conn = f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={key};"
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", conn)
@@ -238,7 +237,6 @@ def test_retry_backs_off_then_fails_loudly():
 
 def test_http_tracking_server(tmp_path, mlflow_server, repo_root, monkeypatch):
     """The same experiment against a real `mlflow server` process over HTTP."""
-    monkeypatch.chdir(repo_root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     cfg = tiny(tmp_path, "experiment.replicates=1", "prune.levels=2", "experiment.name=http")
@@ -255,7 +253,6 @@ def test_http_tracking_server(tmp_path, mlflow_server, repo_root, monkeypatch):
 
 
 def test_system_metrics_on_parent_runs_when_asked(tmp_path, sqlite_uri, repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
     # MLflow's own knob for the sampling period (seconds); the run lasts several periods.
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     client = MlflowClient(sqlite_uri)
