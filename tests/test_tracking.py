@@ -279,3 +279,28 @@ def test_a_pod_refuses_a_local_tracking_store(uri, refused, monkeypatch):
             check_shared_store(uri)
         monkeypatch.setenv("TICKETSMITH_ALLOW_LOCAL_TRACKING", "1")
     check_shared_store(uri)
+
+
+def test_legacy_stage_transition_only_behind_the_flag(tracked):
+    from ticketsmith.registry import promote, ticket_runs
+
+    cfg, client, out = tracked
+    champion = client.get_model_version_by_alias(cfg.experiment.name, "champion")
+    assert champion.current_stage in ("None", None)  # aliases only, by default
+    exp_id, h = resolve_experiment(client, cfg.hash())
+    runs = ticket_runs(client, exp_id, h, out.experiment.run_root)
+    again = promote(client, cfg.experiment.name, runs, out.verdicts, legacy_stages=True,
+                    echo=lambda s: None)
+    assert again.champion == champion.version  # same verdicts: nothing moves
+    assert client.get_model_version(cfg.experiment.name, champion.version).current_stage == "Production"
+
+
+def test_the_engine_never_imports_mlflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, ticketsmith.lottery, ticketsmith.train, ticketsmith.masks, "
+            "ticketsmith.data, ticketsmith.store, ticketsmith.checkpoint; "
+            "print('mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
