@@ -31,6 +31,7 @@ def workdir(tmp_path_factory):
 def run_rendered(project, entry: str, params: dict, workdir: Path) -> subprocess.CompletedProcess:
     command = project.get_entry_point(entry).compute_command(params, str(workdir / "storage"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+           "TICKETSMITH_SWEEP_STORAGE": f"sqlite:///{workdir / 'sweeps.db'}",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -59,7 +60,8 @@ def test_conda_env_matches_package_dependencies():
 def test_prune_then_train_then_gate_entry_points(project, workdir):
     out = run_rendered(project, "prune", {
         "config": "configs/tiny.yaml",
-        "overrides": f"experiment.output_dir={workdir / 'runs'} prune.levels=2"}, workdir)
+        "overrides": f"experiment.output_dir={workdir / 'runs'} prune.levels=2",
+    }, workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "level 2" in out.stdout and "release check: PASS" in out.stdout
     out = run_rendered(project, "train", {"config": "configs/tiny.yaml", "overrides": ""}, workdir)
