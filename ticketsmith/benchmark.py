@@ -343,7 +343,8 @@ def write_benchmark(result: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
-def _fmt_bytes(n: int | None) -> str:
+def format_bytes(n: int | None) -> str:
+    """1536 → '1.5 KB'; None → '-'."""
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
@@ -374,7 +375,7 @@ def format_scorecard(result: dict[str, Any]) -> str:
                 f"{r['format']:<20}{r['batch_size']:>6} {'yes':<3}{lat['p50']:>9.3f}"
                 f"{lat['p95']:>9.3f}{lat['p99']:>9.3f}{r['throughput']:>11.0f}"
                 f"{r['speedup']:>8.2f}x {rng:<13}{r['ideal_speedup']:>6.2f}x"
-                f"{_fmt_bytes(r['weight_bytes']):>10}{_fmt_bytes(r['peak_memory_bytes']):>10}"
+                f"{format_bytes(r['weight_bytes']):>10}{format_bytes(r['peak_memory_bytes']):>10}"
                 f"{acc:>9}")
         else:
             lines.append(f"{r['format']:<20}{r['batch_size']:>6} {'NO':<3}  {r['error']}")

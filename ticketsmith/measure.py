@@ -24,6 +24,7 @@ from .serving import weight_bytes, weighted_layers
 
 
 def cpu_model() -> str:
+    """The CPU's marketing name (Linux), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .benchmark import format_bytes
 from .report_render import Block, Bullets, Code, Heading, Link, Strong, Table, para
 from .report_stats import ALPHA, Facts
 
@@ -14,13 +15,7 @@ if TYPE_CHECKING:
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return "—" if n is None else format_bytes(n)
 
 
 def scorecard(facts: Facts) -> list[Block]:

@@ -28,6 +28,7 @@ from . import __version__
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError
 from .figures import loss_curves, sample_grid
+from .measure import cpu_model
 from .models import build_model
 from .reporting import TrackingError
 from .secrets import redact
@@ -60,14 +61,6 @@ def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay_s: flo
 
 def environment() -> dict[str, str]:
     """Hardware and versions recorded with every experiment."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=5, cwd=Path(__file__).parent).stdout.strip()
@@ -75,7 +68,7 @@ def environment() -> dict[str, str]:
         commit = ""
     return {
         "ticketsmith": __version__, "torch": torch.__version__, "mlflow": mlflow.__version__,
-        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": str(torch.get_num_threads()), "git_commit": commit or "unknown",
