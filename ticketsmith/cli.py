@@ -174,22 +174,19 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-# Modules that register further commands with @command when imported. Each is also a
-# `python -m` door of its own (e.g. `python -m ticketsmith.benchmark_cli`).
-COMMAND_MODULES = ["ticketsmith.benchmark_cli", "ticketsmith.report", "ticketsmith.sweep"]
+# Commands that live in modules of their own, which register them with @command when
+# imported. Each is also a `python -m` door (e.g. `python -m ticketsmith.benchmark_cli`).
+COMMAND_MODULES = {"benchmark": "ticketsmith.benchmark_cli", "report": "ticketsmith.report",
+                   "sweep": "ticketsmith.sweep"}
 
 
-def _import_command_modules() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a missing dependency inside the module is a real error
-                raise
-
-
-def build_parser() -> argparse.ArgumentParser:
-    _import_command_modules()
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the module of the command asked for is imported
+    (MLflow and Optuna take seconds to import, which a config error should not wait for)."""
+    first = next((a for a in argv or [] if not a.startswith("-")), None)
+    for name, module in COMMAND_MODULES.items():
+        if first is None or first == name or first not in {*COMMAND_MODULES, *COMMANDS}:
+            importlib.import_module(module)
     parser = argparse.ArgumentParser(
         prog="ticketsmith", description="Lottery-ticket experiments: how far can a network be "
         "pruned before quality drops, and what does it save at serving time?")
@@ -208,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's HTTP client retries 7 times with exponential backoff (minutes) inside each of
     # our retries (tracking.retry); two inner retries keep an outage's failure prompt.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return COMMANDS[args.command][0](args)
     except USER_ERRORS as exc:

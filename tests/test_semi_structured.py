@@ -1,0 +1,34 @@
+"""A 2:4 ticket can be trained and gated on CPU; only its fast serving format needs CUDA."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ticketsmith import checkpoint as ckpt
+from ticketsmith.config import GateConfig, load_config
+from ticketsmith.gates import evaluate_gates
+from ticketsmith.lottery import run_experiment
+from ticketsmith.serving import is_2_4
+from ticketsmith.store import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_2_4_pattern_gives_2_4_tickets_that_are_gated(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"experiment.output_dir={tmp_path}", "prune.pattern='2:4'", "prune.levels=2",
+        "train.iterations=60"])
+    result = run_experiment(cfg, progress=False, echo=lambda s: None)
+    store = RunStore(result.run_root)
+    for level in (1, 2):
+        ck = ckpt.load_checkpoint(store.checkpoint_path(0, level, "ticket"))
+        w = ck.state["hidden.0.weight"]
+        groups = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+        assert int(groups.max()) <= 2, "at most 2 nonzeros in every group of 4 inputs"
+        assert is_2_4(w)
+        assert ck.mask["hidden.0.weight"].float().mean() <= 0.5
+        # the mask held through training: pruned weights are exactly zero
+        assert torch.all(w[~ck.mask["hidden.0.weight"]] == 0)
+    verdicts = evaluate_gates(result.records, GateConfig())
+    assert [v.level for v in verdicts] == [1, 2]
