@@ -40,6 +40,15 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> 
     raise RuntimeError(f"{url} did not answer within {timeout_s}s")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server process, killing it if it does not exit within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
@@ -79,17 +88,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         wait_for_http(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
-    """Tests train tiny models, where a second OpenMP thread only adds contention."""
+    """Tests train tiny models, where a second OpenMP thread only adds contention (on a busy
+    2-core machine, 10x slower). Session scope: in force before any module's fixtures."""
     import torch
 
     before = torch.get_num_threads()

@@ -376,7 +376,7 @@ def test_tracking_server_args_really_enforce_auth_and_hosts(tmp_path):
             return exc.code
 
     try:
-        from conftest import wait_for_http
+        from conftest import stop, wait_for_http
 
         wait_for_http(base + "/health", proc, timeout_s=120)
         api = "/api/2.0/mlflow/experiments/search?max_results=1"
@@ -388,11 +388,7 @@ def test_tracking_server_args_really_enforce_auth_and_hosts(tmp_path):
         assert get(api, "evil.example.com", ("admin", "s3cret-Pass-123")) == 403  # rebinding
         assert get("/health", "anything.example.com") == 200                    # probes
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
     assert b"s3cret-Pass-123" not in (tmp_path / "server.log").read_bytes()
 

@@ -29,16 +29,6 @@ SIZES = {"hidden.0.weight": 32 * 64, "out.weight": 4 * 32}
 RATES = {"hidden.0.weight": 0.5, "out.weight": 0.25}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: on a busy 2-core machine, intra-op threads only contend with each other.
-    # Module scope, so it is in force before the module's other fixtures train anything.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(out: Path, *overrides: str) -> Config:
     return load_config(REPO / "configs" / "tiny.yaml", [f"experiment.output_dir={out}", *overrides])
 

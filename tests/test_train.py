@@ -22,16 +22,6 @@ CFG = TrainConfig(optimizer="adam", lr=0.01, batch_size=64, iterations=60, eval_
                   device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: on a busy 2-core machine, intra-op threads only contend with each other.
-    # Module scope, so it is in force before the module's other fixtures train anything.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     return load_dataset("synthetic", val_size=200, split_seed=0,
