@@ -106,8 +106,10 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
     window_steps = 0
     start = time.perf_counter()
     step = 0
-    bar = tqdm(total=total, desc=desc, unit="it", leave=False, disable=not progress,
-               mininterval=0.5)
+    # disable=None: no bar when stderr is not a terminal (pod logs, CI), so logs keep only
+    # the per-level summary lines.
+    bar = tqdm(total=total, desc=desc, unit="it", leave=False, mininterval=0.5,
+               disable=None if progress else True)
     while step < total:
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(0, n, cfg.batch_size):
