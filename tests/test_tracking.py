@@ -172,7 +172,11 @@ def test_interrupted_experiment_resumes_into_same_parent(tmp_path, sqlite_uri, r
     monkeypatch.setattr(tracking.MlflowTracker, "log_metrics", dying)
     with pytest.raises(KeyboardInterrupt):
         run_prune(cfg, client=client, progress=False, echo=lambda s: None)
-    parent_before = runs_of(client, cfg.hash(), "parent")[0].info.run_id
+    parent = runs_of(client, cfg.hash(), "parent")[0]
+    parent_before = parent.info.run_id
+    assert parent.info.status == "KILLED"  # not left RUNNING forever
+    open_children = [c for c in runs_of(client, cfg.hash(), "child") if c.info.status != "FINISHED"]
+    assert [c.info.status for c in open_children] == ["KILLED"]
     monkeypatch.setattr(tracking.MlflowTracker, "log_metrics", original)
     again = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
     assert sorted(again.experiment.trained) == [(0, 2, "random_reinit"), (0, 2, "ticket"),
@@ -304,3 +308,31 @@ def test_the_engine_never_imports_mlflow():
             "print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_late_rewinding_resumes_mid_experiment_on_a_fresh_machine(tmp_path, sqlite_uri,
+                                                                   monkeypatch):
+    """Killed during level 2 and its disk lost: the rewind weights come back from the store."""
+    client = MlflowClient(sqlite_uri)
+    cfg = tiny(tmp_path, "experiment.replicates=1", "prune.rewind_iteration=20",
+               "experiment.name=late-rewind")
+    from ticketsmith import tracking
+
+    original = tracking.MlflowTracker.run_started
+
+    def killed_at_level_2(self, replicate, level, variant):
+        if level == 2:
+            raise KeyboardInterrupt
+        original(self, replicate, level, variant)
+
+    monkeypatch.setattr(tracking.MlflowTracker, "run_started", killed_at_level_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    monkeypatch.setattr(tracking.MlflowTracker, "run_started", original)
+    run_root = Path(cfg.experiment.output_dir) / cfg.hash()
+    rewind = (run_root / "replicate_0" / "rewind.safetensors").read_bytes()
+    shutil.rmtree(run_root)
+    again = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    assert sorted(again.experiment.trained) == [(0, 2, "random_reinit"), (0, 2, "ticket"),
+                                                (0, 3, "random_reinit"), (0, 3, "ticket")]
+    assert (run_root / "replicate_0" / "rewind.safetensors").read_bytes() == rewind

@@ -8,7 +8,6 @@ found in the run directory and skipped, so a killed experiment resumes where it 
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,9 +23,6 @@ from .models import build_model, count_params, output_layer, prunable_weights
 from .reporting import NullTracker, Tracker
 from .store import RunStore
 from .train import resolve_device, total_iterations, train
-
-log = logging.getLogger("ticketsmith.lottery")
-
 
 def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts (same on every machine and Python run)."""
@@ -161,12 +157,16 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
     echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "
          f"{len(data.val_x)} val / {len(data.test_x)} test, {cfg.prune.levels} levels, "
          f"variants {cfg.experiment.variants}, {cfg.experiment.replicates} replicate(s)")
-    for replicate in range(cfg.experiment.replicates):
-        tracker.replicate_started(replicate)
-        records = _run_replicate(cfg, replicate, data, store, tracker, result, progress, echo,
-                                 device, selection)
-        tracker.replicate_finished(replicate, records)
-        result.records.extend(records)
+    try:
+        for replicate in range(cfg.experiment.replicates):
+            tracker.replicate_started(replicate)
+            records = _run_replicate(cfg, replicate, data, store, tracker, result, progress, echo,
+                                     device, selection)
+            tracker.replicate_finished(replicate, records)
+            result.records.extend(records)
+    except BaseException as exc:  # Ctrl-C too: let the tracker close its open runs
+        tracker.experiment_failed(exc)
+        raise
     tracker.experiment_finished(result.records)
     return result
 

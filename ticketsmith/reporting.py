@@ -5,6 +5,9 @@ The engine never imports MLflow. It calls these hooks in this order:
     experiment_started → (replicate_started → (run_started → log_metrics* → run_finished
     | run_reused)* → replicate_finished)* → experiment_finished
 
+and, if anything raises on the way (Ctrl-C included), experiment_failed(error) before the
+error propagates, so the tracker can close what it opened.
+
 `experiment_started` may fill the run directory (e.g. recover finished levels from an
 artifact store) before the engine looks for finished work. `run_reused` reports a level
 found finished in the run directory and not trained again.
@@ -28,6 +31,7 @@ class Tracker(Protocol):
     def run_reused(self, record: dict[str, Any], run_dir: Path) -> None: ...
     def replicate_finished(self, replicate: int, records: list[dict[str, Any]]) -> None: ...
     def experiment_finished(self, records: list[dict[str, Any]]) -> None: ...
+    def experiment_failed(self, error: BaseException) -> None: ...
 
 
 class NullTracker:
@@ -55,4 +59,7 @@ class NullTracker:
         pass
 
     def experiment_finished(self, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def experiment_failed(self, error: BaseException) -> None:
         pass

@@ -103,6 +103,7 @@ class MlflowTracker:
         self.parents: dict[int, str] = {}
         self.children: dict[tuple[int, int, str], Any] = {}
         self.current: str | None = None
+        self._replicate: int | None = None
         self._monitor = None
 
     # --- lookup ---------------------------------------------------------------------------
@@ -132,6 +133,7 @@ class MlflowTracker:
         self._recover()
 
     def replicate_started(self, replicate: int) -> None:
+        self._replicate = replicate
         tags = {TAG + "hash": self.hash, TAG + "replicate": str(replicate), TAG + "role": "parent",
                 TAG + "level": "all", TAG + "variant": "all"}
         if replicate in self.parents:
@@ -190,11 +192,6 @@ class MlflowTracker:
 
     def replicate_finished(self, replicate: int, records: list[dict[str, Any]]) -> None:
         run_id = self.parents[replicate]
-        rep_dir = self.run_root / f"replicate_{replicate}"
-        for name in ("init.safetensors", "rewind.safetensors"):
-            if (rep_dir / name).is_file():
-                retry(lambda: self.client.log_artifact(run_id, str(rep_dir / name), "replicate"),
-                      f"upload {name}")
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
@@ -202,6 +199,23 @@ class MlflowTracker:
 
     def experiment_finished(self, records: list[dict[str, Any]]) -> None:
         pass
+
+    def experiment_failed(self, error: BaseException) -> None:
+        """Close the runs left open: KILLED for an interrupt, FAILED for an error.
+
+        Best effort: if the store itself is down, the original error is what the user sees.
+        """
+        status = "FAILED" if isinstance(error, Exception) else "KILLED"
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        open_runs = [self.current] + [self.parents.get(self._replicate)]
+        for run_id in filter(None, open_runs):
+            try:
+                self.client.set_terminated(run_id, status)
+            except Exception:  # noqa: BLE001 - never mask the error being reported
+                pass
+        self.current = None
 
     # --- helpers --------------------------------------------------------------------------
     def _params(self, extra: dict[str, Any]) -> list[Param]:
@@ -224,11 +238,23 @@ class MlflowTracker:
         metrics = [Metric(k, float(record[k]), now, 0) for k in CHILD_METRICS
                    if isinstance(record.get(k), (int, float)) and not math.isnan(record[k])]
         self.log_batch(run_id, metrics=metrics)
+        if record["level"] == 0:
+            self._upload_start_weights(record["replicate"])
         self._figures(run_id, record, run_dir)
         retry(lambda: self.client.log_artifacts(run_id, str(run_dir), "run"), "upload run artifacts")
         retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "finish child run")
         self.children[(record["replicate"], record["level"], record["variant"])] = \
             retry(lambda: self.client.get_run(run_id), "read run")
+
+    def _upload_start_weights(self, replicate: int) -> None:
+        """Initial and rewind weights go up with level 0: every later level rewinds to them,
+        so a fresh machine resuming mid-experiment needs them from the store."""
+        run_id = self.parents[replicate]
+        rep_dir = self.run_root / f"replicate_{replicate}"
+        for name in ("init.safetensors", "rewind.safetensors"):
+            if (rep_dir / name).is_file():
+                retry(lambda: self.client.log_artifact(run_id, str(rep_dir / name), "replicate"),
+                      f"upload {name}")
 
     def _figures(self, run_id: str, record: dict[str, Any], run_dir: Path) -> None:
         title = f"level {record['level']} {record['variant']} ({record['density']:.1%} weights)"
