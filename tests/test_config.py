@@ -167,8 +167,14 @@ def test_hash_ignores_defaults_and_unhashed_fields():
         "experiment.output_dir=/elsewhere", "train.device=cuda", "experiment.name=renamed"])
     assert same.hash() == base.hash()
     assert config_from_dict({}).hash() == config_from_dict({"train": {"epochs": 1}}).hash()
-    for change in ("train.lr=0.02", "prune.levels=4", "experiment.seed=1", "prune.scope=global"):
+    for change in ("train.lr=0.02", "prune.fraction=0.3", "experiment.seed=1",
+                   "prune.scope=global"):
         assert load_config(REPO / "configs/tiny.yaml", [change]).hash() != base.hash(), change
+    # how much of the experiment to run is not its identity: more levels, replicates or
+    # controls extend the same experiment
+    for more in ("prune.levels=9", "experiment.replicates=5",
+                 "experiment.variants=[ticket, random_reinit, random_prune]"):
+        assert load_config(REPO / "configs/tiny.yaml", [more]).hash() == base.hash(), more
 
 
 def test_pinned_hashes():
@@ -176,9 +182,9 @@ def test_pinned_hashes():
     # default value) renames every experiment and breaks resume of old runs: do not update
     # these literals unless that is intended and announced.
     assert Config().hash() == "180cc7195405"
-    assert load_config(REPO / "configs/tiny.yaml").hash() == "141bd35ee0e5"
-    assert load_config(REPO / "configs/imp_mnist.yaml").hash() == "256eba7fdb51"
-    assert load_config(REPO / "configs/lenet_paper.yaml").hash() == "6a315551ddbe"
+    assert load_config(REPO / "configs/tiny.yaml").hash() == "6a0a57f09016"
+    assert load_config(REPO / "configs/imp_mnist.yaml").hash() == "14f264a00c70"
+    assert load_config(REPO / "configs/lenet_paper.yaml").hash() == "2855fe2071f1"
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -336,3 +336,21 @@ def test_late_rewinding_resumes_mid_experiment_on_a_fresh_machine(tmp_path, sqli
     assert sorted(again.experiment.trained) == [(0, 2, "random_reinit"), (0, 2, "ticket"),
                                                 (0, 3, "random_reinit"), (0, 3, "ticket")]
     assert (run_root / "replicate_0" / "rewind.safetensors").read_bytes() == rewind
+
+
+def test_one_hash_in_two_experiments_is_resolved_only_with_its_name(tmp_path, sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    a = tiny(tmp_path, "experiment.replicates=1", "prune.levels=1", "experiment.name=A",
+             "tracking.register_model=false")
+    b = tiny(tmp_path, "experiment.replicates=1", "prune.levels=1", "experiment.name=B",
+             "tracking.register_model=false")
+    assert a.hash() == b.hash()  # the name is a label, not part of the identity
+    for cfg in (a, b):
+        run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+    with pytest.raises(TrackingError, match="several MLflow experiments"):
+        resolve_experiment(client, a.hash())
+    exp_a, h = resolve_experiment(client, f"A/{a.hash()}")
+    assert client.get_experiment(exp_a).name == "A" and h == a.hash()
+    assert resolve_experiment(client, "B")[1] == b.hash()
+    with pytest.raises(TrackingError, match="no runs of hash"):
+        resolve_experiment(client, "A/0123456789ab")

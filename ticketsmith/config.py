@@ -84,7 +84,11 @@ class TrainConfig(_Section):
 
 
 class PruneConfig(_Section):
-    levels: int = Field(5, ge=0, le=100, description="Pruning levels after the dense level 0.")
+    # How much of an experiment to run (levels, replicates, variants) is not hashed: no
+    # single (replicate, level, variant) result depends on it, so asking for more levels or
+    # replicates later reuses everything already trained.
+    levels: int = Field(5, ge=0, le=100, description="Pruning levels after the dense level 0.",
+                        **_NOT_HASHED)
     fraction: float = Field(0.2, gt=0, lt=1, description="Fraction of *remaining* weights "
                             "pruned per level.")
     output_fraction: float | None = Field(None, gt=0, lt=1, description="Rate for the output "
@@ -105,9 +109,10 @@ class ExperimentConfig(_Section):
     name: str = Field("imp", min_length=1, description="Human-readable experiment name.",
                       **_NOT_HASHED)
     seed: int = Field(0, ge=0, description="Base seed; replicate r uses seed + r.")
-    replicates: int = Field(1, ge=1, le=100, description="Seeds to run.")
+    replicates: int = Field(1, ge=1, le=100, description="Seeds to run.", **_NOT_HASHED)
     variants: list[Literal["ticket", "random_reinit", "random_prune"]] = Field(
-        default_factory=lambda: ["ticket", "random_reinit"], description="What each level trains.")
+        default_factory=lambda: ["ticket", "random_reinit"], description="What each level trains.",
+        **_NOT_HASHED)
     output_dir: str = Field("runs", description="Local run directory root.", **_NOT_HASHED)
     benchmark: bool = Field(False, description="Benchmark every level's ticket at the end.",
                             **_NOT_HASHED)

@@ -63,7 +63,12 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
                             selection=selection)
     if cfg.experiment.benchmark:
         benchmark_levels(cfg, client, tracker, result, echo)
-    records = load_records(client, tracker.exp_id, result.exp_hash)
+    # The store may hold more of this experiment than the config asks for now (levels,
+    # replicates and variants are not hashed): gate what the config describes.
+    wanted = {"dense", *cfg.experiment.variants}
+    records = [r for r in load_records(client, tracker.exp_id, result.exp_hash)
+               if r["level"] <= cfg.prune.levels and r["replicate"] < cfg.experiment.replicates
+               and r["variant"] in wanted]
     verdicts = evaluate_gates(records, cfg.gate)
     echo("quality gates (mean over replicates):\n" + format_table(verdicts))
     log_gates(client, tracker, verdicts)
@@ -77,7 +82,8 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     if report_dir is not None:
         from .report import build_report
 
-        echo(f"report: {build_report(client, result.exp_hash, report_dir)}")
+        ref = f"{cfg.experiment.name}/{result.exp_hash}"  # the hash alone may be in several
+        echo(f"report: {build_report(client, ref, report_dir)}")
     return PipelineResult(result, verdicts, promotion, ok, reason)
 
 

@@ -76,6 +76,13 @@ class TrialPruningTracker:
         self.inner.run_finished(record, run_dir)
         self._level_done(record)
 
+    def experiment_failed(self, error: BaseException) -> None:
+        # An early stop is deliberate, not a failure: its runs end KILLED, like an interrupt.
+        if isinstance(error, optuna.TrialPruned):
+            self.inner.close_open_runs("KILLED")
+        else:
+            self.inner.experiment_failed(error)
+
     def run_reused(self, record: dict[str, Any], run_dir) -> None:
         self.inner.run_reused(record, run_dir)
         self._level_done(record)

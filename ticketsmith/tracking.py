@@ -205,7 +205,10 @@ class MlflowTracker:
 
         Best effort: if the store itself is down, the original error is what the user sees.
         """
-        status = "FAILED" if isinstance(error, Exception) else "KILLED"
+        self.close_open_runs("FAILED" if isinstance(error, Exception) else "KILLED")
+
+    def close_open_runs(self, status: str) -> None:
+        """Terminate the current child and replicate runs with `status` (best effort)."""
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
@@ -320,20 +323,36 @@ class MlflowTracker:
 
 # --- reading back: what gates, the registry and the report use ------------------------------
 
-def resolve_experiment(client: MlflowClient, ref: str) -> tuple[str, str]:
-    """(MLflow experiment id, config hash) for an experiment name or a config hash.
+def _is_hash(ref: str) -> bool:
+    return len(ref) == 12 and all(c in "0123456789abcdef" for c in ref)
 
-    A name with several hashes resolves to the most recently started one.
+
+def resolve_experiment(client: MlflowClient, ref: str) -> tuple[str, str]:
+    """(MLflow experiment id, config hash) for `NAME`, `HASH` or `NAME/HASH`.
+
+    A name with several hashes resolves to the most recently started one; a hash found in
+    several MLflow experiments (the name is not hashed) must be given as NAME/HASH.
     """
-    flt_hash = f"tags.`{TAG}hash` = '{ref}' and tags.`{TAG}role` = 'parent'"
-    runs = []
-    if len(ref) == 12 and all(c in "0123456789abcdef" for c in ref):
-        ids = [e.experiment_id for e in retry(client.search_experiments, "list experiments")]
-        runs = retry(lambda: client.search_runs(ids, flt_hash, max_results=1,
-                                                order_by=["attributes.start_time DESC"]),
-                     "search runs")
-    if runs:
-        return runs[0].info.experiment_id, ref
+    name, _, exp_hash = ref.rpartition("/") if "/" in ref else ("", "", ref)
+    if _is_hash(exp_hash):
+        flt = f"tags.`{TAG}hash` = '{exp_hash}' and tags.`{TAG}role` = 'parent'"
+        if name:
+            exp = retry(lambda: client.get_experiment_by_name(name), "get experiment")
+            ids = [exp.experiment_id] if exp is not None else []
+        else:
+            ids = [e.experiment_id for e in retry(client.search_experiments, "list experiments")]
+        runs = retry(lambda: client.search_runs(ids, flt, max_results=1000), "search runs") \
+            if ids else []
+        found = sorted({r.info.experiment_id for r in runs})
+        if len(found) > 1:
+            names = [client.get_experiment(i).name for i in found]
+            raise TrackingError(f"--experiment {ref!r}: that hash is in several MLflow experiments "
+                                f"({', '.join(names)}); give it as NAME/{exp_hash}")
+        if found:
+            return found[0], exp_hash
+        if name:
+            raise TrackingError(f"--experiment {ref!r}: no runs of hash {exp_hash} in MLflow "
+                                f"experiment {name!r}")
     exp = retry(lambda: client.get_experiment_by_name(ref), "get experiment")
     if exp is None:
         raise TrackingError(f"--experiment {ref!r}: no MLflow experiment or config hash of that "
