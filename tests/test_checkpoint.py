@@ -71,3 +71,8 @@ def test_foreign_safetensors_and_missing_file(tmp_path):
         load_checkpoint(tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_written_files_are_readable_not_private(tmp_path):
+    path, _, _ = saved(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -46,3 +46,32 @@ def test_a_range_that_skips_unfinished_levels_is_refused(tmp_path, repo_root, mo
 def test_bad_selection_is_one_clear_line(levels, variants, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_selection(levels, variants)
+
+
+def test_global_scope_with_an_output_rate_of_its_own(tmp_path):
+    """Hidden layers compete for one global budget; the output layer keeps its own rate."""
+    from ticketsmith import checkpoint as ckpt
+    from ticketsmith.store import RunStore
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"experiment.output_dir={tmp_path}", "prune.scope=global", "prune.levels=2",
+        "model.options.hidden=[32, 16]", "train.iterations=40", "experiment.variants=[ticket]"])
+    result = run(cfg)
+    store = RunStore(result.run_root)
+    for level in (1, 2):
+        mask = ckpt.load_checkpoint(store.checkpoint_path(0, level, "ticket")).mask
+        hidden = ["hidden.0.weight", "hidden.1.weight"]
+        kept = sum(int(mask[n].sum()) for n in hidden)
+        total = sum(mask[n].numel() for n in hidden)
+        assert abs(kept - total * 0.5 ** level) <= level  # one shared budget, (1-p)^k
+        per_layer = [float(mask[n].float().mean()) for n in hidden]
+        assert per_layer[0] != per_layer[1]  # ...spent unevenly: that is what global means
+        assert abs(int(mask["out.weight"].sum()) - 16 * 4 * 0.75 ** level) <= level
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_config_error():
+    from ticketsmith.train import resolve_device
+
+    with pytest.raises(ConfigError, match="train.device: 'cuda' requested"):
+        resolve_device("cuda")

@@ -195,12 +195,12 @@ def test_secrets_never_reach_params_or_tags(tmp_path, sqlite_uri, repo_root, mon
     client = MlflowClient(sqlite_uri)
     # A user pastes the connection string into a config value that becomes a param.
     cfg = tiny(tmp_path, "experiment.replicates=1", "prune.levels=1",
-               f"model.options.note='{conn}'", f"experiment.name=leak-{key[:6]}")
+               f"data.root='{conn}'", f"experiment.name=leak-{key[:6]}")
     run_prune(cfg, client=client, progress=False, echo=lambda s: None)
     runs = runs_of(client, cfg.hash(), "parent") + runs_of(client, cfg.hash(), "child")
     assert runs
     for run in runs:
-        assert run.data.params["model.options.note"].count("***") >= 1
+        assert run.data.params["data.root"].count("***") >= 1
         assert key not in json.dumps([run.data.params, run.data.tags, run.info.run_name])
         if run.data.tags[TAG + "role"] == "parent":
             for name in ("environment.json", "config.yaml"):

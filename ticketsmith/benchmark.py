@@ -24,6 +24,7 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from .masks import MaskError, apply_mask_
 from .models import ModelError, build_model, count_params, prunable_weights
+from .secrets import redact
 from .measure import (environment, median, peak_memory, percentile, sync_fn,
                       time_side_by_side, traffic)
 from .serving import (BuildContext, FormatUnavailable, Served, build_format, default_formats,
@@ -60,7 +61,8 @@ def resolve_checkpoint(uri: str | Path) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
     except (MlflowException, OSError) as exc:
-        raise CheckpointError(f"{text}: cannot download ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{redact(text)}: cannot download "
+                              f"({redact(str(exc).splitlines()[0])})") from None
     if local.is_file():
         return local
     found = sorted(local.rglob("checkpoint.safetensors"))
@@ -74,8 +76,9 @@ def load_ticket(path: str | Path, device: str | torch.device = "cpu",
                 allow_factory: bool = False) -> tuple[nn.Module, Any, dict]:
     """(model with its mask applied, mask or None, metadata) from a TicketSmith checkpoint.
 
-    Only registry models are rebuilt unless `allow_factory`: the metadata is not covered by
-    the checkpoint's checksum, so a factory path in it must not be imported blindly.
+    Only registry models are rebuilt unless `allow_factory`: the checkpoint's checksum is not
+    a signature, so a checkpoint from elsewhere may name any module as its factory, and that
+    must not be imported blindly.
     """
     ck = load_checkpoint(path)
     meta = ck.meta
@@ -333,7 +336,7 @@ def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
                                  max_accuracy_drop=max_accuracy_drop)
     finally:
         torch.set_num_threads(before)
-    result["model"]["checkpoint"] = str(path_or_uri)
+    result["model"]["checkpoint"] = redact(str(path_or_uri))
     return result
 
 
@@ -437,7 +440,8 @@ def benchmark_experiment(run_root: str | Path, records: list[dict], *, levels=No
                     and r["variant"] == ("dense" if r["level"] == 0 else "ticket")})
     wanted = [lv for lv in found if levels is None or lv in set(levels)]
     request = {"quick": quick, "threads": threads,
-               **{k: kw[k] for k in ("batch_sizes", "formats", "trials") if k in kw}}
+               **{k: kw[k] for k in ("batch_sizes", "formats", "trials", "device",
+                                     "max_accuracy_drop") if k in kw}}
     out = []
     for level in wanted:
         variant = "dense" if level == 0 else "ticket"

@@ -3,9 +3,11 @@ ticket against its dense baseline. Parses arguments and calls `ticketsmith.bench
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli import command, run_module
+from .secrets import redact
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -44,8 +46,10 @@ def _log_mlflow(result: dict, checkpoint: str, requested: bool) -> None:
 
     if mlflow.active_run() is not None:
         log_mlflow(result)
-    elif requested:
-        with mlflow.start_run(run_name="benchmark", tags={"ticketsmith.checkpoint": checkpoint}):
+    elif requested or os.environ.get("MLFLOW_RUN_ID"):
+        # Under `mlflow run -e benchmark`, start_run resumes the run MLflow created for us.
+        with mlflow.start_run(run_name="benchmark",
+                              tags={"ticketsmith.checkpoint": redact(checkpoint)}):
             log_mlflow(result)
 
 

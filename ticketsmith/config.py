@@ -92,7 +92,9 @@ class PruneConfig(_Section):
     fraction: float = Field(0.2, gt=0, lt=1, description="Fraction of *remaining* weights "
                             "pruned per level.")
     output_fraction: float | None = Field(None, gt=0, lt=1, description="Rate for the output "
-                                          "layer; default half of `fraction` (layer-wise).")
+                                          "layer; default half of `fraction` (layer-wise). With "
+                                          "scope 'global', set: the output layer is pruned on "
+                                          "its own at this rate while the others compete.")
     layer_fractions: dict[str, Annotated[float, Field(ge=0, lt=1)]] = Field(
         default_factory=dict, description="Per-layer rates by weight name or module-type "
         "prefix ('conv', 'linear'); a weight name wins over its type.")

@@ -18,7 +18,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .data import Dataset, load_dataset
-from .masks import Mask, prune_magnitude, prune_n_m, prune_to_density, random_mask_like
+from .masks import Mask, prune_magnitude, prune_n_m, random_mask_like
 from .models import build_model, count_params, output_layer, prunable_weights
 from .reporting import NullTracker, Tracker
 from .store import RunStore
@@ -41,25 +41,42 @@ def layer_fractions(cfg: Config, weights: dict[str, torch.Tensor], out_name: str
     rates = {}
     for name, w in weights.items():
         rate = p.fraction
-        if name == out_name and p.scope == "layerwise":
-            rate = p.output_fraction if p.output_fraction is not None else p.fraction / 2
+        if name == out_name and p.output_fraction is not None:
+            rate = p.output_fraction
+        elif name == out_name and p.scope == "layerwise":
+            rate = p.fraction / 2
         kind = "conv" if w.dim() > 2 else "linear"
         rate = p.layer_fractions.get(kind, rate)
         rates[name] = p.layer_fractions.get(name, rate)
     return rates
 
 
+def _prune(weights: dict[str, torch.Tensor], mask: Mask, rates: dict[str, float], scope: str,
+           shared_rate: float) -> Mask:
+    """Layer-wise, or global for the layers at `shared_rate` with any layer given a rate of
+    its own (e.g. the output layer) pruned by itself at that rate."""
+    if scope == "layerwise":
+        return prune_magnitude(weights, mask, rates, "layerwise")
+    shared = {n: (r if r == shared_rate else 0.0) for n, r in rates.items()}
+    own = {n: (0.0 if r == shared_rate else r) for n, r in rates.items()}
+    competing = prune_magnitude(weights, mask, shared, "global")
+    alone = prune_magnitude(weights, mask, own, "layerwise")
+    return Mask({n: competing[n] if rates[n] == shared_rate else alone[n] for n in rates})
+
+
 def level_mask(cfg: Config, level: int, prev_weights: dict[str, torch.Tensor], prev_mask: Mask,
                dense_weights: dict[str, torch.Tensor], rates: dict[str, float]) -> Mask:
     """The mask of `level` (>0): pure function of trained weights and the schedule."""
-    if cfg.prune.schedule == "oneshot":
+    p = cfg.prune
+    if p.schedule == "oneshot":
         # Straight from the dense weights to the density IMP would reach after `level` steps.
-        densities = {n: (1 - r) ** level for n, r in rates.items()}
-        mask = prune_to_density(dense_weights, densities, cfg.prune.scope)
+        to_level = {n: 1 - (1 - r) ** level for n, r in rates.items()}
+        mask = _prune(dense_weights, Mask.ones_like(dense_weights), to_level, p.scope,
+                      1 - (1 - p.fraction) ** level)
     else:
-        mask = prune_magnitude(prev_weights, prev_mask, rates, cfg.prune.scope)
-    if cfg.prune.pattern == "2:4":
-        source = dense_weights if cfg.prune.schedule == "oneshot" else prev_weights
+        mask = _prune(prev_weights, prev_mask, rates, p.scope, p.fraction)
+    if p.pattern == "2:4":
+        source = dense_weights if p.schedule == "oneshot" else prev_weights
         mask = prune_n_m(source, mask, 2, 4)
     return mask
 

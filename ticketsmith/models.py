@@ -7,6 +7,7 @@ and normalisation layers are never pruned.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from typing import Callable
 
@@ -120,13 +121,13 @@ class ResNet20(nn.Module):
 Builder = Callable[..., nn.Module]
 
 MODELS: dict[str, Builder] = {
-    "lenet_300_100": lambda shape, n, **kw: MLP(_flat_features(shape), [300, 100], n),
-    "mlp": lambda shape, n, hidden=(64,), **kw: MLP(_flat_features(shape), list(hidden), n),
-    "mnist_cnn": lambda shape, n, **kw: LeNet5(shape, n),
-    "conv2": lambda shape, n, **kw: ConvNet(shape, n, [64]),
-    "conv4": lambda shape, n, **kw: ConvNet(shape, n, [64, 128]),
-    "conv6": lambda shape, n, **kw: ConvNet(shape, n, [64, 128, 256]),
-    "resnet20": lambda shape, n, width=16, **kw: ResNet20(shape, n, width),
+    "lenet_300_100": lambda shape, n: MLP(_flat_features(shape), [300, 100], n),
+    "mlp": lambda shape, n, hidden=(64,): MLP(_flat_features(shape), list(hidden), n),
+    "mnist_cnn": lambda shape, n: LeNet5(shape, n),
+    "conv2": lambda shape, n: ConvNet(shape, n, [64]),
+    "conv4": lambda shape, n: ConvNet(shape, n, [64, 128]),
+    "conv6": lambda shape, n: ConvNet(shape, n, [64, 128, 256]),
+    "resnet20": lambda shape, n, width=16: ResNet20(shape, n, width),
 }
 
 
@@ -158,6 +159,11 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
         return model
     if name not in MODELS:
         raise ModelError(f"model.name: unknown model {name!r}; choose one of {sorted(MODELS)}")
+    accepted = list(inspect.signature(MODELS[name]).parameters)[2:]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:  # a typo would otherwise build the default architecture silently
+        raise ModelError(f"model.options: {unknown} not accepted by {name!r} "
+                         f"(accepts {accepted or 'no options'})")
     return MODELS[name](tuple(input_shape), num_classes, **options)
 
 
