@@ -78,9 +78,9 @@ def test_prunable_layers_are_found_and_excluded_by_name():
 
 
 def test_factory_errors_name_the_config_key():
-    with pytest.raises(ModelError, match=r"model\.factory: expected 'package\.module:function'"):
+    with pytest.raises(ModelError, match=r"model\.factory: 'my_project\.build_model': expected 'package\.module:function'"):
         build_model("x", (2,), 3, factory="my_project.build_model")
-    with pytest.raises(ModelError, match=r"model\.factory: cannot import module 'no_such_module_xyz'"):
+    with pytest.raises(ModelError, match=r"model\.factory: 'no_such_module_xyz:build': cannot import module 'no_such_module_xyz'"):
         build_model("x", (2,), 3, factory="no_such_module_xyz:build")
     with pytest.raises(ModelError, match="has no attribute 'nope'"):
         build_model("x", (2,), 3, factory="torch.nn:nope")

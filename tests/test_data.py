@@ -10,6 +10,8 @@ import struct
 from collections import Counter
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 
@@ -324,7 +326,7 @@ def test_factory_dataset_passes_through(factory_module):
 
 @pytest.mark.parametrize("spec", ["no_such_module_xyz:make", "ts_test_factories:missing", "ts_test_factories"])
 def test_factory_bad_import_names_it(factory_module, spec):
-    with pytest.raises(DataError, match=f"factory '{spec}'"):
+    with pytest.raises(DataError, match=re.escape(f"data.factory: '{spec}'")):
         load_dataset("x", factory=spec)
 
 

@@ -65,7 +65,7 @@ def atomic_write(path: Path, write) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], mask: Mask | None = None,

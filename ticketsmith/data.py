@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -272,11 +271,12 @@ def _synthetic(n_train: int = 1200, n_test: int = 400, image_size: int = 8, num_
 
 
 def _call_factory(factory: str, options: dict) -> Dataset | dict:
-    module_name, _, func_name = factory.partition(":")
+    from .models import ModelError, import_object
+
     try:
-        fn = getattr(importlib.import_module(module_name), func_name) if func_name else None
-    except (ImportError, AttributeError) as e:
-        raise DataError(f"factory {factory!r}: cannot import ({_oneline(e)})") from e
+        fn = import_object(factory, "data.factory")
+    except ModelError as exc:
+        raise DataError(str(exc)) from None
     if not callable(fn):
         raise DataError(f"factory {factory!r}: expected 'package.module:function' naming a callable")
     result = fn(**options)

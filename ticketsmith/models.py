@@ -132,18 +132,18 @@ MODELS: dict[str, Builder] = {
 
 
 def import_object(path: str, what: str) -> object:
-    """Import `package.module:attribute`; errors name the path and what it was for."""
+    """Import `package.module:attribute`; errors name the setting, the path and the cause."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelError(f"{what}: expected 'package.module:function', got {path!r}")
+        raise ModelError(f"{what}: {path!r}: expected 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(f"{what}: cannot import module {module_name!r} ({exc})") from None
+        raise ModelError(f"{what}: {path!r}: cannot import module {module_name!r} ({exc})") from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise ModelError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
+        raise ModelError(f"{what}: {path!r}: module {module_name!r} has no attribute {attr!r}") from None
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,

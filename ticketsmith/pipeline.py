@@ -18,7 +18,7 @@ from .gates import LevelVerdict, evaluate_gates, format_table, release_check
 from .lottery import ExperimentResult, Selection, run_experiment
 from .reporting import Tracker
 from .registry import Promotion, model_name_for, promote, ticket_runs
-from .tracking import TAG, MlflowTracker, load_records, retry
+from .tracking import MlflowTracker, load_records, retry
 
 
 @dataclass

@@ -14,12 +14,12 @@ call it. CPU only; works against a remote tracking server.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import sys
 from pathlib import Path
 
+from .checkpoint import atomic_write_text
 from .cli import command, run_module
 from .config import ConfigError
 from .report_evidence import evidence, registry_section, scorecard
@@ -90,13 +90,6 @@ def report_folder(output_dir: str | Path, inputs: ReportInputs) -> Path:
     return Path(output_dir) / f"{safe}-{inputs.exp_hash}"
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write then rename: a reader never sees half a report (mode follows the umask)."""
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(text, encoding="utf-8")
-    os.replace(part, path)
-
-
 def build_report(client, experiment_ref: str | None, output_dir: str | Path = "reports", *,
                  runs_prefix: str | Path | None = None) -> Path:
     """Write the executive summary (markdown + HTML + figures); return the markdown path.
@@ -124,8 +117,8 @@ def build_report(client, experiment_ref: str | None, output_dir: str | Path = "r
                            *scorecard(facts), *registry_section(facts, inputs),
                            *evidence(facts, inputs)]
     md = folder / "executive_summary.md"
-    write_text(md, to_markdown(title, blocks))
-    write_text(folder / "executive_summary.html", to_html(title, blocks, folder))
+    atomic_write_text(md, to_markdown(title, blocks))
+    atomic_write_text(folder / "executive_summary.html", to_html(title, blocks, folder))
     for run_id in inputs.parents.values():
         retry(lambda: client.log_artifacts(run_id, str(folder), "report"), "upload report")
     return md

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,22 +31,11 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from .config import dump_config  # noqa: E402
 from .secrets import redact  # noqa: E402
-from .tracking import TAG, retry  # noqa: E402
+from .tracking import TAG, experiment_id, retry  # noqa: E402
 
 STATE_TAG = TAG + "sweep.state"
 
 TOP = 5  # rows of a single-objective study's best-trials table
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    exp = retry(lambda: client.get_experiment_by_name(name), "get experiment")
-    if exp is None:
-        return retry(lambda: client.create_experiment(
-            name, artifact_location=os.environ.get("TICKETSMITH_ARTIFACT_LOCATION")),
-            "create experiment")
-    if exp.lifecycle_stage == "deleted":
-        retry(lambda: client.restore_experiment(exp.experiment_id), "restore experiment")
-    return exp.experiment_id
 
 
 def run_exists(client: MlflowClient, run_id: str) -> bool:

@@ -85,6 +85,19 @@ def check_shared_store(uri: str) -> None:
                           " or set TICKETSMITH_ALLOW_LOCAL_TRACKING=1")
 
 
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The id of MLflow experiment `name`: found, restored if deleted, or created with
+    `artifact_location` (default: $TICKETSMITH_ARTIFACT_LOCATION, else MLflow's default)."""
+    exp = retry(lambda: client.get_experiment_by_name(name), "get experiment")
+    if exp is None:
+        location = artifact_location or os.environ.get("TICKETSMITH_ARTIFACT_LOCATION")
+        return retry(lambda: client.create_experiment(name, artifact_location=location),
+                     "create experiment")
+    if exp.lifecycle_stage == "deleted":
+        retry(lambda: client.restore_experiment(exp.experiment_id), "restore experiment")
+    return exp.experiment_id
+
+
 def _key(tags: dict[str, str]) -> tuple[int, int, str]:
     return int(tags[TAG + "replicate"]), int(tags[TAG + "level"]), tags[TAG + "variant"]
 
@@ -107,15 +120,6 @@ class MlflowTracker:
         self._monitor = None
 
     # --- lookup ---------------------------------------------------------------------------
-    def _experiment_id(self, name: str) -> str:
-        exp = retry(lambda: self.client.get_experiment_by_name(name), "get experiment")
-        if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                retry(lambda: self.client.restore_experiment(exp.experiment_id), "restore experiment")
-            return exp.experiment_id
-        return retry(lambda: self.client.create_experiment(
-            name, artifact_location=self.artifact_location), "create experiment")
-
     def _runs(self, role: str) -> list[Any]:
         flt = f"tags.`{TAG}hash` = '{self.hash}' and tags.`{TAG}role` = '{role}'"
         return retry(lambda: self.client.search_runs([self.exp_id], flt, max_results=5000),
@@ -125,7 +129,7 @@ class MlflowTracker:
     def experiment_started(self, cfg: Config, exp_hash: str, run_root: Path, data: Any) -> None:
         check_shared_store(self.client.tracking_uri)
         self.cfg, self.hash, self.run_root, self.data = cfg, exp_hash, Path(run_root), data
-        self.exp_id = self._experiment_id(cfg.experiment.name)
+        self.exp_id = experiment_id(self.client, cfg.experiment.name, self.artifact_location)
         self.parents = {int(r.data.tags[TAG + "replicate"]): r.info.run_id for r in self._runs("parent")}
         self.children = {_key(r.data.tags): r for r in self._runs("child")}
         self.echo(f"tracking: {redact(self.client.tracking_uri)} experiment "

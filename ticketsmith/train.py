@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig
+from .data import batches
 from .masks import Mask
 
 # Called at each evaluation with (iteration, {"train_loss", "val_loss", "val_accuracy"}).
@@ -112,9 +113,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
     bar = tqdm(total=total, desc=desc, unit="it", leave=False, mininterval=0.5,
                disable=None if progress else True)
     while step < total:
-        perm = torch.randperm(n, generator=order).to(device)
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+        for idx in batches(n, cfg.batch_size, order, device):
             loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
