@@ -75,3 +75,14 @@ def test_cuda_without_a_gpu_is_a_config_error():
 
     with pytest.raises(ConfigError, match="train.device: 'cuda' requested"):
         resolve_device("cuda")
+
+
+def test_train_command_reproduces_level_0(tmp_path):
+    """`ticketsmith train` trains exactly what prune's dense level 0 trains."""
+    from ticketsmith.lottery import train_dense
+
+    cfg = tiny(tmp_path)
+    res, _, _ = train_dense(cfg, progress=False)
+    dense = run(cfg, parse_selection("0:0", None)).records[0]
+    assert dense["variant"] == "dense"
+    assert res.test_accuracy == dense["test_accuracy"] and res.test_loss == dense["test_loss"]

@@ -243,7 +243,9 @@ def test_http_tracking_server(tmp_path, mlflow_server, repo_root, monkeypatch):
     """The same experiment against a real `mlflow server` process over HTTP."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
-    cfg = tiny(tmp_path, "experiment.replicates=1", "prune.levels=2", "experiment.name=http")
+    # own seed: the server is shared by the session, and other tests run tiny.yaml on it too
+    cfg = tiny(tmp_path, "experiment.replicates=1", "prune.levels=2", "experiment.name=http",
+               "experiment.seed=7")
     client = MlflowClient(mlflow_server)
     out = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
     children = runs_of(client, cfg.hash(), "child")

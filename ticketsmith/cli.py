@@ -20,11 +20,11 @@ from .gates import GateError
 from .lottery import LotteryError
 from .masks import MaskError
 from .models import ModelError
-from .reporting import TrackingError
+from .reporting import TrackingError, UnknownExperiment
 
 # Errors that describe bad input: printed as one line, no traceback, exit code 2.
 USER_ERRORS = (ConfigError, DataError, ModelError, MaskError, CheckpointError, GateError,
-               LotteryError)
+               LotteryError, UnknownExperiment)
 
 # name → (handler, function adding the command's arguments)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
@@ -56,21 +56,10 @@ def load(args: argparse.Namespace):
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one dense model and report its test accuracy."""
-    from .data import load_dataset
-    from .models import build_model
-    from .train import resolve_device, train
-    import torch
+    from .lottery import train_dense
 
     cfg = load(args)
-    device = resolve_device(cfg.train.device)
-    data = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
-                        split_seed=cfg.experiment.seed, device=device,
-                        factory=cfg.data.factory, options=cfg.data.options)
-    torch.manual_seed(cfg.experiment.seed)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes,
-                        cfg.model.factory, cfg.model.options)
-    res = train(model, data, cfg.train, seed=cfg.experiment.seed, progress=not args.quiet,
-                desc="dense")
+    res, data, device = train_dense(cfg, progress=not args.quiet)
     print(f"{cfg.model.name} on {data.name}: test accuracy {res.test_accuracy:.2%}, "
           f"test loss {res.test_loss:.4f}, best val accuracy {res.best_val_accuracy:.2%}, "
           f"early-stop iteration {res.early_stop_iteration}/{res.iterations}, "
@@ -139,7 +128,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def add_gate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", "-e", required=True,
-                   help="MLflow experiment name or config hash")
+                   help="MLflow experiment NAME, config HASH, or NAME/HASH")
     p.add_argument("--config", "-c", help="take gate thresholds from this YAML instead of the "
                    "experiment's logged config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -149,27 +138,11 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
 @command("gate", add_gate_args)
 def cmd_gate(args: argparse.Namespace) -> int:
     """Print the quality-gate table of a tracked experiment; exit 1 if the release check fails."""
-    import tempfile
+    from .pipeline import gate_experiment
 
-    import mlflow
-    from mlflow import MlflowClient
-
-    from .gates import evaluate_gates, format_table, release_check
-    from .tracking import load_records, parent_runs, resolve_experiment
-
-    client = MlflowClient()
-    exp_id, exp_hash = resolve_experiment(client, args.experiment)
-    config_path = args.config
-    if config_path is None:
-        parents = parent_runs(client, exp_id, exp_hash)
-        config_path = mlflow.artifacts.download_artifacts(
-            run_id=parents[0].info.run_id, artifact_path="config.yaml",
-            dst_path=tempfile.mkdtemp(), tracking_uri=client.tracking_uri)
-    cfg = load_config(config_path, args.overrides)
-    verdicts = evaluate_gates(load_records(client, exp_id, exp_hash), cfg.gate)
+    exp_hash, table, ok, reason = gate_experiment(args.experiment, args.config, args.overrides)
     print(f"experiment {exp_hash}: quality gates (mean over replicates)")
-    print(format_table(verdicts))
-    ok, reason = release_check(verdicts, cfg.gate)
+    print(table)
     print(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
     return 0 if ok else 1
 

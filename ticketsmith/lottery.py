@@ -155,6 +155,32 @@ def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
             "num_classes": data.num_classes, "dataset": data.name}
 
 
+def experiment_data(cfg: Config, device: torch.device | str) -> Dataset:
+    """The experiment's data on `device`; the validation split is seeded by experiment.seed."""
+    return load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
+                        split_seed=cfg.experiment.seed, device=device,
+                        factory=cfg.data.factory, options=cfg.data.options)
+
+
+def seeded_model(cfg: Config, data: Dataset, seed: int) -> nn.Module:
+    """A fresh model whose initial weights depend on `seed` alone (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(cfg.model.name, data.input_shape, data.num_classes,
+                           cfg.model.factory, cfg.model.options)
+
+
+def train_dense(cfg: Config, *, progress: bool = True) -> tuple[TrainResult, Dataset, torch.device]:
+    """Train one dense model exactly as level 0 of replicate 0 would (same init, same data
+    order), without a run directory or tracking."""
+    device = resolve_device(cfg.train.device)
+    data = experiment_data(cfg, device)
+    model = seeded_model(cfg, data, cfg.experiment.seed).to(device)
+    res = train(model, data, cfg.train, seed=derive_seed(cfg.experiment.seed, 0, "data-order"),
+                progress=progress, desc="dense")
+    return res, data, device
+
+
 def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: bool = True,
                    echo: Callable[[str], None] = print, data: Dataset | None = None,
                    selection: Selection = Selection()) -> ExperimentResult:
@@ -166,9 +192,7 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
     ckpt.atomic_write_text(store.root / "config.yaml", dump_config(cfg))
     device = resolve_device(cfg.train.device)
     if data is None:
-        data = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
-                            split_seed=cfg.experiment.seed, device=device,
-                            factory=cfg.data.factory, options=cfg.data.options)
+        data = experiment_data(cfg, device)
     result = ExperimentResult(exp_hash, store.root, data=data, device=device)
     tracker.experiment_started(cfg, exp_hash, store.root, data)
     echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "
@@ -198,9 +222,7 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
         return build_model(cfg.model.name, data.input_shape, data.num_classes,
                            cfg.model.factory, cfg.model.options)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build().to(device)
+    model = seeded_model(cfg, data, seed).to(device)
     init_path = store.init_path(replicate)
     if init_path.is_file():  # resume: the stored init is the truth, whatever the RNG says now
         model.load_state_dict(ckpt.load_checkpoint(init_path, device).state)

@@ -109,3 +109,29 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
         tracker.log_batch(run_id, metrics=metrics)
         logged += 1
     echo(f"benchmark: serving results logged for {logged} level(s)")
+
+
+def gate_experiment(ref: str, config_path: str | None = None, overrides: list[str] = (),
+                    client: MlflowClient | None = None) -> tuple[str, str, bool, str]:
+    """Gate a tracked experiment again: (hash, gate table, release ok, reason).
+
+    Thresholds come from `config_path` (+ overrides) or else the experiment's logged config.
+    """
+    import tempfile
+
+    import mlflow
+
+    from .config import load_config
+    from .tracking import parent_runs, resolve_experiment
+
+    client = client or MlflowClient()
+    exp_id, exp_hash = resolve_experiment(client, ref)
+    if config_path is None:
+        parent = parent_runs(client, exp_id, exp_hash)[0]
+        config_path = retry(lambda: mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id, artifact_path="config.yaml", dst_path=tempfile.mkdtemp(),
+            tracking_uri=client.tracking_uri), "download config.yaml")
+    cfg = load_config(config_path, list(overrides))
+    verdicts = evaluate_gates(load_records(client, exp_id, exp_hash), cfg.gate)
+    ok, reason = release_check(verdicts, cfg.gate)
+    return exp_hash, format_table(verdicts), ok, reason

@@ -22,6 +22,10 @@ class TrackingError(RuntimeError):
     """A tracker could not record (store unreachable after retries, or a refused write)."""
 
 
+class UnknownExperiment(TrackingError, ValueError):
+    """An experiment reference (NAME, HASH or NAME/HASH) that names nothing, or is ambiguous."""
+
+
 class Tracker(Protocol):
     def experiment_started(self, cfg: Any, exp_hash: str, run_root: Path, data: Any) -> None: ...
     def replicate_started(self, replicate: int) -> None: ...

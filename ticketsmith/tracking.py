@@ -30,7 +30,7 @@ from .config import Config, ConfigError
 from .figures import loss_curves, sample_grid
 from .measure import cpu_model
 from .models import build_model
-from .reporting import TrackingError
+from .reporting import TrackingError, UnknownExperiment
 from .secrets import redact
 
 TAG = "ticketsmith."
@@ -350,22 +350,22 @@ def resolve_experiment(client: MlflowClient, ref: str) -> tuple[str, str]:
         found = sorted({r.info.experiment_id for r in runs})
         if len(found) > 1:
             names = [client.get_experiment(i).name for i in found]
-            raise TrackingError(f"--experiment {ref!r}: that hash is in several MLflow experiments "
+            raise UnknownExperiment(f"--experiment {ref!r}: that hash is in several MLflow experiments "
                                 f"({', '.join(names)}); give it as NAME/{exp_hash}")
         if found:
             return found[0], exp_hash
         if name:
-            raise TrackingError(f"--experiment {ref!r}: no runs of hash {exp_hash} in MLflow "
+            raise UnknownExperiment(f"--experiment {ref!r}: no runs of hash {exp_hash} in MLflow "
                                 f"experiment {name!r}")
     exp = retry(lambda: client.get_experiment_by_name(ref), "get experiment")
     if exp is None:
-        raise TrackingError(f"--experiment {ref!r}: no MLflow experiment or config hash of that "
+        raise UnknownExperiment(f"--experiment {ref!r}: no MLflow experiment or config hash of that "
                             f"name in {redact(client.tracking_uri)}")
     runs = retry(lambda: client.search_runs([exp.experiment_id], f"tags.`{TAG}role` = 'parent'",
                                             max_results=1, order_by=["attributes.start_time DESC"]),
                  "search runs")
     if not runs:
-        raise TrackingError(f"--experiment {ref!r}: the experiment has no TicketSmith runs")
+        raise UnknownExperiment(f"--experiment {ref!r}: the experiment has no TicketSmith runs")
     return exp.experiment_id, runs[0].data.tags[TAG + "hash"]
 
 
