@@ -22,7 +22,7 @@ from .masks import Mask, prune_magnitude, prune_n_m, random_mask_like
 from .models import build_model, count_params, output_layer, prunable_weights
 from .reporting import NullTracker, Tracker
 from .store import RunStore
-from .train import resolve_device, total_iterations, train
+from .train import TrainResult, resolve_device, total_iterations, train
 
 def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts (same on every machine and Python run)."""
