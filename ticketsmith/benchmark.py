@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint
-from .masks import MaskError, apply_mask_
-from .models import ModelError, build_model, count_params, prunable_weights
+from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint,
+                         model_from_checkpoint)
+from .models import count_params, prunable_weights
 from .secrets import redact
 from .measure import (environment, median, peak_memory, percentile, sync_fn,
                       time_side_by_side, traffic)
@@ -73,35 +73,10 @@ def resolve_checkpoint(uri: str | Path) -> Path:
 
 
 def load_ticket(path: str | Path, device: str | torch.device = "cpu",
-                allow_factory: bool = False) -> tuple[nn.Module, Any, dict]:
-    """(model with its mask applied, mask or None, metadata) from a TicketSmith checkpoint.
-
-    Only registry models are rebuilt unless `allow_factory`: the checkpoint's checksum is not
-    a signature, so a checkpoint from elsewhere may name any module as its factory, and that
-    must not be imported blindly.
-    """
-    ck = load_checkpoint(path)
-    meta = ck.meta
-    missing = [k for k in ("model", "input_shape", "num_classes") if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: metadata lacks {missing}; cannot rebuild the model")
-    if meta.get("factory") and not allow_factory:
-        raise CheckpointError(f"{path}: model comes from factory {meta['factory']!r}; pass "
-                              "allow_factory=True (--allow-factory) to import it")
-    try:
-        model = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"],
-                            meta.get("factory"), meta.get("options"))
-        model.load_state_dict(ck.state)
-        if ck.mask is not None:
-            weights = prunable_weights(model, meta.get("exclude") or ())
-            ck.mask.check_fits(weights)
-            apply_mask_(weights, ck.mask)
-    except (ModelError, MaskError) as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit model {meta['model']!r} "
-                              f"({str(exc).splitlines()[0]})") from None
-    return model.requires_grad_(False).eval().to(device), ck.mask, meta
+                allow_factory: bool | str | None = False) -> tuple[nn.Module, Any, dict]:
+    """(model with its mask applied, mask or None, metadata): `checkpoint.model_from_checkpoint`,
+    whose factory policy every loader shares."""
+    return model_from_checkpoint(path, device, allow_factory)
 
 
 def model_summary(model: nn.Module, mask, meta: dict) -> dict[str, Any]:
@@ -287,17 +262,19 @@ def _plan(entry: dict | None, results: list[dict]) -> dict[str, Any]:
 
 
 def _load_data(meta: dict, data_root: str | Path, device: torch.device):
-    """The checkpoint's test split when it can be loaded and fits the model; else None."""
-    from .data import DataError, load_dataset
+    """The checkpoint's test split when it fits the model; None for data that are not a
+    built-in set (a factory's label). Missing or corrupt data are bad input: DataError."""
+    from .data import DATASETS, DataError, load_dataset
 
     name = meta.get("dataset")
-    if not name:
+    if name not in DATASETS:
+        log.info("no accuracy: %r is not a built-in data set", name)
         return None
     try:
         data = load_dataset(name, root=data_root, val_size=0, device=device)
     except (DataError, OSError) as exc:
-        log.warning("no accuracy: cannot load %s from %s (%s)", name, data_root, exc)
-        return None
+        raise DataError(f"{' '.join(str(exc).split())}; fix the data under {data_root} or pass "
+                        "--no-data to benchmark without accuracies") from None
     if (list(data.input_shape) != list(meta["input_shape"])
             or data.num_classes != meta["num_classes"]):
         log.warning("no accuracy: %s data %s do not fit the model's input %s", name,
@@ -312,7 +289,7 @@ def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
                          formats: list[str] | None = None, threads: int | None = None,
                          trials: int | None = None, quick: bool = False, data=None,
                          data_root: str | Path | None = "data", device: str = "cpu",
-                         allow_factory: bool = False, max_accuracy_drop: float = 1.0
+                         allow_factory: bool | str | None = False, max_accuracy_drop: float = 1.0
                          ) -> dict[str, Any]:
     """Benchmark one ticket checkpoint (path or MLflow URI) against its dense baseline.
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from .masks import Mask
+from .masks import Mask, MaskError, apply_mask_
 
 FORMAT = "ticketsmith-checkpoint/1"
 
@@ -99,3 +99,45 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     mask_state = {k: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
     return Checkpoint(state=state, mask=Mask.from_state(mask_state) if mask_state else None,
                       meta=json.loads(metadata.get("meta", "{}")))
+
+
+def factory_allowed(factory: str | None, allow_factory: bool | str | None) -> bool:
+    """The one factory policy: a checkpoint's checksum is not a signature, so a factory named
+    only in its metadata is imported only when a flag allows any (`True`) or the config names
+    that same factory (a string)."""
+    return not factory or allow_factory is True or (
+        isinstance(allow_factory, str) and allow_factory == factory)
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                          allow_factory: bool | str | None = None):
+    """(model with its mask applied, mask or None, metadata) rebuilt from a checkpoint.
+
+    Every loader that rebuilds a model calls this. Registry models are always rebuilt; a
+    factory only as `factory_allowed` says. Any problem is one CheckpointError naming the file.
+    """
+    from .models import ModelError, build_model, prunable_weights
+
+    ck = load_checkpoint(path)
+    meta = ck.meta
+    missing = [k for k in ("model", "input_shape", "num_classes") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {missing}; cannot rebuild the model")
+    if not factory_allowed(meta.get("factory"), allow_factory):
+        raise CheckpointError(f"{path}: model comes from factory {meta['factory']!r}, named only "
+                              "in the checkpoint; set model.factory to it in the config or pass "
+                              "--allow-factory (allow_factory=True) to import it")
+    try:
+        model = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"],
+                            meta.get("factory"), meta.get("options"))
+        model.load_state_dict(ck.state)
+        if ck.mask is not None:
+            weights = prunable_weights(model, meta.get("exclude") or ())
+            ck.mask.check_fits(weights)
+            apply_mask_(weights, ck.mask)
+    except (ModelError, MaskError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit model {meta['model']!r} "
+                              f"({str(exc).splitlines()[0]})") from None
+    return model.requires_grad_(False).eval().to(device), ck.mask, meta

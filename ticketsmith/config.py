@@ -205,10 +205,12 @@ def _format_error(exc: ValidationError, source: str) -> str:
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-        msg = f"{msg} (got {err['input']!r})"
+        got = repr(err["input"])
+        msg = f"{msg} (got {got if len(got) <= 200 else got[:200] + '...'})"
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     where = f"{source}: " if source else ""
-    return f"{where}{path or 'config'}: {msg}{more}"
+    # One line, whatever the keys hold (a YAML key may contain a line break).
+    return " ".join(f"{where}{path or 'config'}: {msg}{more}".splitlines())
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -223,10 +225,39 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# Far beyond any real config; a YAML alias bomb ("billion laughs") expands past it at once.
+MAX_VALUES, MAX_DEPTH = 100_000, 50
+
+
+def check_size(value: Any, where: str) -> None:
+    """Refuse a value with more than MAX_VALUES items or nested deeper than MAX_DEPTH, before
+    anything copies, validates or hashes it (YAML aliases make a tiny file expand without
+    bound)."""
+    stack, seen = [(value, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES or depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: more than {MAX_VALUES} values or nested deeper than "
+                              f"{MAX_DEPTH} (a YAML alias bomb?); not a config")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for kv in node.items() for v in kv)
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    raw = json.loads(json.dumps(raw))  # deep copy; the caller's dict is not modified
+    # Deep copy, so the caller's dict is not modified; YAML dates and the like become text.
+    raw = json.loads(json.dumps(raw, default=str))
     for item in overrides:
-        path, value = parse_override(item)
+        try:
+            path, value = parse_override(item)
+        except RecursionError:
+            raise ConfigError(f"--set {item.partition('=')[0].strip()}: value nested too "
+                              "deeply") from None
+        if not all(part.strip() for part in path):
+            raise ConfigError(f"--set {'.'.join(path)!r}: empty key; expected section.key=value")
+        check_size(value, f"--set {'.'.join(path)}")
         node = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -244,17 +275,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML config (not UTF-8 text)") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             at = f" at line {line + 1}" if line is not None else ""
             raise ConfigError(f"{path}: not valid YAML{at}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not a config (nested too deeply)") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        check_size(raw, str(path))
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw, source)
 

@@ -233,12 +233,35 @@ def _load_mnist(root: Path) -> tuple[dict, str]:
     return out, source
 
 
+_IDX_TYPES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # type code -> item bytes
+
+
+def check_idx(path: Path) -> None:
+    """A truncated, padded or garbled IDX file (whose header no longer matches its size) is a
+    one-line DataError naming the file, before any parser sees it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        ndim = head[3] if len(head) == 4 else 0
+        dims_raw = f.read(4 * ndim)
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or not 1 <= ndim <= 4 \
+            or len(dims_raw) < 4 * ndim:
+        raise DataError(f"{path}: not an IDX file (bad header); delete it or replace it with the original")
+    dims = [int.from_bytes(dims_raw[i:i + 4], "big") for i in range(0, 4 * ndim, 4)]
+    expected = 4 + 4 * ndim + math.prod(dims) * _IDX_TYPES[head[2]]
+    if size != expected:
+        raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file has "
+                        f"{size} bytes (truncated or corrupt); delete it or replace it with the original")
+
+
 def _load_torchvision(name: str, root: Path) -> tuple[dict, str]:
     import torchvision
 
     if name == "fashion_mnist":
         cls = torchvision.datasets.FashionMNIST
         where = f"the four train/t10k idx files (or their .gz) in {root / 'FashionMNIST' / 'raw'}"
+        for path in sorted((root / "FashionMNIST" / "raw").glob("*-ubyte")):
+            check_idx(path)
     else:
         cls = torchvision.datasets.CIFAR10
         where = f"cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/) in {root}"

@@ -170,6 +170,27 @@ def seeded_model(cfg: Config, data: Dataset, seed: int) -> nn.Module:
                            cfg.model.factory, cfg.model.options)
 
 
+def check_model(cfg: Config, data: Dataset) -> None:
+    """Build the model once and check everything the config says about it against the data:
+    unknown model or factory, an exclude or layer rate naming no layer, a rewind point after
+    the end of training. Called before anything is written or tracked, so a config error
+    leaves no run folder and no run behind."""
+    model = seeded_model(cfg, data, cfg.experiment.seed)
+    weights = prunable_weights(model, cfg.model.exclude)
+    layer_fractions(cfg, dict(weights), output_layer(model))
+    rewind_at = cfg.prune.rewind_iteration
+    if rewind_at > (total := total_iterations(cfg.train, len(data.train_x))):
+        raise ConfigError(f"prune.rewind_iteration: {rewind_at} is after the end of training "
+                          f"({total} iterations)")
+
+
+def prepare_experiment(cfg: Config) -> Dataset:
+    """The experiment's data, with the model checked against it (see `check_model`)."""
+    data = experiment_data(cfg, resolve_device(cfg.train.device))
+    check_model(cfg, data)
+    return data
+
+
 def train_dense(cfg: Config, *, progress: bool = True) -> tuple[TrainResult, Dataset, torch.device]:
     """Train one dense model exactly as level 0 of replicate 0 would (same init, same data
     order), without a run directory or tracking."""
@@ -187,12 +208,13 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
     """Run (or resume) the experiment described by `cfg`, or the `selection` of it."""
     tracker = tracker or NullTracker()
     exp_hash = cfg.hash()
-    store = RunStore(Path(cfg.experiment.output_dir) / exp_hash)
-    store.root.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(store.root / "config.yaml", dump_config(cfg))
     device = resolve_device(cfg.train.device)
     if data is None:
         data = experiment_data(cfg, device)
+    check_model(cfg, data)  # every config error before the run folder and tracking exist
+    store = RunStore(Path(cfg.experiment.output_dir) / exp_hash)
+    store.root.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(store.root / "config.yaml", dump_config(cfg))
     result = ExperimentResult(exp_hash, store.root, data=data, device=device)
     tracker.experiment_started(cfg, exp_hash, store.root, data)
     echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "
@@ -280,10 +302,7 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
 
     records = []
     dense_mask = Mask.ones_like({n: p for n, p in prunable_weights(model, cfg.model.exclude).items()})
-    rewind_at = cfg.prune.rewind_iteration
-    if rewind_at > (total := total_iterations(cfg.train, len(data.train_x))):
-        raise ConfigError(f"prune.rewind_iteration: {rewind_at} is after the end of training "
-                          f"({total} iterations)")
+    rewind_at = cfg.prune.rewind_iteration  # checked against the training length up front
     dense, dense_state = run(0, "dense", init_state, dense_mask, save_at=rewind_at or None)
     records.append(dense)
     echo(f"  r{replicate} level 0  density 100.00%  dense {dense['test_accuracy']:.2%}")

@@ -15,7 +15,7 @@ from mlflow.entities import Metric
 
 from .config import Config
 from .gates import LevelVerdict, evaluate_gates, format_table, release_check
-from .lottery import ExperimentResult, Selection, run_experiment
+from .lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
 from .reporting import Tracker
 from .registry import Promotion, model_name_for, promote, ticket_runs
 from .tracking import MlflowTracker, load_records, retry
@@ -57,10 +57,13 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     """engine_tracker: what the engine reports to, if not `tracker` itself — e.g. a sweep's
     wrapper that forwards to `tracker` and stops hopeless trials between levels.
     report_dir: write the executive report there at the end (None: no report)."""
+    # Data and model first: a config error (unknown model, data set or factory) must be
+    # found before the tracking store records anything.
+    data = prepare_experiment(cfg)
     client = client or MlflowClient()
     tracker = tracker or MlflowTracker(client, echo=echo)
     result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo,
-                            selection=selection)
+                            selection=selection, data=data)
     if cfg.experiment.benchmark:
         benchmark_levels(cfg, client, tracker, result, echo)
     # The store may hold more of this experiment than the config asks for now (levels,
@@ -76,7 +79,8 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     if cfg.tracking.register_model and verdicts:
         runs = ticket_runs(client, tracker.exp_id, result.exp_hash, result.run_root)
         promotion = promote(client, model_name_for(cfg.experiment.name), runs, verdicts,
-                            legacy_stages=legacy_stages, echo=echo)
+                            legacy_stages=legacy_stages, echo=echo,
+                            allow_factory=cfg.model.factory)
     ok, reason = release_check(verdicts, cfg.gate)
     echo(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
     if report_dir is not None:
@@ -95,7 +99,7 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
     logged = 0
     for bench in benchmark_experiment(result.run_root, result.records, quick=True,
                                       data=result.data, device=str(result.device),
-                                      allow_factory=cfg.model.factory is not None):
+                                      allow_factory=cfg.model.factory):
         run = tracker.children.get((0, bench["level"], bench["variant"]))
         path = Path(bench["path"])
         if run is None or not path.is_file():

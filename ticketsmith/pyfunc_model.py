@@ -14,15 +14,13 @@ from mlflow.pyfunc import PythonModel
 
 class TicketModel(PythonModel):
     def load_context(self, context):
-        from ticketsmith.checkpoint import load_checkpoint
-        from ticketsmith.models import build_model
+        from ticketsmith.checkpoint import model_from_checkpoint
 
-        ck = load_checkpoint(context.artifacts["checkpoint"])
-        meta = ck.meta
-        self.model = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"],
-                                 meta.get("factory"), meta.get("options"))
-        self.model.load_state_dict(ck.state)
-        self.model.eval()
+        # The factory policy of every loader: only the factory the experiment's config named
+        # (recorded in the model's config when it was registered) is imported.
+        allowed = (context.model_config or {}).get("allow_factory")
+        self.model = model_from_checkpoint(context.artifacts["checkpoint"],
+                                           allow_factory=allowed)[0]
 
     def predict(self, context, model_input, params=None):
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))

@@ -44,8 +44,12 @@ def _find_version(client: MlflowClient, name: str, run_id: str):
     return found[0] if found else None
 
 
-def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Path) -> str:
-    """Log the ticket as a pyfunc model in its run and register it; idempotent per run."""
+def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Path,
+                    allow_factory: str | None = None) -> str:
+    """Log the ticket as a pyfunc model in its run and register it; idempotent per run.
+
+    allow_factory: the model factory the experiment's config names; the pyfunc imports that
+    one and no other (`checkpoint.factory_allowed`)."""
     existing = _find_version(client, name, run_id)
     if existing is not None:
         return existing.version
@@ -58,6 +62,7 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"checkpoint": str(checkpoint)},
             input_example=example, code_paths=[str(Path(__file__).parent)],
+            model_config={"allow_factory": allow_factory} if allow_factory else None,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}",
                               f"mlflow=={mlflow.__version__}"])
@@ -77,14 +82,14 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
 
 def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, Path]],
             verdicts: list[LevelVerdict], *, legacy_stages: bool = False,
-            echo: Callable[[str], None] = print) -> Promotion:
+            echo: Callable[[str], None] = print, allow_factory: str | None = None) -> Promotion:
     """Register every level's candidate, tag gate results, move the aliases."""
     by_level = {v.level: v for v in verdicts}
     versions, rejected = {}, []
     for level, (run_id, checkpoint) in sorted(ticket_runs.items()):
         if level not in by_level:
             continue
-        version = register_ticket(client, name, run_id, checkpoint)
+        version = register_ticket(client, name, run_id, checkpoint, allow_factory)
         versions[level] = version
         v = by_level[level]
         tags: dict[str, Any] = {"level": level, "sparsity": f"{v.sparsity:.6f}",

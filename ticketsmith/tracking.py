@@ -25,11 +25,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from . import __version__
-from .checkpoint import load_checkpoint
+from .checkpoint import model_from_checkpoint
 from .config import Config, ConfigError
 from .figures import loss_curves, sample_grid
 from .measure import cpu_model
-from .models import build_model
 from .reporting import TrackingError, UnknownExperiment
 from .secrets import redact
 
@@ -269,11 +268,10 @@ class MlflowTracker:
             curve = json.loads((run_dir / "curve.json").read_text())
             loss_curves(curve, Path(tmp) / "loss_curves.png", title)
             if self.data is not None and self.data.test_x.dim() == 4:  # images only
-                ck = load_checkpoint(run_dir / "checkpoint.safetensors")
-                model = build_model(ck.meta["model"], tuple(ck.meta["input_shape"]),
-                                    ck.meta["num_classes"], ck.meta.get("factory"),
-                                    ck.meta.get("options"))
-                model.load_state_dict(ck.state)
+                # The run folder may come from the artifact store: same factory policy as
+                # every loader, allowing only the factory this experiment's config names.
+                model = model_from_checkpoint(run_dir / "checkpoint.safetensors",
+                                              allow_factory=self.cfg.model.factory)[0]
                 sample_grid(model, self.data.test_x.cpu(), self.data.test_y.cpu(),
                             Path(tmp) / "samples.png", title)
             retry(lambda: self.client.log_artifacts(run_id, tmp, "figures"), "upload figures")
