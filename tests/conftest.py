@@ -40,6 +40,17 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> 
     raise RuntimeError(f"{url} did not answer within {timeout_s}s")
 
 
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py (not a package) so tests call its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Terminate a server process, killing it if it does not exit within 20 s."""
     proc.terminate()
@@ -78,18 +89,28 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on a free localhost port, with proxied artifact storage."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    proc = start_mlflow_server(root, port)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
-        log.close()
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on `port` with its store in `root` (SQLite + proxied artifacts), once
+    it answers. Starting it again on the same root and port serves the same store."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    with open(root / "server.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+    except RuntimeError:
+        stop(proc)
+        raise
+    return proc
 
 
 @pytest.fixture(scope="session", autouse=True)

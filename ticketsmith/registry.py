@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from .checkpoint import load_checkpoint
 from .gates import LevelVerdict, champion_level
+from .interrupts import interrupts_deferred
 from .tracking import TAG, retry
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"
@@ -56,7 +57,9 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
     ck = load_checkpoint(checkpoint)
     example = np.zeros((2, *ck.meta["input_shape"]), dtype=np.float32)
     mlflow.set_tracking_uri(client.tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    # Ctrl-C waits for the model to be logged: MLflow's own store calls in here must not be
+    # cut in half (see interrupts.py).
+    with interrupts_deferred(), mlflow.start_run(run_id=run_id):
         # The model carries its own code (ticketsmith/) and states its requirements, so MLflow
         # need not infer them by re-importing the model in a subprocess (~10 s per version).
         info = mlflow.pyfunc.log_model(

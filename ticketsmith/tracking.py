@@ -28,6 +28,7 @@ from . import __version__
 from .checkpoint import model_from_checkpoint
 from .config import Config, ConfigError
 from .figures import loss_curves, sample_grid
+from .interrupts import interrupts_deferred, raise_if_interrupted
 from .measure import cpu_model
 from .reporting import TrackingError, UnknownExperiment
 from .secrets import redact
@@ -46,7 +47,8 @@ def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay_s: flo
     """
     for attempt in range(attempts):
         try:
-            return fn()
+            with interrupts_deferred():  # Ctrl-C acts between store calls, never inside one
+                return fn()
         except (MlflowException, OSError, ConnectionError) as exc:
             code = getattr(exc, "error_code", "")
             permanent = code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
@@ -54,6 +56,7 @@ def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay_s: flo
             if permanent or attempt == attempts - 1:
                 raise TrackingError(f"{what} failed after {attempt + 1} attempt(s): "
                                     f"{redact(str(exc)).splitlines()[0]}") from exc
+            raise_if_interrupted()  # an interrupt during the call skips the back-off
             sleep(base_delay_s * 2 ** attempt)
     raise AssertionError("unreachable")
 
@@ -146,9 +149,10 @@ class MlflowTracker:
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
             name = redact(f"{self.cfg.experiment.name}-{self.hash}-r{replicate}")
-            run = retry(lambda: self.client.create_run(self.exp_id, tags=tags, run_name=name),
-                        "create parent run")
-            run_id = self.parents[replicate] = run.info.run_id
+            with interrupts_deferred():  # the new run is remembered before Ctrl-C can act
+                run = retry(lambda: self.client.create_run(self.exp_id, tags=tags, run_name=name),
+                            "create parent run")
+                run_id = self.parents[replicate] = run.info.run_id
             env = environment()
             params = self._params({"replicate": replicate})
             env_tags = [RunTag(TAG + f"env.{k}", redact(v)) for k, v in env.items()]
@@ -166,7 +170,8 @@ class MlflowTracker:
         old = self.children.pop((replicate, level, variant), None)
         if old is not None:  # an interrupted attempt: keep one live run per (level, variant)
             retry(lambda: self.client.delete_run(old.info.run_id), "delete unfinished run")
-        self.current = self._create_child(replicate, level, variant)
+        with interrupts_deferred():  # the new run is remembered before Ctrl-C can act
+            self.current = self._create_child(replicate, level, variant)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -186,12 +191,15 @@ class MlflowTracker:
         # Finished locally but not in this store (e.g. first run untracked): backfill it.
         if found is not None:
             retry(lambda: self.client.delete_run(found.info.run_id), "delete unfinished run")
-        run_id = self._create_child(*key)
+        with interrupts_deferred():  # the new run is remembered before Ctrl-C can act
+            run_id = self.current = self._create_child(*key)
+        now = int(time.time() * 1000)
         curve = json.loads((Path(run_dir) / "curve.json").read_text())
-        for row in curve:
-            self.current = run_id
-            self.log_metrics({k: v for k, v in row.items() if k != "iteration"}, int(row["iteration"]))
+        self.log_batch(run_id, metrics=[  # the step-wise curve, batched
+            Metric(k, float(v), now, int(row["iteration"])) for row in curve for k, v in row.items()
+            if k != "iteration" and isinstance(v, (int, float)) and not math.isnan(v)])
         self._finish(run_id, record, Path(run_dir))
+        self.current = None  # closed: an interrupt from here on must not mark it KILLED
 
     def replicate_finished(self, replicate: int, records: list[dict[str, Any]]) -> None:
         run_id = self.parents[replicate]
