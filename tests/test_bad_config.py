@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ticketsmith.config import Config, ConfigError, load_config  # noqa: E402
@@ -57,6 +57,7 @@ OVERRIDE = st.one_of(st.tuples(KEY, RAW_VALUE).map("=".join), st.text(max_size=3
 
 
 def assert_one_line(exc: ConfigError, *names: str) -> None:
+    event("refused")  # counted by --hypothesis-show-statistics (docs/reliability.md)
     msg = str(exc)
     assert msg and "\n" not in msg and "\r" not in msg, repr(msg)
     assert any(n in msg for n in names), (names, msg)
@@ -69,6 +70,7 @@ def test_any_config_file_loads_or_is_one_line_naming_the_file(tmp_path, text):
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
     try:
         assert isinstance(load_config(path), Config)
+        event("loaded")
     except ConfigError as exc:
         assert_one_line(exc, str(path))
 
@@ -78,6 +80,7 @@ def test_any_config_file_loads_or_is_one_line_naming_the_file(tmp_path, text):
 def test_any_override_loads_or_is_one_line_naming_the_key(overrides):
     try:
         assert isinstance(load_config(TINY, overrides), Config)
+        event("loaded")
     except ConfigError as exc:
         sections = [o.partition("=")[0].strip().split(".")[0] for o in overrides]
         assert_one_line(exc, "--set", *[s for s in sections if s])
@@ -90,6 +93,7 @@ def test_structured_configs_with_overrides_never_raise_anything_else(tmp_path, d
     path.write_text(yaml.safe_dump(doc))
     try:
         load_config(path, overrides)
+        event("loaded")
     except ConfigError as exc:
         assert_one_line(exc, str(path), "--set")
 

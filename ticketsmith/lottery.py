@@ -21,6 +21,7 @@ from .data import Dataset, load_dataset
 from .masks import Mask, prune_magnitude, prune_n_m, random_mask_like
 from .models import build_model, count_params, output_layer, prunable_weights
 from .reporting import NullTracker, Tracker
+from .secrets import redact
 from .store import RunStore
 from .train import TrainResult, resolve_device, total_iterations, train
 
@@ -214,7 +215,8 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
     check_model(cfg, data)  # every config error before the run folder and tracking exist
     store = RunStore(Path(cfg.experiment.output_dir) / exp_hash)
     store.root.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(store.root / "config.yaml", dump_config(cfg))
+    # The resolved config, with any credential in its values masked (e.g. a signed data URL).
+    ckpt.atomic_write_text(store.root / "config.yaml", redact(dump_config(cfg)))
     result = ExperimentResult(exp_hash, store.root, data=data, device=device)
     tracker.experiment_started(cfg, exp_hash, store.root, data)
     echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "
