@@ -18,6 +18,7 @@ from ticketsmith.cli import main
 from ticketsmith.config import load_config
 from ticketsmith.pipeline import run_prune
 from ticketsmith.report import build_report
+from ticketsmith.registry import model_name_for
 from ticketsmith.report_stats import (breaking_level, level_stats, paired_comparison,
                                       sign_flip_p, spread)
 from ticketsmith.tracking import TAG
@@ -216,10 +217,11 @@ def test_report_is_logged_to_every_parent_run(experiment):
 def test_registry_outcome_matches_the_aliases(experiment):
     cfg, client, md = experiment
     section = md.read_text().split("## Registry outcome", 1)[1].split("\n## ", 1)[0]
-    versions = client.search_model_versions(f"name = '{cfg.experiment.name}'")
+    name = model_name_for(cfg.experiment.name, cfg.hash())
+    versions = client.search_model_versions(f"name = '{name}'")
     rows = table_rows(section, "Version")
     assert len(rows) == len(versions) == 3
-    model = client.get_registered_model(cfg.experiment.name)
+    model = client.get_registered_model(name)
     champion = model.aliases.get("champion")
     if champion:
         assert f"version **v{champion}** is `champion`" in section

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from ticketsmith import checkpoint as ckpt
@@ -32,3 +33,16 @@ def test_2_4_pattern_gives_2_4_tickets_that_are_gated(tmp_path):
         assert torch.all(w[~ck.mask["hidden.0.weight"]] == 0)
     verdicts = evaluate_gates(result.records, GateConfig())
     assert [v.level for v in verdicts] == [1, 2]
+    rec = {(r["level"], r["variant"]): r for r in result.records}
+    dense = 100 * rec[(0, "dense")]["test_accuracy"]
+    for v in verdicts:  # gated on the 2:4 ticket's own numbers, against the dense baseline
+        ticket, random = rec[(v.level, "ticket")], rec[(v.level, "random_reinit")]
+        assert v.sparsity == ticket["sparsity"] and v.ticket_accuracy == 100 * ticket["test_accuracy"]
+        gates = {g.name: g for g in v.gates}
+        drop = gates["accuracy_drop"]
+        assert drop.value == pytest.approx(dense - 100 * ticket["test_accuracy"])
+        assert drop.passed == (drop.value <= GateConfig().max_accuracy_drop)
+        margin = gates["beats_random"]
+        assert margin.value == pytest.approx(100 * (ticket["test_accuracy"] - random["test_accuracy"]))
+        assert margin.passed == (margin.value > 0)
+        assert v.passed == all(g.passed is not False for g in v.gates)

@@ -15,6 +15,7 @@ from ticketsmith.checkpoint import load_checkpoint
 from ticketsmith.config import load_config
 from ticketsmith.models import build_model
 from ticketsmith.pipeline import run_prune
+from ticketsmith.registry import model_name_for
 from ticketsmith.tracking import TAG, load_records, resolve_experiment, retry, TrackingError
 
 LEVELS, VARIANTS = 3, ["ticket", "random_reinit"]
@@ -99,9 +100,24 @@ def test_metrics_match_local_records(tracked):
         assert r["density"] == pytest.approx(rec["density"])
 
 
+def test_each_run_carries_its_replicates_seeds(tracked):
+    """The seeds that rebuild a replicate (see test_replicates) are on every one of its runs."""
+    cfg, client, out = tracked
+    local = {(r["replicate"], r["level"], r["variant"]): r for r in out.experiment.records}
+    seeds = {}
+    for run in runs_of(client, cfg.hash(), "child"):
+        tags = run.data.tags
+        key = (int(tags[TAG + "replicate"]), int(tags[TAG + "level"]), tags[TAG + "variant"])
+        got = (int(tags[TAG + "seed"]), int(tags[TAG + "data_seed"]))
+        assert got == (local[key]["seed"], local[key]["data_seed"])
+        seeds.setdefault(key[0], set()).add(got)
+    assert all(len(s) == 1 for s in seeds.values())  # one pair per replicate
+    assert seeds[0] != seeds[1]
+
+
 def test_registry_champion_rejections_and_model_loads(tracked):
     cfg, client, out = tracked
-    name = cfg.experiment.name
+    name = model_name_for(cfg.experiment.name, cfg.hash())
     promo = out.promotion
     passing = [v for v in out.verdicts if v.passed]
     assert passing, "the tiny experiment should have at least one passing ticket"
@@ -135,11 +151,12 @@ def test_registry_champion_rejections_and_model_loads(tracked):
 def test_rerun_is_idempotent(tracked, tmp_path):
     cfg, client, out = tracked
     before_runs = len(runs_of(client, cfg.hash(), "child"))
-    before_versions = len(client.search_model_versions(f"name = '{cfg.experiment.name}'"))
+    name = model_name_for(cfg.experiment.name, cfg.hash())
+    before_versions = len(client.search_model_versions(f"name = '{name}'"))
     again = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
     assert again.experiment.trained == []
     assert len(runs_of(client, cfg.hash(), "child")) == before_runs
-    assert len(client.search_model_versions(f"name = '{cfg.experiment.name}'")) == before_versions
+    assert len(client.search_model_versions(f"name = '{name}'")) == before_versions
     assert again.promotion.champion == out.promotion.champion
 
 
@@ -291,14 +308,15 @@ def test_legacy_stage_transition_only_behind_the_flag(tracked):
     from ticketsmith.registry import promote, ticket_runs
 
     cfg, client, out = tracked
-    champion = client.get_model_version_by_alias(cfg.experiment.name, "champion")
+    name = model_name_for(cfg.experiment.name, cfg.hash())
+    champion = client.get_model_version_by_alias(name, "champion")
     assert champion.current_stage in ("None", None)  # aliases only, by default
     exp_id, h = resolve_experiment(client, cfg.hash())
     runs = ticket_runs(client, exp_id, h, out.experiment.run_root)
-    again = promote(client, cfg.experiment.name, runs, out.verdicts, legacy_stages=True,
+    again = promote(client, name, runs, out.verdicts, legacy_stages=True,
                     echo=lambda s: None)
     assert again.champion == champion.version  # same verdicts: nothing moves
-    assert client.get_model_version(cfg.experiment.name, champion.version).current_stage == "Production"
+    assert client.get_model_version(name, champion.version).current_stage == "Production"
 
 
 def test_the_engine_never_imports_mlflow():

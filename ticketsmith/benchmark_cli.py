@@ -7,6 +7,7 @@ import os
 import sys
 
 from .cli import command, run_module
+from .config import ConfigError
 from .secrets import redact
 
 
@@ -36,7 +37,7 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"error: --batch-sizes: expected integers like 1,256, got {text!r}")
+        raise ConfigError(f"--batch-sizes: expected integers like 1,256, got {text!r}") from None
 
 
 def _log_mlflow(result: dict, checkpoint: str, requested: bool) -> None:

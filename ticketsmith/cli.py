@@ -133,6 +133,9 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
                    "experiment's logged config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a gate threshold, e.g. --set gate.max_accuracy_drop=1.0")
+    p.add_argument("--update-registry", action="store_true",
+                   help="write the new verdicts to the experiment's registered versions and "
+                   "move champion/previous-champion (default: the registry is only read)")
 
 
 @command("gate", add_gate_args)
@@ -140,9 +143,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
     """Print the quality-gate table of a tracked experiment; exit 1 if the release check fails."""
     from .pipeline import gate_experiment
 
-    exp_hash, table, ok, reason = gate_experiment(args.experiment, args.config, args.overrides)
+    registry: list[str] = []
+    exp_hash, table, ok, reason = gate_experiment(args.experiment, args.config, args.overrides,
+                                                  update_registry=args.update_registry,
+                                                  echo=registry.append)
     print(f"experiment {exp_hash}: quality gates (mean over replicates)")
     print(table)
+    for line in registry or (["registry: unchanged"] if args.update_registry else []):
+        print(line)
     print(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
     return 0 if ok else 1
 

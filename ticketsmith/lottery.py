@@ -31,6 +31,13 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def replicate_seeds(seed: int, replicate: int) -> tuple[int, int]:
+    """(initial-weights seed, data-order seed) of replicate `replicate` of an experiment with
+    base seed `seed`. Both are recorded on every run of the replicate (`seed`, `data_seed`),
+    so its init and batch order can be rebuilt from the run alone."""
+    return seed + replicate, derive_seed(seed, replicate, "data-order")
+
+
 def layer_fractions(cfg: Config, weights: dict[str, torch.Tensor], out_name: str) -> dict[str, float]:
     """Per-layer pruning rate: `fraction`, output layer at half rate (layer-wise) unless set,
     overridden by `layer_fractions` keyed by weight name or by 'conv' / 'linear'."""
@@ -197,9 +204,9 @@ def train_dense(cfg: Config, *, progress: bool = True) -> tuple[TrainResult, Dat
     order), without a run directory or tracking."""
     device = resolve_device(cfg.train.device)
     data = experiment_data(cfg, device)
-    model = seeded_model(cfg, data, cfg.experiment.seed).to(device)
-    res = train(model, data, cfg.train, seed=derive_seed(cfg.experiment.seed, 0, "data-order"),
-                progress=progress, desc="dense")
+    init_seed, data_seed = replicate_seeds(cfg.experiment.seed, 0)
+    model = seeded_model(cfg, data, init_seed).to(device)
+    res = train(model, data, cfg.train, seed=data_seed, progress=progress, desc="dense")
     return res, data, device
 
 
@@ -239,7 +246,7 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
 def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, tracker: Tracker,
                    result: ExperimentResult, progress: bool, echo, device,
                    selection: Selection) -> list[dict[str, Any]]:
-    seed = cfg.experiment.seed + replicate
+    seed, data_seed = replicate_seeds(cfg.experiment.seed, replicate)
     meta = model_meta(cfg, data)
 
     def build() -> nn.Module:
@@ -257,7 +264,6 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
     out_name = output_layer(model)
     rates = layer_fractions(cfg, dict(prunable_weights(model, cfg.model.exclude)), out_name)
     total_params = count_params(model)
-    data_seed = derive_seed(cfg.experiment.seed, replicate, "data-order")
 
     def run(level: int, variant: str, start: dict[str, torch.Tensor], mask: Mask,
             save_at: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -284,6 +290,7 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
         kept = mask.kept()
         record = {
             "replicate": replicate, "level": level, "variant": variant, "seed": seed,
+            "data_seed": data_seed,
             "test_accuracy": res.test_accuracy, "test_loss": res.test_loss,
             "best_val_accuracy": res.best_val_accuracy,
             "early_stop_iteration": res.early_stop_iteration,

@@ -78,7 +78,8 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     promotion = None
     if cfg.tracking.register_model and verdicts:
         runs = ticket_runs(client, tracker.exp_id, result.exp_hash, result.run_root)
-        promotion = promote(client, model_name_for(cfg.experiment.name), runs, verdicts,
+        name = model_name_for(cfg.experiment.name, result.exp_hash)
+        promotion = promote(client, name, runs, verdicts,
                             legacy_stages=legacy_stages, echo=echo,
                             allow_factory=cfg.model.factory)
     ok, reason = release_check(verdicts, cfg.gate)
@@ -116,10 +117,13 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
 
 
 def gate_experiment(ref: str, config_path: str | None = None, overrides: list[str] = (),
-                    client: MlflowClient | None = None) -> tuple[str, str, bool, str]:
+                    client: MlflowClient | None = None, *, update_registry: bool = False,
+                    echo: Callable[[str], None] = print) -> tuple[str, str, bool, str]:
     """Gate a tracked experiment again: (hash, gate table, release ok, reason).
 
     Thresholds come from `config_path` (+ overrides) or else the experiment's logged config.
+    update_registry: write the new verdicts to the experiment's registered versions and move
+    `champion`/`previous-champion` accordingly (otherwise the registry is only read).
     """
     import tempfile
 
@@ -137,5 +141,10 @@ def gate_experiment(ref: str, config_path: str | None = None, overrides: list[st
             tracking_uri=client.tracking_uri), "download config.yaml")
     cfg = load_config(config_path, list(overrides))
     verdicts = evaluate_gates(load_records(client, exp_id, exp_hash), cfg.gate)
+    if update_registry:
+        name = retry(lambda: client.get_experiment(exp_id), "get experiment").name
+        runs = ticket_runs(client, exp_id, exp_hash, Path(cfg.experiment.output_dir) / exp_hash)
+        promote(client, model_name_for(name, exp_hash), runs, verdicts, echo=echo,
+                register=False)
     ok, reason = release_check(verdicts, cfg.gate)
     return exp_hash, format_table(verdicts), ok, reason

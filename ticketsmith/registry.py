@@ -35,8 +35,12 @@ class Promotion:
     rejected: list[str]
 
 
-def model_name_for(experiment_name: str) -> str:
-    return experiment_name
+def model_name_for(experiment_name: str, exp_hash: str) -> str:
+    """The registered model of one experiment: `NAME-HASH`. Tickets of different configs
+    (another hash under a reused name) never compete for one model's aliases; a champion
+    is only ever replaced by a ticket of the same experiment. MLflow refuses '/' and ':'
+    in model names, so they become '_'."""
+    return f"{experiment_name}-{exp_hash}".replace("/", "_").replace(":", "_")
 
 
 def _find_version(client: MlflowClient, name: str, run_id: str):
@@ -85,14 +89,24 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
 
 def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, Path]],
             verdicts: list[LevelVerdict], *, legacy_stages: bool = False,
-            echo: Callable[[str], None] = print, allow_factory: str | None = None) -> Promotion:
-    """Register every level's candidate, tag gate results, move the aliases."""
+            echo: Callable[[str], None] = print, allow_factory: str | None = None,
+            register: bool = True) -> Promotion:
+    """Register every level's candidate, tag gate results, move the aliases.
+
+    register=False: re-gate only the versions already registered (`ticketsmith gate
+    --update-registry`, which may run where the checkpoints are not); others are skipped.
+    """
     by_level = {v.level: v for v in verdicts}
     versions, rejected = {}, []
     for level, (run_id, checkpoint) in sorted(ticket_runs.items()):
         if level not in by_level:
             continue
-        version = register_ticket(client, name, run_id, checkpoint, allow_factory)
+        if register:
+            version = register_ticket(client, name, run_id, checkpoint, allow_factory)
+        elif (found := _find_version(client, name, run_id)) is not None:
+            version = found.version
+        else:
+            continue
         versions[level] = version
         v = by_level[level]
         tags: dict[str, Any] = {"level": level, "sparsity": f"{v.sparsity:.6f}",
@@ -106,28 +120,56 @@ def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, P
             retry(lambda: client.set_model_version_tag(name, version, k, str(val)), "tag version")
         if not v.passed:
             rejected.append(version)
-            _drop_aliases(client, name, version)
-    best = champion_level(verdicts)
-    current = _alias(client, name, CHAMPION)
-    previous = _alias(client, name, PREVIOUS)
-    if best is not None and best.level in versions:
-        new = versions[best.level]
-        if current != new:
-            if current is not None and current not in rejected:
-                retry(lambda: client.set_registered_model_alias(name, PREVIOUS, current),
-                      "set previous-champion")
-                previous = current
-            retry(lambda: client.set_registered_model_alias(name, CHAMPION, new), "set champion")
-            echo(f"registry: {name} v{new} (level {best.level}, {best.sparsity:.1%} sparse) "
-                 f"is now @{CHAMPION}" + (f"; v{current} is @{PREVIOUS}" if current else ""))
-            current = new
-        if legacy_stages:
-            retry(lambda: client.transition_model_version_stage(
-                name, current, "Production", archive_existing_versions=True), "stage transition")
-    elif current in rejected:
-        retry(lambda: client.delete_registered_model_alias(name, CHAMPION), "drop champion")
-        current = None
+    current, previous = _move_aliases(client, name, verdicts, versions, rejected, echo)
+    if legacy_stages and current is not None:
+        retry(lambda: client.transition_model_version_stage(
+            name, current, "Production", archive_existing_versions=True), "stage transition")
     return Promotion(name, versions, current, previous, rejected)
+
+
+def _move_aliases(client: MlflowClient, name: str, verdicts: list[LevelVerdict],
+                  versions: dict[int, str], rejected: list[str],
+                  echo: Callable[[str], None]) -> tuple[str | None, str | None]:
+    """Champion = the sparsest passing version; the one it replaces becomes previous-champion.
+    A rejected version holds no alias: a rejected champion is dropped, not kept for rollback.
+    Returns (champion, previous-champion) as they stand afterwards."""
+    current, previous = _alias(client, name, CHAMPION), _alias(client, name, PREVIOUS)
+    for version in rejected:
+        _drop_aliases(client, name, version)
+    if current in rejected:
+        echo(f"registry: {name} v{current} no longer passes every gate; it is no longer "
+             f"@{CHAMPION}")
+        current = None
+    previous = None if previous in rejected else previous
+    best = champion_level([v for v in verdicts if v.level in versions])
+    if best is None or _outranks(client, name, current, versions, best):
+        if current is None:
+            echo(f"registry: no ticket passes every gate; no version of {name} is @{CHAMPION}")
+        return current, previous
+    new = versions[best.level]
+    if current == new:
+        return current, previous
+    if current is not None:
+        retry(lambda: client.set_registered_model_alias(name, PREVIOUS, current),
+              "set previous-champion")
+        previous = current
+    retry(lambda: client.set_registered_model_alias(name, CHAMPION, new), "set champion")
+    if previous == new:  # promoted back from rollback: it cannot be its own rollback
+        retry(lambda: client.delete_registered_model_alias(name, PREVIOUS), "drop previous")
+        previous = None
+    echo(f"registry: {name} v{new} (level {best.level}, {best.sparsity:.1%} sparse) is now "
+         f"@{CHAMPION}" + (f"; v{previous} is @{PREVIOUS}" if previous else ""))
+    return new, previous
+
+
+def _outranks(client: MlflowClient, name: str, current: str | None, versions: dict[int, str],
+              best: LevelVerdict) -> bool:
+    """Whether a champion not gated in this call (a level beyond what this run asked for)
+    is at least as sparse as `best`: it then keeps the alias."""
+    if current is None or current in versions.values():
+        return False
+    mv = retry(lambda: client.get_model_version(name, current), "get model version")
+    return float(mv.tags.get("sparsity", "0")) >= best.sparsity
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> str | None:

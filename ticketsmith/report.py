@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import sys
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
@@ -29,7 +28,7 @@ from .report_render import Block, Figure, Heading, para, to_html, to_markdown
 from .report_sections import VARIANT_NAMES, answer, paired_section, pct, results_table
 from .report_sources import ReportInputs, from_local, from_mlflow
 from .report_stats import Facts, analyse
-from .tracking import TrackingError, retry
+from .tracking import retry
 
 
 def make_figures(facts: Facts, inputs: ReportInputs, folder: Path) -> list[Block]:
@@ -136,11 +135,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 @command("report", add_args)
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the executive summary (markdown, HTML, figures) of an experiment."""
-    try:
-        md = build_report(None, args.experiment, args.output_dir, runs_prefix=args.runs_prefix)
-    except TrackingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # Errors go to cli.main, which owns the exit codes (tracking failure 1, bad input 2).
+    md = build_report(None, args.experiment, args.output_dir, runs_prefix=args.runs_prefix)
     print(f"report: {md}\n        {md.with_suffix('.html')}")
     return 0
 

@@ -76,7 +76,10 @@ def registry_section(facts: Facts, inputs: ReportInputs) -> list[Block]:
         return out + [para("Not available: built from a local run folder, which has no model "
                            "registry.")]
     if reg is None or not reg.versions:
-        return out + [para(f"No version of registered model '{inputs.name}' comes from this "
+        from .registry import model_name_for  # MLflow only when the report reads MLflow
+
+        name = model_name_for(inputs.name, inputs.exp_hash)
+        return out + [para(f"No version of registered model '{name}' comes from this "
                            "experiment (registration switched off, or no level was gated).")]
     champ = reg.aliases.get("champion")
     mine = {v.version: v for v in reg.versions}

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from .config import Config, ConfigError, load_config
+from .registry import model_name_for
 from .secrets import redact
 from .store import RunStore
 from .tracking import TAG, TrackingError, load_records, parent_runs, resolve_experiment, retry
@@ -85,7 +86,8 @@ def from_mlflow(client: MlflowClient, ref: str) -> ReportInputs:
         name=exp.name, exp_hash=exp_hash, config=config, records=records, environment=env,
         parents={r: p.info.run_id for r, p in parents.items()},
         benchmarks=_mlflow_benchmarks(client, records, notes),
-        registry=_registry(client, exp.name, {r["run_id"] for r in records}, notes),
+        registry=_registry(client, model_name_for(exp.name, exp_hash),
+                           {r["run_id"] for r in records}, notes),
         source=f"MLflow tracking store {redact(uri)}, experiment '{exp.name}' (id {exp_id})",
         from_mlflow=True, load_curve=lambda *key: _mlflow_curve(client, records, key),
         run_link=(lambda run_id: f"{base}/#/experiments/{exp_id}/runs/{run_id}") if base

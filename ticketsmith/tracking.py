@@ -251,7 +251,9 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(record[k]), now, 0) for k in CHILD_METRICS
                    if isinstance(record.get(k), (int, float)) and not math.isnan(record[k])]
-        self.log_batch(run_id, metrics=metrics)
+        # The replicate's seeds, exact (a float metric would round a 63-bit seed).
+        seeds = [RunTag(TAG + k, str(record[k])) for k in ("seed", "data_seed") if k in record]
+        self.log_batch(run_id, metrics=metrics, tags=seeds)
         if record["level"] == 0:
             self._upload_start_weights(record["replicate"])
         self._figures(run_id, record, run_dir)
