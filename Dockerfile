@@ -13,7 +13,9 @@
 # user `ticketsmith` (uid 10001, as the Job templates' securityContext expects).
 
 ARG FLAVOR=cuda
-# torch 2.14.1's default wheels bundle the CUDA 13 runtime; the node provides the driver. The
+# torch 2.14.1's default wheels bundle the CUDA 13 runtime; the node provides the driver, which
+# must be R580 or newer (CUDA 13): on an older one torch sees no GPU, and a Job asking for
+# `cuda` fails at once with exit code 2 (see docs/kubernetes.md). The
 # CUDA base image adds the driver-compatibility check (NVIDIA_REQUIRE_CUDA) and the
 # /usr/local/nvidia paths GKE mounts its driver at.
 ARG CUDA_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
@@ -68,7 +70,7 @@ WORKDIR /mlflow/projects/code
 COPY pyproject.toml README.md ./
 COPY ticketsmith ./ticketsmith
 RUN pip install --no-cache-dir --editable ".[cloud]" \
-    && python -c "import ticketsmith.cli, mlflow, azure.storage.blob, google.cloud.storage, psycopg2, flask_wtf, kubernetes"
+    && python -c "import ticketsmith.cli, mlflow, azure.storage.blob, google.cloud.storage, psycopg2, flask_wtf, kubernetes, pynvml"
 COPY MLproject conda.yaml ./
 COPY entrypoints ./entrypoints
 COPY configs ./configs
@@ -90,7 +92,10 @@ RUN mkdir -p runs data /tmp/matplotlib \
     && chmod 0755 /usr/local/bin/ticketsmith-entrypoint
 
 USER 10001:10001
-ENV HOME=/home/ticketsmith
+# CUBLAS_WORKSPACE_CONFIG: a fixed cuBLAS workspace, without which torch refuses deterministic
+# matmuls on CUDA (train.determinism); it must be set before the first cuBLAS call.
+ENV HOME=/home/ticketsmith \
+    CUBLAS_WORKSPACE_CONFIG=:4096:8
 LABEL org.opencontainers.image.title="ticketsmith" \
       org.opencontainers.image.description="Lottery Ticket Hypothesis experiments with MLflow" \
       ai.ticketsmith.flavor="${FLAVOR}"

@@ -4,6 +4,7 @@
 #   scripts/gpu_pools.sh aks          # AKS: CPU batch pool (+ optional GPU pool), device plugin
 #   scripts/gpu_pools.sh gke          # GKE: GPU pool (driver + device plugin managed by GKE)
 #   scripts/gpu_pools.sh smoke-test   # a one-GPU Job: the pool scales up, runs nvidia-smi, scales down
+#   scripts/gpu_pools.sh machines     # the node types offered: cloud, type, vCPUs, GiB, GPUs
 #   ... --apply                       # run the commands instead of printing them
 #
 # Without --apply nothing is changed: the commands are printed for review (copy-pasteable).
@@ -20,16 +21,41 @@ set -euo pipefail
 AKS_RESOURCE_GROUP="${AKS_RESOURCE_GROUP:-ticketsmith-rg}"
 AKS_CLUSTER="${AKS_CLUSTER:-ticketsmith-aks}"
 AKS_CPU_SKU="${AKS_CPU_SKU:-Standard_D8s_v5}"
-AKS_GPU_SKU="${AKS_GPU_SKU:-Standard_NC4as_T4_v3}"
+# GPU_TYPE picks the GPU node type on both clouds (table below). Ampere (SM80) or newer: the
+# 2:4 serving format needs cuSPARSELt, which a T4 (SM75) cannot run. Every type has enough
+# vCPUs for the GPU Job's CPU request after the cloud's reservation (a test checks it).
+GPU_TYPE="${GPU_TYPE:-a100}"
 AKS_WITH_GPU="${AKS_WITH_GPU:-0}"          # 1: also add a GPU pool on AKS
 GKE_PROJECT="${GKE_PROJECT:-ticketsmith-prod}"
 GKE_CLUSTER="${GKE_CLUSTER:-ticketsmith}"
 GKE_LOCATION="${GKE_LOCATION:-europe-west4}"
 GKE_NODE_ZONES="${GKE_NODE_ZONES:-europe-west4-a}"   # zones that have the accelerator
-GKE_MACHINE_TYPE="${GKE_MACHINE_TYPE:-g2-standard-8}"
-GKE_ACCELERATOR="${GKE_ACCELERATOR:-nvidia-l4}"
 GPU_MAX_NODES="${GPU_MAX_NODES:-4}"        # also bounded by the namespace ResourceQuota
 CPU_MAX_NODES="${CPU_MAX_NODES:-4}"
+
+# cloud  GPU_TYPE  machine type               vCPUs  memory GiB  GPUs  accelerator (GKE)
+MACHINES="
+aks  cpu   Standard_D8s_v5            8    32    0  -
+aks  a100  Standard_NC24ads_A100_v4   24   220   1  -
+aks  h100  Standard_NC40ads_H100_v5   40   320   1  -
+aks  h200  Standard_ND96isr_H200_v5   96   1850  8  -
+gke  a100  a2-highgpu-1g              12   85    1  nvidia-tesla-a100
+gke  h100  a3-highgpu-1g              26   234   1  nvidia-h100-80gb
+gke  h200  a3-ultragpu-8g             224  2952  8  nvidia-h200-141gb
+"
+# machine CLOUD TYPE FIELD: one column of the table (3 machine, 4 vCPUs, 6 GPUs, 7 accelerator).
+machine() {
+  local row
+  row="$(awk -v c="$1" -v t="$2" '$1 == c && $2 == t' <<<"$MACHINES")"
+  if [[ -z "$row" ]]; then
+    echo "GPU_TYPE=$2: no $1 node type; choose a100, h100 or h200" >&2
+    exit 2
+  fi
+  awk -v f="$3" '{print $f}' <<<"$row"
+}
+AKS_GPU_SKU="${AKS_GPU_SKU:-}"
+GKE_MACHINE_TYPE="${GKE_MACHINE_TYPE:-}"
+GKE_ACCELERATOR="${GKE_ACCELERATOR:-}"
 
 GPU_LABEL="ticketsmith.io/pool=gpu"
 GPU_TAINT="nvidia.com/gpu=present:NoSchedule"
@@ -50,6 +76,7 @@ run() {
 }
 
 aks() {
+  AKS_GPU_SKU="${AKS_GPU_SKU:-$(machine aks "$GPU_TYPE" 3)}"
   echo "# AKS ($AKS_CLUSTER): the cluster needs a NetworkPolicy engine for k8s_backend/tracking-server"
   echo "# (az aks create ... --network-plugin azure --network-policy azure, or cilium)."
   run az aks nodepool add \
@@ -75,6 +102,10 @@ aks() {
 }
 
 gke() {
+  GKE_MACHINE_TYPE="${GKE_MACHINE_TYPE:-$(machine gke "$GPU_TYPE" 3)}"
+  GKE_ACCELERATOR="${GKE_ACCELERATOR:-$(machine gke "$GPU_TYPE" 7)}"
+  local gpus
+  gpus="$(machine gke "$GPU_TYPE" 6)"
   echo "# GKE ($GKE_CLUSTER): Dataplane V2 (--enable-dataplane-v2) enforces NetworkPolicy; Workload"
   echo "# Identity (--workload-pool=$GKE_PROJECT.svc.id.goog) gives pods bucket access without keys."
   # gpu-driver-version=latest: GKE installs the driver and runs its own device plugin (do NOT
@@ -85,7 +116,7 @@ gke() {
     --project "$GKE_PROJECT" --cluster "$GKE_CLUSTER" --location "$GKE_LOCATION" \
     --node-locations "$GKE_NODE_ZONES" \
     --machine-type "$GKE_MACHINE_TYPE" \
-    --accelerator "type=$GKE_ACCELERATOR,count=1,gpu-driver-version=latest" \
+    --accelerator "type=$GKE_ACCELERATOR,count=$gpus,gpu-driver-version=latest" \
     --num-nodes 0 --enable-autoscaling --min-nodes 0 --max-nodes "$GPU_MAX_NODES" \
     --node-labels "$GPU_LABEL" \
     --workload-metadata GKE_METADATA
@@ -119,5 +150,6 @@ case "$what" in
   aks) aks ;;
   gke) gke ;;
   smoke-test) smoke_test ;;
+  machines) grep -v '^$' <<<"$MACHINES" ;;
   *) usage ;;
 esac

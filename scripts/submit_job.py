@@ -197,7 +197,11 @@ def pod_config(cfg: Any, flavor: str | None) -> Any:
     raw["data"]["root"] = "data"
     if flavor == "gpu" and raw["train"]["device"] == "cpu":
         raise SubmitError("--flavor gpu but train.device is 'cpu': the GPU would sit idle; "
-                          "add --set train.device=auto (or use --flavor cpu)")
+                          "add --set train.device=cuda (or use --flavor cpu)")
+    if flavor == "gpu":
+        # Never 'auto' on a GPU node: without a usable driver it would train on the CPU for
+        # hours while holding the GPU; 'cuda' fails at once (exit 2, no retry).
+        raw["train"]["device"] = "cuda"
     out = config_from_dict(raw)
     assert out.hash() == cfg.hash(), "path fields must not change the experiment hash"
     return out

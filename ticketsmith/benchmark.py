@@ -25,7 +25,7 @@ from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint,
                          model_from_checkpoint)
 from .models import count_params, prunable_weights
 from .secrets import redact
-from .measure import (environment, median, peak_memory, percentile, sync_fn,
+from .measure import (clock_for, environment, median, peak_memory, percentile,
                       time_side_by_side, traffic)
 from .serving import (BuildContext, FormatUnavailable, Served, build_format, default_formats,
                       weight_bytes)
@@ -185,12 +185,12 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
     model = model.to(device).eval()
     shape = tuple(meta.get("input_shape") or data.input_shape)
     xs = _inputs(shape, data, batch_sizes, device)
-    sync = sync_fn(device)
+    clock = clock_for(device)
     accuracy_fn = _accuracy_fn(data, device) if data is not None else None
 
     def timer(calls):  # the auto plan's per-layer clock: as many rounds, shorter turns
         got = time_side_by_side(calls, trials=cfg["trials"], warmup=cfg["warmup"],
-                                block_s=cfg["block_s"] / 2, sync=sync)
+                                block_s=cfg["block_s"] / 2, clock=clock)
         # A low quantile: interference only ever adds time, and a plan must not follow it.
         return {n: percentile([t for b in v for t in b], 10) for n, v in got.items()}
 
@@ -212,7 +212,7 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
         calls[_AA] = calls["dense"]  # dense against itself: the noise floor of every ratio
         with torch.inference_mode():
             samples = time_side_by_side(calls, trials=cfg["trials"], warmup=cfg["warmup"],
-                                        block_s=cfg["block_s"], sync=sync)
+                                        block_s=cfg["block_s"], clock=clock)
             noise[str(bs)] = _stats(samples[_AA], samples["dense"], bs)["spread"]
             dense_cost = traffic(entries["dense"]["served"].module, x)
             for f in formats:
@@ -247,7 +247,7 @@ def _result(fmt: str, bs: int, entry: dict, samples, dense_samples, dense_cost: 
         row["ideal_speedup"] = dense_cost[0] / moved  # bytes-moved model (measure.traffic)
         row["ideal_speedup_macs"] = dense_cost[1] / max(macs, 1)
         row["peak_memory_bytes"], row["peak_memory_delta_bytes"] = peak_memory(
-            lambda: [module(x) for _ in range(3)], device)
+            lambda: [module(x) for _ in range(3)], device, row["weight_bytes"])
     return row
 
 
@@ -297,10 +297,9 @@ def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
     loaded from `data_root` (None: no accuracies). threads: torch threads, fixed for the run
     and recorded (restored afterwards).
     """
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError(f"device {device!r}: no CUDA device is available")
+    from .train import resolve_device
+
+    dev = resolve_device(device)  # the experiments' rule: 'auto' follows $TICKETSMITH_DEVICE
     path = resolve_checkpoint(path_or_uri)
     model, mask, meta = load_ticket(path, dev, allow_factory)
     if data is None and data_root is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -75,6 +76,16 @@ class TrainConfig(_Section):
                                  **_NOT_HASHED)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA if present.",
                                                   **_NOT_HASHED)
+    # How this host computes, not what: not hashed, but recorded with the run folder, and a
+    # resume under another device or policy is refused (see execution.py).
+    determinism: Literal["strict", "warn", "off"] = Field(
+        "warn", description="GPU reproducibility: deterministic kernels, no cuDNN autotuning, no "
+        "TF32. 'strict' fails on an op without a deterministic kernel, 'warn' warns and goes on, "
+        "'off' keeps torch's fast defaults. CPU results are the same under every policy.",
+        **_NOT_HASHED)
+    allow_device_change: bool = Field(False, description="Resume a run folder trained on "
+                                      "another device (or determinism policy), mixing both in "
+                                      "one experiment.", **_NOT_HASHED)
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -213,13 +224,31 @@ def _format_error(exc: ValidationError, source: str) -> str:
     return " ".join(f"{where}{path or 'config'}: {msg}{more}".splitlines())
 
 
+class _OverrideLoader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers: `2:4` stays the string '2:4' (YAML 1.1 reads 124)."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_OverrideLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+# PyYAML's own int and float patterns with their base-60 alternatives left out.
+_OverrideLoader.add_implicit_resolver(_NUMBER_TAGS[0], re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_OverrideLoader.add_implicit_resolver(_NUMBER_TAGS[1], re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """'train.lr=0.001' → (['train', 'lr'], 0.001); the value is parsed as a YAML scalar."""
+    """'train.lr=0.001' → (['train', 'lr'], 0.001); the value is parsed as a YAML scalar
+    (without YAML 1.1's base-60 numbers, so `prune.pattern=2:4` needs no quotes)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_OverrideLoader) if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
     return key.strip().split("."), value

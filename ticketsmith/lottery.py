@@ -18,7 +18,9 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .data import Dataset, load_dataset
-from .masks import Mask, prune_magnitude, prune_n_m, random_mask_like
+from .execution import check_resume, determinism, execution_facts
+from .masks import (Mask, describe_plan, prune_magnitude, prune_n_m, random_mask_like,
+                    semi_structured_plan)
 from .models import build_model, count_params, output_layer, prunable_weights
 from .reporting import NullTracker, Tracker
 from .secrets import redact
@@ -85,7 +87,9 @@ def level_mask(cfg: Config, level: int, prev_weights: dict[str, torch.Tensor], p
         mask = _prune(prev_weights, prev_mask, rates, p.scope, p.fraction)
     if p.pattern == "2:4":
         source = dense_weights if p.schedule == "oneshot" else prev_weights
-        mask = prune_n_m(source, mask, 2, 4)
+        # Only where a 2:4 kernel can serve it; other layers stay unstructured (see the plan).
+        runnable = [n for n, why in semi_structured_plan(source).items() if why is None]
+        mask = prune_n_m(source, mask, 2, 4, layers=runnable)
     return mask
 
 
@@ -206,7 +210,8 @@ def train_dense(cfg: Config, *, progress: bool = True) -> tuple[TrainResult, Dat
     data = experiment_data(cfg, device)
     init_seed, data_seed = replicate_seeds(cfg.experiment.seed, 0)
     model = seeded_model(cfg, data, init_seed).to(device)
-    res = train(model, data, cfg.train, seed=data_seed, progress=progress, desc="dense")
+    with determinism(cfg.train.determinism, device):
+        res = train(model, data, cfg.train, seed=data_seed, progress=progress, desc="dense")
     return res, data, device
 
 
@@ -230,10 +235,13 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
          f"{len(data.val_x)} val / {len(data.test_x)} test, {cfg.prune.levels} levels, "
          f"variants {cfg.experiment.variants}, {cfg.experiment.replicates} replicate(s)")
     try:
+        check_resume(store.records(), execution_facts(device, cfg.train.determinism),
+                     cfg.train.allow_device_change, str(store.root))
         for replicate in range(cfg.experiment.replicates):
             tracker.replicate_started(replicate)
-            records = _run_replicate(cfg, replicate, data, store, tracker, result, progress, echo,
-                                     device, selection)
+            with determinism(cfg.train.determinism, device):
+                records = _run_replicate(cfg, replicate, data, store, tracker, result, progress,
+                                         echo, device, selection)
             tracker.replicate_finished(replicate, records)
             result.records.extend(records)
     except BaseException as exc:  # Ctrl-C too: let the tracker close its open runs
@@ -263,6 +271,8 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
     names = list(prunable_weights(model, cfg.model.exclude))
     out_name = output_layer(model)
     rates = layer_fractions(cfg, dict(prunable_weights(model, cfg.model.exclude)), out_name)
+    if cfg.prune.pattern == "2:4" and replicate == 0:
+        echo("  " + describe_plan(semi_structured_plan(prunable_weights(model, cfg.model.exclude))))
     total_params = count_params(model)
 
     def run(level: int, variant: str, start: dict[str, torch.Tensor], mask: Mask,
@@ -298,6 +308,7 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
             "nonzero_params": total_params - (mask.size() - kept), "prunable_params": mask.size(),
             "total_params": total_params, "iterations": res.iterations,
             "wall_time_s": res.wall_time_s, "layer_density": mask.layer_density(),
+            **execution_facts(device, cfg.train.determinism),
         }
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         run_meta = {**meta, "level": level, "variant": variant, "replicate": replicate,

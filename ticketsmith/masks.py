@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -91,6 +91,15 @@ class Mask(Mapping[str, torch.Tensor]):
         return cls({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
+def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the `k` smallest scores; among equal scores the lower index goes first.
+
+    A stable sort gives that order on every device; `topk` leaves the order of ties
+    unspecified, and CUDA's differs from the CPU's.
+    """
+    return torch.sort(scores, stable=True).indices[:k]
+
+
 def _prune_count(remaining: int, fraction: float) -> int:
     # Round to the nearest whole weight so density follows (1-p)^k as closely as integers allow.
     return int(round(fraction * remaining))
@@ -107,7 +116,8 @@ def prune_magnitude(
     layerwise: each layer loses `fractions[name]` of its own remaining weights.
     global: all layers compete; the total removed is fractions' shared value of all remaining
     weights (layers named in `fractions` take part; a fraction of 0 exempts a layer).
-    Ties are broken by position so the result is deterministic. Pure: inputs are not modified.
+    Ties go to position: of equal |w|, the lower flat index (layers in order) is pruned first,
+    on CPU and CUDA alike. Pure: inputs are not modified.
     """
     mask.check_fits(weights)
     for name, f in fractions.items():
@@ -121,7 +131,7 @@ def prune_magnitude(
             if k:
                 scores = w.detach().abs().flatten().float().clone()
                 scores[~keep.flatten()] = float("inf")
-                drop = torch.topk(scores, k, largest=False, sorted=False).indices
+                drop = _smallest(scores, k)
                 flat = keep.flatten()
                 flat[drop] = False
                 keep = flat.view_as(keep)
@@ -142,7 +152,7 @@ def prune_magnitude(
         k = _prune_count(remaining, rate)
         drop_flat = torch.zeros_like(scores, dtype=torch.bool)
         if k:
-            drop_flat[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+            drop_flat[_smallest(scores, k)] = True
         new, offset = {}, 0
         for name in weights:
             keep = mask[name].clone()
@@ -177,24 +187,57 @@ def random_mask_like(mask: Mask, generator: torch.Generator) -> Mask:
     return Mask(new)
 
 
-def prune_n_m(weights: Mapping[str, torch.Tensor], mask: Mask, n: int = 2, m: int = 4) -> Mask:
+# cuSPARSELt, the kernel behind torch's fp16/bf16 2:4 tensors, takes a weight only when both
+# dimensions are multiples of 16 (SparseSemiStructuredTensorCUSPARSELT's shape constraints in
+# torch/sparse/semi_structured.py); the serving format converts Linear layers only.
+SEMI_STRUCTURED_MULTIPLE = 16
+
+
+def semi_structured_skip(weight: torch.Tensor) -> str | None:
+    """Why a 2:4 serving kernel cannot run this weight, or None when it can."""
+    if weight.dim() != 2:
+        return "not a Linear layer (2:4 serving converts Linear layers only)"
+    rows, cols = weight.shape
+    if rows % SEMI_STRUCTURED_MULTIPLE or cols % SEMI_STRUCTURED_MULTIPLE:
+        return (f"shape {rows}x{cols}: cuSPARSELt needs both dimensions to be multiples of "
+                f"{SEMI_STRUCTURED_MULTIPLE}")
+    return None
+
+
+def semi_structured_plan(weights: Mapping[str, torch.Tensor]) -> dict[str, str | None]:
+    """Per prunable weight: None where the 2:4 pattern applies, else why it is skipped."""
+    return {name: semi_structured_skip(w) for name, w in weights.items()}
+
+
+def describe_plan(plan: Mapping[str, str | None]) -> str:
+    """One line: which layers get 2:4 and which are skipped, and why."""
+    applied = [n for n, why in plan.items() if why is None]
+    skipped = [f"{n} ({why})" for n, why in plan.items() if why is not None]
+    return (f"2:4 pattern on {', '.join(applied) or 'no layer'}"
+            + (f"; skipped, pruned unstructured: {'; '.join(skipped)}" if skipped else ""))
+
+
+def prune_n_m(weights: Mapping[str, torch.Tensor], mask: Mask, n: int = 2, m: int = 4,
+              layers: Iterable[str] | None = None) -> Mask:
     """Semi-structured N:M: in every group of `m` consecutive inputs keep the `n` largest |w|.
 
-    Applied on top of `mask` (already-pruned weights score lowest). Layers whose input
-    dimension is not a multiple of `m` keep their old mask.
+    Applied on top of `mask` (already-pruned weights score lowest) to `layers` (default:
+    every layer whose input dimension is a multiple of `m`); other layers keep their old mask.
+    Of equal |w| in a group, the lower index is kept.
     """
     mask.check_fits(weights)
+    chosen = set(weights if layers is None else layers)
     new = {}
     for name, w in weights.items():
         keep = mask[name]
         flat_in = w.detach().reshape(w.shape[0], -1)
-        if flat_in.shape[1] % m:
+        if flat_in.shape[1] % m or name not in chosen:
             new[name] = keep.clone()
             continue
         scores = torch.where(keep.reshape_as(flat_in), flat_in.abs().float(),
                              torch.full_like(flat_in, -1.0, dtype=torch.float32))
         groups = scores.reshape(flat_in.shape[0], -1, m)
-        top = groups.topk(n, dim=-1).indices
+        top = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
         nm = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
         new[name] = nm.reshape(w.shape) & keep
     return Mask(new)

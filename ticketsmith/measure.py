@@ -1,8 +1,9 @@
 """Measurement: side-by-side timing, peak memory, a traffic model and the environment.
 
 Timing: warm-up, then `trials` rounds in which the calls take turns (rotating who goes
-first) so all see the same machine noise; each turn times single calls with
-`time.perf_counter` (after `torch.cuda.synchronize` on GPU) for about `block_s` seconds.
+first) so all see the same machine noise; each turn times single calls for about `block_s`
+seconds: with `time.perf_counter` on CPU, with CUDA events around each call on GPU (read after
+one synchronisation per turn, so no call pays a host synchronisation of its own).
 """
 from __future__ import annotations
 
@@ -42,14 +43,58 @@ def environment(device: torch.device) -> dict[str, Any]:
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "device": str(device), "quantized_engine": torch.backends.quantized.engine,
             "platform": platform.platform(), "python": platform.python_version(),
-            "timer": "perf_counter per call" + (" after cuda.synchronize" if cuda else ""),
-            "peak_memory": "cuda max_memory_allocated" if cuda else
-            "process peak RSS (VmHWM, reset before each format)",
+            "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(device)))
+            if cuda else None,
+            "timer": "cuda events per call, one synchronize per turn" if cuda else
+            "perf_counter per call",
+            "peak_memory": "the format's weight bytes + cuda allocator peak rise while it runs"
+            if cuda else "process peak RSS (VmHWM, reset before each format)",
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def sync_fn(device: torch.device) -> Callable[[], None]:
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+class Clock:
+    """Host clock: `start`/`stop` around one call; `seconds` turns the marks into durations."""
+
+    def sync(self) -> None:
+        pass
+
+    def start(self) -> Any:
+        return time.perf_counter()
+
+    def stop(self, started: Any) -> Any:
+        return time.perf_counter() - started
+
+    def seconds(self, marks: list[Any]) -> list[float]:
+        return list(marks)
+
+
+class CudaClock(Clock):
+    """CUDA events recorded on the stream around each call: the GPU's own time for it, with
+    no per-call host synchronisation (about 10 us, which would pull batch-1 speedups to 1x)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def start(self) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started: Any) -> Any:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        return started, end
+
+    def seconds(self, marks: list[Any]) -> list[float]:
+        self.sync()
+        return [a.elapsed_time(b) / 1e3 for a, b in marks]  # elapsed_time is in ms
+
+
+def clock_for(device: torch.device) -> Clock:
+    return CudaClock(device) if device.type == "cuda" else Clock()
 
 
 @contextmanager
@@ -64,41 +109,42 @@ def _no_gc():
 
 
 def time_side_by_side(calls: dict[str, Callable[[], object]], *, trials: int, warmup: int,
-                      block_s: float, sync: Callable[[], None] = lambda: None
+                      block_s: float, clock: Clock | None = None
                       ) -> dict[str, list[list[float]]]:
     """name -> per round, the seconds of each call. Rounds rotate which call goes first.
 
     Each turn runs a call about `block_s` seconds' worth (at least 3 times), judged from the
-    median of 3 timed calls after `warmup`; a turn that stalls stops after 4 x block_s.
+    median of 3 timed calls after `warmup`; a turn that stalls stops after 4 x block_s of
+    host time.
     """
+    clock = clock or Clock()
     reps = {}
     for name, fn in calls.items():
         for _ in range(warmup):
             fn()
-        once = []
-        for _ in range(3):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            once.append(time.perf_counter() - t0)
+        clock.sync()
+        once = clock.seconds([_timed(fn, clock) for _ in range(3)])
         reps[name] = max(3, min(1000, int(block_s / max(median(once), 1e-7))))
     names = list(calls)
     samples: dict[str, list[list[float]]] = {n: [] for n in names}
     with _no_gc():
         for r in range(trials):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                fn, ts, spent = calls[name], [], 0.0
+                fn, marks = calls[name], []
+                clock.sync()
+                t0 = time.perf_counter()
                 for _ in range(reps[name]):
-                    t0 = time.perf_counter()
-                    fn()
-                    sync()
-                    ts.append(time.perf_counter() - t0)
-                    spent += ts[-1]
-                    if len(ts) >= 3 and spent > 4 * block_s:
+                    marks.append(_timed(fn, clock))
+                    if len(marks) >= 3 and time.perf_counter() - t0 > 4 * block_s:
                         break
-                samples[name].append(ts)
+                samples[name].append(clock.seconds(marks))
     return samples
+
+
+def _timed(fn: Callable[[], object], clock: Clock) -> Any:
+    started = clock.start()
+    fn()
+    return clock.stop(started)
 
 
 def median(xs: list[float]) -> float:
@@ -122,11 +168,14 @@ def _proc_status(key: str) -> int | None:
     return None
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+def peak_memory(fn: Callable[[], object], device: torch.device,
+                own_bytes: int = 0) -> tuple[int, int]:
     """(peak bytes while running `fn`, rise above the bytes in use before it).
 
-    CUDA: the allocator's peak. CPU: the process's peak RSS (VmHWM), reset just before `fn`
-    by writing 5 to /proc/self/clear_refs (Linux >= 4.0); elsewhere the process-lifetime peak.
+    CUDA: `own_bytes` (the measured format's weights) + the allocator's peak rise, so the
+    weights of other formats resident on the same GPU are not counted. CPU: the process's peak
+    RSS (VmHWM), reset just before `fn` by writing 5 to /proc/self/clear_refs (Linux >= 4.0);
+    elsewhere the process-lifetime peak.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -134,8 +183,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, in
         before = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return int(peak), int(peak - before)
+        rise = int(torch.cuda.max_memory_allocated(device) - before)
+        return own_bytes + rise, rise
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

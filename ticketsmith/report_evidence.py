@@ -158,6 +158,15 @@ def limits(facts: Facts, inputs: ReportInputs) -> list[Any]:
     return out + list(inputs.notes)
 
 
+def determinism_text(policy: str) -> str:
+    """The train.determinism policy in words (see ticketsmith.execution.determinism)."""
+    what = {"strict": "deterministic kernels required (an op without one stops the run)",
+            "warn": "deterministic kernels where torch has them, a warning where not",
+            "off": "cuDNN autotuning and TF32 on: GPU results do not repeat exactly"}[policy]
+    return (f"{policy} — on GPU, {what}; CPU results repeat exactly under every policy, and "
+            "levels trained on another device or policy are refused on resume")
+
+
 def evidence(facts: Facts, inputs: ReportInputs) -> list[Block]:
     cfg = inputs.config
     items: list[Any] = [("Source: ", inputs.source), ("Config hash: ", Code(inputs.exp_hash))]
@@ -173,7 +182,8 @@ def evidence(facts: Facts, inputs: ReportInputs) -> list[Block]:
                   ("Gates: ", f"accuracy drop ≤ {cfg.gate.max_accuracy_drop:g} points; loss "
                    + (f"delta ≤ {cfg.gate.max_loss_delta:g}" if cfg.gate.max_loss_delta is not None
                       else "delta not bounded") + f"; beats random re-init: "
-                   f"{cfg.gate.require_beats_random}")]
+                   f"{cfg.gate.require_beats_random}"),
+                  ("Determinism: ", determinism_text(t.determinism))]
     per_variant = {}
     for s in facts.stats:
         per_variant.setdefault(s.variant, set()).add(s.accuracy.n)

@@ -103,6 +103,13 @@ def details(facts: Facts) -> list[Any]:
     return out
 
 
+def serving_hardware(env: dict) -> str:
+    """The hardware a benchmark ran on: the GPU on CUDA, else the CPU model."""
+    if str(env.get("device", "")).startswith("cuda") and env.get("gpu"):
+        return str(env["gpu"])
+    return str(env.get("cpu", "unknown hardware"))
+
+
 def serving_detail(facts: Facts) -> Any:
     level = facts.champion.level if facts.champion is not None else None
     if not facts.bench:
@@ -119,7 +126,7 @@ def serving_detail(facts: Facts) -> Any:
     rounds = env.get("trials")
     return ("Serving: " + "; ".join(f"{speedup_text(r)} at batch {bs} ({r['format']})"
                                     for bs, r in rows)
-            + f" vs dense on {env.get('cpu', 'unknown hardware')} ({env.get('device', '?')}, "
+            + f" vs dense on {serving_hardware(env)} ({env.get('device', '?')}, "
             f"threads {env.get('threads', '?')}); one model (replicate 0)"
             + (f", median of {rounds} interleaved rounds, range in brackets." if rounds else "."))
 

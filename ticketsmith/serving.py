@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .compaction import Chain, CompactionError, Select, as_chain, compact
-from .masks import Mask
+from .masks import Mask, semi_structured_skip
 
 # CSR pays only for large, very sparse layers. Measured with 2 threads on a 2-core EPYC (torch
 # 2.14): a 300x784 layer at 5% density ties dense at batch 256 and wins from ~2%; a 4096x4096
@@ -282,6 +282,9 @@ def _semi_structured(model: nn.Module, mask: Mask | None, ctx: BuildContext) -> 
     reasons = []
     for name, m in half.named_modules():
         if isinstance(m, nn.Linear) and is_2_4(m.weight):
+            if (why := semi_structured_skip(m.weight)) is not None:
+                reasons.append(f"{name}: {why}")  # masks.prune_n_m left it unstructured
+                continue
             try:
                 m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach()),
                                         requires_grad=False)

@@ -7,6 +7,7 @@ finished levels from the artifact store.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -61,8 +62,10 @@ def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay_s: flo
     raise AssertionError("unreachable")
 
 
-def environment() -> dict[str, str]:
-    """Hardware and versions recorded with every experiment."""
+def environment(device: str = "cpu") -> dict[str, str]:
+    """Hardware and versions recorded with every experiment; `device` is what it runs on
+    (a GPU in the machine is named only when the experiment uses it)."""
+    cuda = device.startswith("cuda")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=5, cwd=Path(__file__).parent).stdout.strip()
@@ -71,10 +74,19 @@ def environment() -> dict[str, str]:
     return {
         "ticketsmith": __version__, "torch": torch.__version__, "mlflow": mlflow.__version__,
         "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "gpu": torch.cuda.get_device_name(device) if cuda else "none",
+        "device": "cuda" if cuda else "cpu",
         "threads": str(torch.get_num_threads()), "git_commit": commit or "unknown",
     }
+
+
+def warn_without_gpu_metrics(data: Any, echo: Callable[[str], None]) -> None:
+    """MLflow's GPU metrics need `pynvml` (the `cloud` extra); without it they are missing and
+    MLflow says so only at debug level."""
+    on_gpu = data is not None and data.train_x.device.type == "cuda"
+    if on_gpu and importlib.util.find_spec("pynvml") is None:
+        echo("warning: tracking.system_metrics: no GPU metrics, pynvml is not installed "
+             "(pip install 'ticketsmith[cloud]' or nvidia-ml-py)")
 
 
 def check_shared_store(uri: str) -> None:
@@ -153,7 +165,7 @@ class MlflowTracker:
                 run = retry(lambda: self.client.create_run(self.exp_id, tags=tags, run_name=name),
                             "create parent run")
                 run_id = self.parents[replicate] = run.info.run_id
-            env = environment()
+            env = environment(str(self.data.train_x.device) if self.data is not None else "cpu")
             params = self._params({"replicate": replicate})
             env_tags = [RunTag(TAG + f"env.{k}", redact(v)) for k, v in env.items()]
             self.log_batch(run_id, params=params, tags=env_tags)
@@ -161,6 +173,8 @@ class MlflowTracker:
             self._log_text(run_id, (self.run_root / "config.yaml").read_text(), "config.yaml")
         if self.cfg.tracking.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            warn_without_gpu_metrics(self.data, self.echo)
 
             self._monitor = SystemMetricsMonitor(run_id, sampling_interval=5,
                                                  tracking_uri=self.client.tracking_uri)

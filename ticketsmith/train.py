@@ -6,6 +6,7 @@ re-applied after every optimizer step, otherwise Adam's momentum regrows pruned 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -35,12 +36,28 @@ class TrainResult:
     saved_state: dict[str, torch.Tensor] | None = None           # weights at `save_state_at`
 
 
+# Set by the GPU Job templates: a node provisioned for a GPU must not let 'auto' fall back to
+# the CPU (for hours, holding the GPU) when the driver is missing or too old for this torch.
+DEVICE_ENV = "TICKETSMITH_DEVICE"
+
+
 def resolve_device(name: str) -> torch.device:
+    """'auto', 'cpu' or 'cuda' → the device; $TICKETSMITH_DEVICE pins what 'auto' means."""
+    pinned = os.environ.get(DEVICE_ENV, "").strip()
+    if pinned and name not in ("auto", pinned):
+        raise ConfigError(f"train.device: {name!r}, but this Job's node is for {pinned!r} "
+                          f"({DEVICE_ENV}); set train.device to 'auto' or {pinned!r}")
+    if pinned:
+        name = pinned
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available; "
-                          "use 'auto' or 'cpu'")
+        why = f" (pinned by {DEVICE_ENV})" if pinned else ""
+        raise ConfigError(f"train.device: 'cuda' requested{why} but torch {torch.__version__} "
+                          f"(CUDA {torch.version.cuda or 'none'}) finds no usable CUDA device; "
+                          "check the GPU driver (nvidia-smi) or use 'cpu'")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"{DEVICE_ENV}: expected 'cpu' or 'cuda', got {name!r}")
     return torch.device(name)
 
 
