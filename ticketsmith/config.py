@@ -116,6 +116,19 @@ class PruneConfig(_Section):
                                   "iteration of the dense run (0 = original init).")
     pattern: Literal["unstructured", "2:4"] = Field("unstructured", description="'2:4' adds "
                                                     "semi-structured sparsity for GPU serving.")
+    granularity: Literal["weight", "neuron", "channel"] = Field(
+        "weight", description="What a level removes: single weights; whole neurons (Linear rows, "
+        "with their outgoing weights); or whole channels (Conv filters) and hidden neurons. "
+        "Structured tickets compact into smaller dense networks; the output layer keeps every unit.")
+    unit_norm: Literal["l1", "l2"] = Field("l1", description="Structured granularities: a unit's "
+                                           "score, the norm of its incoming weights.")
+
+    @model_validator(mode="after")
+    def _structured_alone(self) -> "PruneConfig":
+        if self.granularity != "weight" and self.pattern != "unstructured":
+            raise ValueError(f"granularity {self.granularity!r} cannot take pattern "
+                             f"{self.pattern!r} (a weight pattern; use granularity 'weight')")
+        return self
 
 
 class ExperimentConfig(_Section):

@@ -24,6 +24,7 @@ from .masks import (Mask, describe_plan, prune_magnitude, prune_n_m, random_mask
 from .models import build_model, count_params, output_layer, prunable_weights
 from .reporting import NullTracker, Tracker
 from .secrets import redact
+from .structured import check_structured, level_units_mask, random_units_like
 from .store import RunStore
 from .train import TrainResult, resolve_device, total_iterations, train
 
@@ -78,6 +79,8 @@ def level_mask(cfg: Config, level: int, prev_weights: dict[str, torch.Tensor], p
                dense_weights: dict[str, torch.Tensor], rates: dict[str, float]) -> Mask:
     """The mask of `level` (>0): pure function of trained weights and the schedule."""
     p = cfg.prune
+    if p.granularity != "weight":  # whole neurons / channels (see structured.py)
+        return level_units_mask(p, level, prev_weights, prev_mask, dense_weights, rates)
     if p.schedule == "oneshot":
         # Straight from the dense weights to the density IMP would reach after `level` steps.
         to_level = {n: 1 - (1 - r) ** level for n, r in rates.items()}
@@ -120,6 +123,9 @@ def _random_reinit(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
 def _random_prune(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
     gen = torch.Generator().manual_seed(
         derive_seed(ctx.cfg.experiment.seed, ctx.replicate, ctx.level, "random_prune"))
+    granularity = ctx.cfg.prune.granularity
+    if granularity != "weight":  # the same number of units per layer, chosen at random
+        return ctx.rewind_state, random_units_like(ctx.mask.to("cpu"), gen, granularity)
     return ctx.rewind_state, random_mask_like(ctx.mask.to("cpu"), gen)
 
 
@@ -190,6 +196,8 @@ def check_model(cfg: Config, data: Dataset) -> None:
     model = seeded_model(cfg, data, cfg.experiment.seed)
     weights = prunable_weights(model, cfg.model.exclude)
     layer_fractions(cfg, dict(weights), output_layer(model))
+    if cfg.prune.granularity != "weight":
+        check_structured(model, weights, cfg.prune.granularity)
     rewind_at = cfg.prune.rewind_iteration
     if rewind_at > (total := total_iterations(cfg.train, len(data.train_x))):
         raise ConfigError(f"prune.rewind_iteration: {rewind_at} is after the end of training "
