@@ -10,7 +10,9 @@
 # Override the location with TICKETSMITH_NODE_PREFIX (tests read the same variable).
 set -euo pipefail
 
-# Headless Chromium for the HTML report test (Debian package; returns at once if present).
+# Headless Chromium for the HTML report test and the MLflow UI test (tests/test_ui.py, driven
+# by the `playwright` package from the `test` extra: never a downloaded browser). Debian
+# package; returns at once if present.
 bash "$(dirname "${BASH_SOURCE[0]}")/install-chromium.sh"
 
 # 3.35.0 is the newest release whose engines accept Node 20 (the Node these machines ship);

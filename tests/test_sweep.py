@@ -119,6 +119,11 @@ def test_tiny_sweep_single_objective_then_continued(tmp_path, sqlite_uri):
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert len(runs(client, "sweep")) == 1 and len(runs(client, "trial")) == 4
     assert_run_tree(client, study)
+    # The sweep run charts each completed trial's objective once, over the trial number.
+    history = client.get_metric_history(sweep.info.run_id, "objective/highest_gated_sparsity")
+    done = {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
+    assert sorted(m.step for m in history) == sorted(done)
+    assert all(m.value == done[m.step] for m in history)
 
 
 def test_multi_objective_sweep_gives_a_pareto_front(tmp_path, sqlite_uri):
@@ -143,6 +148,9 @@ def test_multi_objective_sweep_gives_a_pareto_front(tmp_path, sqlite_uri):
     assert "Pareto front" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(front)
     assert artifact(client, sweep.info.run_id, "sweep/pareto.png", tmp_path).stat().st_size > 1000
+    for i, name in enumerate(("accuracy", "density")):
+        history = client.get_metric_history(sweep.info.run_id, f"objective/{name}")
+        assert {m.step: m.value for m in history} == {t.number: t.values[i] for t in done}
 
 
 def test_two_worker_processes_share_one_study_exactly(tmp_path, sqlite_uri):

@@ -18,6 +18,7 @@ from .gates import LevelVerdict, evaluate_gates, format_table, release_check
 from .lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
 from .reporting import Tracker
 from .registry import Promotion, model_name_for, promote, ticket_runs
+from .run_summary import best_speedups, ui_link
 from .tracking import MlflowTracker, load_records, retry
 
 
@@ -89,6 +90,7 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
 
         ref = f"{cfg.experiment.name}/{result.exp_hash}"  # the hash alone may be in several
         echo(f"report: {build_report(client, ref, report_dir)}")
+    echo(f"MLflow UI: {ui_link(client.tracking_uri, tracker.exp_id)}")
     return PipelineResult(result, verdicts, promotion, ok, reason)
 
 
@@ -112,6 +114,9 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                           row["speedup"], now, 0)
                    for row in bench["results"] if row.get("correct") and row.get("speedup")]
         tracker.log_batch(run_id, metrics=metrics)
+        best = best_speedups(bench["results"])  # the parent's `speedup/` series, step = level
+        tracker.log_batch(tracker.parents[0], metrics=[Metric(k, v, now, bench["level"])
+                                                       for k, v in best.items()])
         logged += 1
     echo(f"benchmark: serving results logged for {logged} level(s)")
 

@@ -87,6 +87,20 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
     return mv.version
 
 
+def version_description(verdict: LevelVerdict, serving: str | None = None) -> str:
+    """The version's description in the MLflow UI: the gate verdict with the numbers that
+    decided it, then (`serving`) the deployed format and its measured speedup."""
+    lines = [f"Level {verdict.level} ticket, {verdict.sparsity:.1%} sparse, mean test accuracy "
+             f"{verdict.ticket_accuracy:.2f}% over {verdict.replicates} replicate(s): quality gate "
+             f"**{'PASSED' if verdict.passed else 'FAILED'}**."]
+    lines += [f"- {g.name}: {'n/a' if g.passed is None else ('PASS' if g.passed else 'FAIL')} "
+              f"— {g.detail}" + (f" (threshold {g.threshold})" if g.threshold is not None else "")
+              for g in verdict.gates]
+    if serving:
+        lines += ["", serving]
+    return "\n".join(lines)
+
+
 def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, Path]],
             verdicts: list[LevelVerdict], *, legacy_stages: bool = False,
             echo: Callable[[str], None] = print, allow_factory: str | None = None,
@@ -118,6 +132,8 @@ def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, P
                 f" {g.value:.4f}" if g.value is not None else "")
         for k, val in tags.items():
             retry(lambda: client.set_model_version_tag(name, version, k, str(val)), "tag version")
+        retry(lambda: client.update_model_version(name, version, version_description(v)),
+              "describe version")
         if not v.passed:
             rejected.append(version)
     current, previous = _move_aliases(client, name, verdicts, versions, rejected, echo)

@@ -28,7 +28,11 @@ from .report_render import Block, Figure, Heading, para, to_html, to_markdown
 from .report_sections import VARIANT_NAMES, answer, paired_section, pct, results_table
 from .report_sources import ReportInputs, from_local, from_mlflow
 from .report_stats import Facts, analyse
+from .run_summary import NOTE_TAG, figure_markdown
 from .tracking import retry
+
+
+FIGURE = "figures/accuracy_vs_weights.png"   # ticket vs random re-init vs dense, one chart
 
 
 def make_figures(facts: Facts, inputs: ReportInputs, folder: Path) -> list[Block]:
@@ -41,8 +45,8 @@ def make_figures(facts: Facts, inputs: ReportInputs, folder: Path) -> list[Block
         return out + [para("No figures: there is no dense baseline to plot against.")]
     safe = facts.level(facts.champion.level).density if facts.champion else None
     accuracy_vs_weights(facts.stats, facts.gate.max_accuracy_drop,
-                        figs / "accuracy_vs_weights.png", safe)
-    out.append(Figure("figures/accuracy_vs_weights.png", "Test accuracy vs weights remaining: "
+                        folder / FIGURE, safe)
+    out.append(Figure(FIGURE, "Test accuracy vs weights remaining: "
                       "ticket vs random re-init (mean ± std over replicates), dense band "
                       "(mean ± std) and the quality-gate threshold."))
     early_stop_vs_weights(facts.stats, figs / "early_stop_vs_weights.png")
@@ -120,7 +124,23 @@ def build_report(client, experiment_ref: str | None, output_dir: str | Path = "r
     atomic_write_text(folder / "executive_summary.html", to_html(title, blocks, folder))
     for run_id in inputs.parents.values():
         retry(lambda: client.log_artifacts(run_id, str(folder), "report"), "upload report")
+        retry(lambda: client.set_tag(run_id, NOTE_TAG, parent_description(facts, run_id, folder)),
+              "describe parent run")
     return md
+
+
+def parent_description(facts: Facts, run_id: str, folder: Path) -> str:
+    """The parent run's description in the MLflow UI (its Overview tab): the report's answer,
+    the ticket-vs-random figure (one chart with both, which MLflow's default charts are not),
+    then where the rest is."""
+    answer_md = to_markdown("", answer(facts)).split("\n", 2)[-1].strip()
+    figure = ""
+    if (folder / FIGURE).is_file():
+        figure = figure_markdown(run_id, f"report/{FIGURE}", "Test accuracy vs weights "
+                                 "remaining: ticket vs random re-init and dense") + "\n\n"
+    return (f"{answer_md}\n\n{figure}Per level: **Model metrics** (`accuracy/ticket`, "
+            "`accuracy/random_reinit`, `accuracy/ticket_minus_random_reinit`, ...); the full "
+            "executive report is the artifact `report/executive_summary.html`.")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

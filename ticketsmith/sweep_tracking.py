@@ -9,13 +9,15 @@ Summary artifacts on the sweep run: `sweep/best_trials.md` (the best trials of a
 single-objective study, or the Pareto front of a multi-objective one), `sweep/trials.csv`
 (every trial), `sweep/pareto.png` (accuracy against density or speedup, front highlighted)
 and, single-objective, `sweep/best_config.yaml` (rerun it with `ticketsmith prune` to
-register the ticket). Idempotent: every worker that finishes rewrites them.
+register the ticket). Idempotent: every worker that finishes rewrites them. Its charts:
+`objective/<name>` and `trial/accuracy|density` over the trial number (step).
 """
 from __future__ import annotations
 
 import csv
 import io
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import yaml  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
@@ -168,6 +171,33 @@ def figure(trials: list[FrozenTrial], pareto_numbers: set[int], x_key: str, titl
     return path
 
 
+def objective_names(cfg) -> list[str]:
+    """One name per objective value, in Optuna's order."""
+    return list(cfg.study.objectives) if cfg.study.objective == "pareto" else [cfg.study.objective]
+
+
+def log_trial_series(client: MlflowClient, sweep_run: str, trials: list[FrozenTrial],
+                     names: list[str]) -> None:
+    """The sweep run's charts: each completed trial's objective values (`objective/<name>`)
+    and its champion's accuracy and density (`trial/...`), step = trial number. Every worker
+    calls this; a trial already on the chart is not logged again."""
+    first = f"objective/{names[0]}"
+    logged = {m.step for m in retry(lambda: client.get_metric_history(sweep_run, first),
+                                    "read metric history")}
+    now = int(time.time() * 1000)
+    metrics = []
+    for t in trials:
+        if t.state != TrialState.COMPLETE or t.number in logged or not t.values:
+            continue
+        values = {f"objective/{n}": v for n, v in zip(names, t.values)}
+        values.update({f"trial/{k}": t.user_attrs[k] for k in ("accuracy", "density")
+                       if isinstance(t.user_attrs.get(k), (int, float))})
+        metrics += [Metric(k, float(v), now, t.number) for k, v in values.items()]
+    for i in range(0, len(metrics), 500):
+        chunk = metrics[i:i + 500]
+        retry(lambda: client.log_batch(sweep_run, metrics=chunk), "log trial values")
+
+
 def summarize(study: optuna.Study, cfg, client: MlflowClient, sweep_run: str) -> tuple[bool, str]:
     """Log the summary to the sweep run: (a trial completed, the best-trials table as text)."""
     trials = study.get_trials(deepcopy=False)
@@ -188,6 +218,7 @@ def summarize(study: optuna.Study, cfg, client: MlflowClient, sweep_run: str) ->
         png = figure(trials, {t.number for t in best} if pareto else set(),
                      "speedup" if speedup else "density", title, Path(tmp) / "pareto.png")
         retry(lambda: client.log_artifact(sweep_run, str(png), "sweep"), "upload figure")
+    log_trial_series(client, sweep_run, trials, objective_names(cfg))
     names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "stopped_early",
              TrialState.FAIL: "failed"}
     for state, name in names.items():

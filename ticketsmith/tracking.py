@@ -32,6 +32,8 @@ from .figures import loss_curves, sample_grid
 from .interrupts import interrupts_deferred, raise_if_interrupted
 from .measure import cpu_model
 from .reporting import TrackingError, UnknownExperiment
+from .run_summary import (EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, experiment_description,
+                          level_metrics, replicate_description)
 from .secrets import redact
 
 TAG = "ticketsmith."
@@ -144,6 +146,7 @@ class MlflowTracker:
         check_shared_store(self.client.tracking_uri)
         self.cfg, self.hash, self.run_root, self.data = cfg, exp_hash, Path(run_root), data
         self.exp_id = experiment_id(self.client, cfg.experiment.name, self.artifact_location)
+        self._describe_experiment(cfg)
         self.parents = {int(r.data.tags[TAG + "replicate"]): r.info.run_id for r in self._runs("parent")}
         self.children = {_key(r.data.tags): r for r in self._runs("child")}
         self.echo(f"tracking: {redact(self.client.tracking_uri)} experiment "
@@ -160,6 +163,7 @@ class MlflowTracker:
         else:
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
+            tags[NOTE_TAG] = replicate_description(self.cfg.experiment.name, self.hash, replicate)
             name = redact(f"{self.cfg.experiment.name}-{self.hash}-r{replicate}")
             with interrupts_deferred():  # the new run is remembered before Ctrl-C can act
                 run = retry(lambda: self.client.create_run(self.exp_id, tags=tags, run_name=name),
@@ -275,6 +279,30 @@ class MlflowTracker:
         retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "finish child run")
         self.children[(record["replicate"], record["level"], record["variant"])] = \
             retry(lambda: self.client.get_run(run_id), "read run")
+        self._log_parent_series(record)
+
+    # --- what the UI shows first (see run_summary) ----------------------------------------
+    def _describe_experiment(self, cfg: Config) -> None:
+        """Training experiment kind always; the description only where none is set yet."""
+        exp = retry(lambda: self.client.get_experiment(self.exp_id), "get experiment")
+        tags = {EXPERIMENT_KIND_TAG: TRAINING_KIND}
+        if not exp.tags.get(NOTE_TAG):
+            tags[NOTE_TAG] = experiment_description(cfg)
+        for k, v in tags.items():
+            if exp.tags.get(k) != v:
+                retry(lambda: self.client.set_experiment_tag(self.exp_id, k, redact(v)),
+                      "tag experiment")
+
+    def _log_parent_series(self, record: dict[str, Any]) -> None:
+        """This child's point of the parent's per-level series (step = level)."""
+        rep, level = record["replicate"], record["level"]
+        accuracy = {(lv, v): run.data.metrics.get("test_accuracy")
+                    for (r, lv, v), run in self.children.items() if r == rep and lv in (0, level)}
+        peers = {v: a for (lv, v), a in accuracy.items() if lv == level and a is not None}
+        metrics = level_metrics(record, accuracy.get((0, "dense")), peers)
+        now = int(time.time() * 1000)
+        self.log_batch(self.parents[rep], metrics=[Metric(k, v, now, level)
+                                                   for k, v in metrics.items()])
 
     def _upload_start_weights(self, replicate: int) -> None:
         """Initial and rewind weights go up with level 0: every later level rewinds to them,

@@ -1,0 +1,96 @@
+"""What the MLflow UI shows first: the parent run's per-level comparison and the descriptions.
+
+MLflow's run page draws one default chart per metric key and groups charts into sections by
+the key's prefix before '/'. So the parent run of a replicate logs, with step = level,
+
+    accuracy/dense, accuracy/ticket, accuracy/random_reinit, accuracy/random_prune
+    accuracy/ticket_minus_random_reinit      (test accuracy, fraction; gap as a fraction too)
+    weights/sparsity, weights/density        (over prunable weights)
+    speedup/batch_<n>                        (the ticket's best checked serving plan)
+
+MLflow 3.17's default charts hold one metric key each, so the chart with ticket, random re-init
+and dense together is the report's figure, shown in the parent run's description (Overview tab)
+once the executive report is logged. The experiment carries MLflow's training experiment kind.
+MLflow 3.17's UI itself picks GenAI or training mode per browser (sidebar toggle, remembered)
+or from `?workflowType=machine_learning` in the link, which `ui_link` adds.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"   # one of the values MLflow's UI reads
+NOTE_TAG = "mlflow.note.content"             # the description shown on runs and experiments
+GAP_KEY = "accuracy/ticket_minus_random_reinit"
+
+
+def accuracy_key(variant: str) -> str:
+    return f"accuracy/{variant}"
+
+
+def level_metrics(record: dict[str, Any], dense_accuracy: float | None,
+                  peers: dict[str, float]) -> dict[str, float]:
+    """Parent-run metrics (step = record's level) that one finished child adds.
+
+    dense_accuracy: the replicate's dense test accuracy, repeated at every level as the
+    baseline line; peers: test accuracy of the other variants finished at the same level.
+    """
+    variant, acc = record["variant"], record.get("test_accuracy")
+    out: dict[str, float] = {}
+    if isinstance(acc, (int, float)):
+        out[accuracy_key(variant)] = float(acc)
+    if variant in ("dense", "ticket"):
+        out["weights/sparsity"] = float(record["sparsity"])
+        out["weights/density"] = float(record["density"])
+    if variant == "ticket" and dense_accuracy is not None:
+        out[accuracy_key("dense")] = float(dense_accuracy)
+    if variant == "random_reinit" and "ticket" in peers and acc is not None:
+        out[GAP_KEY] = float(peers["ticket"]) - float(acc)
+    elif variant == "ticket" and "random_reinit" in peers and acc is not None:
+        out[GAP_KEY] = float(acc) - float(peers["random_reinit"])
+    return out
+
+
+def best_speedups(results: list[dict[str, Any]]) -> dict[str, float]:
+    """`speedup/batch_<n>`: the best checked (correct) format's speedup per batch size."""
+    best: dict[str, float] = {}
+    for row in results:
+        if row.get("correct") and row.get("speedup"):
+            key = f"speedup/batch_{row['batch_size']}"
+            best[key] = max(best.get(key, 0.0), float(row["speedup"]))
+    return best
+
+
+def experiment_description(cfg: Any) -> str:
+    """Markdown description of the MLflow experiment: the protocol and where to look."""
+    p = cfg.prune
+    rewind = (f"iteration {p.rewind_iteration} (late rewinding)" if p.rewind_iteration
+              else "the original initialisation")
+    variants = ", ".join(v.replace("_", " ") for v in cfg.experiment.variants)
+    return (f"**Lottery ticket experiment** — {cfg.model.name} on {cfg.data.name}. "
+            f"{p.schedule.capitalize()} magnitude pruning ({p.scope}) removes {p.fraction:.0%} of "
+            f"the remaining weights per level; survivors rewind to {rewind}. Variants: {variants}, "
+            f"against the dense network (level 0).\n\n"
+            "Each top-level run is one replicate: its **Model metrics** tab shows ticket against "
+            "random re-init over the pruning levels (step = level), and its artifacts hold the "
+            "executive report (`report/executive_summary.html`). Nested runs are one "
+            "(level, variant) each; filter them on `params.variant`.")
+
+
+def replicate_description(name: str, exp_hash: str, replicate: int) -> str:
+    """Parent-run description until the executive report replaces it with the answer."""
+    return (f"Replicate {replicate} of {name} ({exp_hash}). Model metrics: test accuracy of the "
+            "ticket against random re-init and dense over the pruning levels (step = level).")
+
+
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """Where to look: the experiment's runs in the MLflow UI, opened in training mode."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {tracking_uri}`, then http://127.0.0.1:5000/{page}"
+
+
+def figure_markdown(run_id: str, path: str, caption: str) -> str:
+    """A run artifact image in a description; the UI resolves `get-artifact` on its server."""
+    return f"![{caption}](get-artifact?path={path}&run_uuid={run_id})"
