@@ -94,27 +94,30 @@ def phase_of(line: str) -> str:
         return "training level 0"
     if text.startswith("r") and " level " in text:
         level = int(text.split(" level ")[1].split()[0])
-        return f"training level {level + 1} (or gating)"
+        return f"after level {level} (the next level, or gating after the last)"
+    if text[0].isdigit():  # a row of the gate table
+        return "gating/registry"
     for prefix, phase in (("quality gates", "gating/registry"), ("level", "gating/registry"),
                           ("registry:", "registry"), ("release check", "report"),
-                          ("report:", "finishing"), ("benchmark:", "gating")):
+                          ("report:", "finishing"), ("done:", "finishing"),
+                          ("benchmark:", "gating")):
         if text.startswith(prefix):
             return phase
     return "running"
 
 
-def start(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
-    """Start the process; its stdout lines collect in the returned list as they come."""
+def start(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, list[str],
+                                                                 list[str]]:
+    """Start the process; its stdout and stderr lines collect in the returned lists."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    return proc, lines
+                            stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    err: list[str] = []
+    proc.readers = [threading.Thread(target=lambda s=s, ls=ls: ls.extend(s), daemon=True)
+                    for s, ls in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in proc.readers:
+        reader.start()
+    return proc, out, err
 
 
 def run_to_end(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
@@ -130,7 +133,7 @@ def run_to_end(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
 def run_killed(cmd: list[str], cwd: Path, env: dict[str, str], delay_s: float,
                store: int) -> Attempt:
     """Start, SIGKILL after `delay_s` unless it finished first."""
-    proc, lines = start(cmd, cwd, env)
+    proc, lines, err = start(cmd, cwd, env)
     try:
         proc.wait(timeout=delay_s)
     except subprocess.TimeoutExpired:
@@ -139,7 +142,9 @@ def run_killed(cmd: list[str], cwd: Path, env: dict[str, str], delay_s: float,
         proc.wait(timeout=60)
         return Attempt(store, delay_s, True, phase, None)
     if proc.returncode != 0:
-        raise RuntimeError(f"resume exited {proc.returncode}: {''.join(lines[-5:])}")
+        for reader in proc.readers:
+            reader.join(timeout=30)
+        raise RuntimeError(f"resume exited {proc.returncode}:\n{''.join(lines[-5:] + err[-20:])}")
     return Attempt(store, delay_s, False, "finished first", 0)
 
 

@@ -80,3 +80,28 @@ def test_a_tracking_server_outage_is_waited_out_or_fails_in_one_line(tmp_path):
         local = tmp_path / "runs" / next((tmp_path / "runs").iterdir()).name / \
             f"replicate_{rep}" / f"level_{level}" / variant / "metrics.json"
         assert metrics["test_accuracy"] == json.loads(local.read_text())["test_accuracy"]
+
+
+def test_secret_values_survive_a_variable_removed_while_reading_the_environment():
+    """Found by the kills: MLflow's telemetry thread removes `_MLFLOW_TELEMETRY_SESSION_ID`
+    while the experiment reads os.environ, which raised KeyError from `redact`."""
+    from collections.abc import Mapping
+
+    from ticketsmith.secrets import secret_values
+
+    class Racing(Mapping):  # one name vanishes between listing and reading, once
+        def __init__(self):
+            self.data, self.gone = {"DB_PASSWORD": "s3cret-value"}, False
+
+        def __iter__(self):
+            names = [*self.data, *([] if self.gone else ["_MLFLOW_TELEMETRY_SESSION_ID"])]
+            self.gone = True
+            return iter(names)
+
+        def __getitem__(self, name):
+            return self.data[name]
+
+        def __len__(self):
+            return len(self.data)
+
+    assert "s3cret-value" in secret_values(Racing())

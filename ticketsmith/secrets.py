@@ -82,10 +82,20 @@ def _parts(name: str, value: str) -> list[str]:
     return found
 
 
+def _snapshot(env: os._Environ | dict[str, str]) -> dict[str, str]:
+    """A copy of `env`. MLflow's telemetry thread sets and removes variables while the
+    experiment runs; iterating os.environ then raises KeyError for a name removed midway."""
+    while True:
+        try:
+            return dict(env)
+        except KeyError:  # changed while copied: copy again
+            continue
+
+
 def secret_values(env: os._Environ | dict[str, str] = os.environ) -> set[str]:
     """Every secret value the environment holds, in every form it may be written in."""
     values: list[str] = []
-    for name, value in env.items():
+    for name, value in _snapshot(env).items():
         if name in SECRET_ENV or (_SECRET_NAME.search(name) and len(value) >= 8):
             values += _parts(name, value)
     for name in _URI_ENV:
