@@ -27,6 +27,14 @@ def test_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temp file
 
 
+def test_batchnorm_state_round_trips(tmp_path):
+    # BatchNorm keeps a 0-d int64 counter (num_batches_tracked) beside its weights
+    state = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).state_dict()
+    assert any(t.dim() == 0 for t in state.values())
+    ck = load_checkpoint(save_checkpoint(tmp_path / "bn.safetensors", state, None, {}))
+    assert all(torch.equal(ck.state[k], v) for k, v in state.items())
+
+
 def test_edited_metadata_is_detected(tmp_path):
     path, _, _ = saved(tmp_path)
     with safe_open(str(path), framework="pt") as f:
