@@ -94,7 +94,7 @@ def phase_of(line: str) -> str:
         return "training level 0"
     if text.startswith("r") and " level " in text:
         level = int(text.split(" level ")[1].split()[0])
-        return f"after level {level} (the next level, or gating after the last)"
+        return f"level {level} logged, next level or gating"
     if text[0].isdigit():  # a row of the gate table
         return "gating/registry"
     for prefix, phase in (("quality gates", "gating/registry"), ("level", "gating/registry"),
@@ -217,7 +217,7 @@ def chaos(config: str, kills: int, seed: int, workdir: Path, tracking_uri: str |
                 break
             out.kills += 1
             echo(f"  kill {out.kills}: store {i}, after {attempt.delay_s:5.1f}s, "
-                 f"during {attempt.phase}")
+                 f"last reported: {attempt.phase}")
         else:
             run_to_end(cmd, folder, env)  # the final resume
         row = compare(reference, audit(uri, exp_name))
