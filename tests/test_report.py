@@ -19,8 +19,8 @@ from ticketsmith.config import load_config
 from ticketsmith.pipeline import run_prune
 from ticketsmith.report import build_report
 from ticketsmith.registry import model_name_for
-from ticketsmith.report_stats import (breaking_level, level_stats, paired_comparison,
-                                      sign_flip_p, spread)
+from ticketsmith.report_stats import (breaking_level, level_stats, min_rejecting_n,
+                                      paired_comparison, pooled_comparison, sign_flip_p, spread)
 from ticketsmith.tracking import TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_table_numbers_match_the_mlflow_runs(experiment):
     # Speedups: the best correct format of the replicate-0 ticket's benchmark.json artifact.
     for row in rows:
         if row[0] != "ticket":
-            assert row[0] == "dense" or row[6:] == ["—", "—", "—"]
+            assert row[0] == "dense" or row[6:9] == ["—", "—", "—"]
             continue
         run = next(r for r in groups[("ticket", int(row[1]))]
                    if r.data.tags[TAG + "replicate"] == "0")
@@ -160,8 +160,10 @@ def test_paired_statistics_with_two_replicates(experiment):
     rows = table_rows(section, "Level")
     assert [r[0] for r in rows] == ["1", "2", "3"]
     assert all(r[2] == "2" for r in rows)  # pairs
-    assert "exact two-sided sign-flip permutation test" in section
-    assert "smallest p the exact test can give is 0.5" in section
+    assert "exact one-sided sign-flip permutation test" in section
+    assert "smallest p the exact test can give is 0.25" in section   # 1/2^2
+    assert "the one-sided test can from n = 5 pairs" in section
+    assert "**All levels pooled:**" in section and "unstructured (weight) tickets" in section
     assert "Breaking point:" in section
 
 
@@ -381,9 +383,12 @@ def record(rep: int, level: int, variant: str, acc: float, density: float = 1.0)
 
 
 def test_sign_flip_test_is_exact():
-    assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)   # only all-+ and all-−
-    assert sign_flip_p([1.0, -1.0]) == 1.0
-    assert sign_flip_p([0.5] * 6) == pytest.approx(2 / 64)
+    assert sign_flip_p([1.0, 2.0, 3.0], "two-sided") == pytest.approx(2 / 8)  # all-+, all-−
+    assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(1 / 8)   # one-sided: only all-+
+    assert sign_flip_p([1.0, -1.0], "two-sided") == 1.0
+    assert sign_flip_p([1.0, -1.0]) == pytest.approx(3 / 4)       # sums 0, 2, -2, 0 >= 0
+    assert sign_flip_p([0.5] * 6, "two-sided") == pytest.approx(2 / 64)
+    assert sign_flip_p([-1.0, -2.0]) == 1.0                       # wrong direction: no evidence
     s = spread([1.0, 3.0])
     assert (s.mean, s.n) == (2.0, 2) and s.std == pytest.approx(2 ** 0.5)
     assert spread([4.0]).std is None and spread([4.0]).text(1, "%") == "4.0% (n=1)"
@@ -399,7 +404,7 @@ def test_paired_comparison_and_breaking_points():
     stats = level_stats(recs)
     p = paired_comparison(stats, 2)
     assert p.n == 3 and p.mean_diff == pytest.approx(2.6)
-    assert p.exact_p == pytest.approx(0.25) and p.min_p == pytest.approx(0.25)
+    assert p.exact_p == pytest.approx(0.125) and p.min_p == pytest.approx(0.125)
     assert p.cohen_dz == pytest.approx(2.6 / 0.1) and p.t_p is not None and p.t_p < 0.01
     assert p.verdict == "ticket ahead, not significant"   # n=3 cannot reach p < 0.05
     assert breaking_level(stats, "ticket", 2.0).level == 3
@@ -407,3 +412,23 @@ def test_paired_comparison_and_breaking_points():
     single = level_stats([r for r in recs if r["replicate"] == 0])
     one = paired_comparison(single, 2)
     assert one.n == 1 and one.exact_p is None and one.verdict == "n=1: no test"
+
+
+def test_five_pairs_all_ahead_can_be_significant_one_sided_and_pooled():
+    """The default design (n=5) reaches a verdict: 5 of 5 pairs ahead gives p = 1/32."""
+    recs = [record(r, 0, "dense", 0.98) for r in range(5)]
+    for level, density in ((1, 0.5), (2, 0.25)):
+        for r in range(5):
+            recs += [record(r, level, "ticket", 0.97 + 0.001 * r, density),
+                     record(r, level, "random_reinit", 0.95 - 0.002 * r, density)]
+    stats = level_stats(recs)
+    p = paired_comparison(stats, 1)
+    assert p.exact_p == pytest.approx(1 / 32) and p.verdict == "ticket better (one-sided p < 0.05)"
+    assert sign_flip_p(list(p.diffs), "two-sided") == pytest.approx(2 / 32)  # could never reject
+    pooled = pooled_comparison(stats, [1, 2])
+    assert pooled.levels == (1, 2) and len(pooled.diffs) == 5 and pooled.p == pytest.approx(1 / 32)
+    assert pooled.verdict.startswith("ticket better")
+    assert min_rejecting_n() == 5
+    flipped = level_stats([{**r, "test_accuracy": 1.9 - r["test_accuracy"]}
+                           if r["variant"] == "ticket" else r for r in recs])
+    assert paired_comparison(flipped, 1).verdict == "random re-init ahead: no evidence for the ticket"

@@ -201,3 +201,67 @@ def test_every_shipped_structured_config_can_prune_its_model_by_unit(path):
 def test_structured_configs_are_shipped():
     assert {"imp_mnist_structured", "mnist_cnn_channel", "cifar10_conv2_channel",
             "cifar10_conv4_channel", "cifar10_conv6_channel"} <= {p.stem for p in STRUCTURED}
+
+
+# --- a tiny structured experiment end to end: tracking, benchmark, gates, registry, report ---
+
+@pytest.mark.slow
+def test_tiny_structured_experiment_end_to_end(tmp_path, monkeypatch):
+    import json
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ticketsmith.pipeline import run_prune
+    from ticketsmith.registry import model_name_for
+    from ticketsmith.report import build_report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    common = [f"experiment.output_dir={tmp_path / 'runs'}", "experiment.benchmark=true",
+              "prune.levels=2"]
+    try:
+        weight = load_config(REPO / "configs/tiny.yaml", [*common, "experiment.variants=[ticket]"])
+        run_prune(weight, client=client, progress=False, echo=lambda s: None)
+        cfg = load_config(REPO / "configs/tiny.yaml", [
+            *common, "prune.granularity=neuron",
+            "experiment.variants=[ticket, random_reinit, random_prune]"])
+        result = run_prune(cfg, client=client, progress=False, echo=lambda s: None)
+        md = build_report(client, cfg.hash(), tmp_path / "reports")
+    finally:
+        mlflow.set_tracking_uri(None)
+    from ticketsmith.checkpoint import load_checkpoint
+    from ticketsmith.store import RunStore
+
+    store = RunStore(result.experiment.run_root)
+    for level, units in ((1, 16), (2, 8)):   # 32 hidden neurons, half of them per level
+        masks = {v: load_checkpoint(store.checkpoint_path(0, level, v), "cpu").mask
+                 for v in ("ticket", "random_reinit", "random_prune")}
+        for v, m in masks.items():
+            assert_structural(m)
+            assert int(alive_units(m["hidden.0.weight"]).sum()) == units, (v, level)
+        assert all(torch.equal(masks["random_reinit"][n], masks["ticket"][n]) for n in masks["ticket"])
+    # Gates and registry: every ticket candidate is a version tagged with its gate result.
+    name = model_name_for(cfg.experiment.name, cfg.hash())
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 2 and all(v.tags["quality_gate"] in ("passed", "rejected")
+                                      for v in versions)
+    assert result.verdicts and all(v.level in (1, 2) for v in result.verdicts)
+    # The benchmark picks the compacted (smaller dense) network with no special case.
+    bench = json.loads((store.run_dir(0, 2, "ticket") / "benchmark.json").read_text())
+    compacted = [r for r in bench["results"] if r["format"] == "compacted"]
+    assert compacted and all(r["correct"] for r in compacted)
+    text = md.read_text()
+    assert "ticket vs random re-init, neuron tickets" in text.lower() or \
+        "Ticket vs random re-init, neuron tickets" in text
+    assert "Liu et al. 2019" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ticket |")]
+    assert rows and all(line.rstrip(" |").endswith("neuron") for line in rows)
+    # Both granularities of the same model and data: the frontier, side by side.
+    assert "## Which kind of ticket to ship?" in text
+    assert (md.parent / "figures/accuracy_vs_speedup.png").stat().st_size > 10_000
+    section = text.split("## Which kind of ticket to ship?", 1)[1].split("\n## ", 1)[0]
+    assert "| neuron | this experiment |" in section and f"| weight | tiny ({weight.hash()}) |" in section

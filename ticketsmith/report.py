@@ -26,6 +26,7 @@ from .report_figures import (accuracy_vs_weights, early_stop_vs_weights, speedup
                              training_curves)
 from .report_render import Block, Figure, Heading, para, to_html, to_markdown
 from .report_sections import VARIANT_NAMES, answer, paired_section, pct, results_table
+from .report_frontier import family_local, family_mlflow, frontier_section
 from .report_sources import ReportInputs, from_local, from_mlflow
 from .report_stats import Facts, analyse
 from .run_summary import NOTE_TAG, figure_markdown
@@ -113,10 +114,13 @@ def build_report(client, experiment_ref: str | None, output_dir: str | Path = "r
             client = MlflowClient()
         inputs = from_mlflow(client, experiment_ref)
     facts = analyse(inputs)
+    family = (family_local(runs_prefix, inputs) if runs_prefix is not None
+              else family_mlflow(client, inputs))
     folder = report_folder(output_dir, inputs)
     title = f"Executive summary — {inputs.name} ({inputs.exp_hash})"
     blocks: list[Block] = [Heading("The answer"), *answer(facts), *results_table(facts),
                            *paired_section(facts), *make_figures(facts, inputs, folder),
+                           *frontier_section(facts, family, folder),
                            *scorecard(facts), *registry_section(facts, inputs),
                            *evidence(facts, inputs)]
     md = folder / "executive_summary.md"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .report_render import Block, Bullets, Code, Heading, Strong, Table, para
-from .report_stats import ALPHA, Facts, batch_sizes, best_format, speedup_text
+from .report_stats import (ALPHA, Facts, batch_sizes, best_format, min_rejecting_n,
+                           speedup_text)
 
 VARIANT_NAMES = {"dense": "dense", "ticket": "ticket", "random_reinit": "random re-init",
                  "random_prune": "random prune"}
@@ -167,15 +168,18 @@ def results_table(facts: Facts) -> list[Block]:
         if bench is None and served and s.level > 0:
             sp1 = spl = fmt = "not benchmarked"
         rows.append((VARIANT_NAMES.get(s.variant, s.variant), f"{s.level}",
-                     pct(s.sparsity), s.accuracy.text(2, "%"), delta, gate, sp1, spl, fmt))
+                     pct(s.sparsity), s.accuracy.text(2, "%"), delta, gate, sp1, spl, fmt,
+                     "—" if s.variant == "dense" else facts.granularity))
     header = ("Variant", "Level", "Sparsity", "Accuracy (mean ± std, n)", "Δ vs dense", "Gate",
-              f"Speedup BS={small}", f"Speedup BS={large}", "Best serving format")
+              f"Speedup BS={small}", f"Speedup BS={large}", "Best serving format", "Granularity")
     return [Heading("Results by level"),
             para(f"Test accuracy over replicates (mean ± sample std, n replicates); Δ is the "
                  f"difference of means in accuracy points; the gate is the mean ticket accuracy "
                  f"within {thr:g} points of dense (plus every other configured gate). Speedups "
                  "are the best correct serving format vs the dense model at that batch size "
-                 "(median over interleaved rounds, range in brackets)."),
+                 "(median over interleaved rounds, range in brackets). Granularity: what the "
+                 "level's masks remove (weight: single weights; neuron / channel: whole units, "
+                 "so the ticket compacts into a smaller dense network)."),
             Table(header, tuple(rows), numeric=(1, 2, 4, 6, 7), css="results")]
 
 
@@ -186,12 +190,21 @@ def _p(p: float | None) -> str:
 
 
 def paired_section(facts: Facts) -> list[Block]:
-    out: list[Block] = [Heading("Does the initialisation matter? Ticket vs random re-init")]
+    kind = {"weight": "unstructured (weight)", "neuron": "neuron", "channel": "channel"}.get(
+        facts.granularity, facts.granularity)
+    out: list[Block] = [Heading(f"Does the initialisation matter? Ticket vs random re-init, "
+                                f"{kind} tickets")]
     thr = facts.gate.max_accuracy_drop
     definition = para(
         Strong("Breaking point:"), f" the first level, in order of sparsity, whose mean test "
         f"accuracy is more than {thr:g} points below the mean dense accuracy (the quality gate's "
         "threshold), for the ticket and for random re-init separately.")
+    scope = para(Strong("Scope:"), f" these statistics are for the {kind} tickets of this "
+                 "experiment alone; they say nothing about tickets of another granularity."
+                 + (" For structured pruning the literature (Liu et al. 2019, \"Rethinking the "
+                    "Value of Network Pruning\") often finds the small architecture trained from "
+                    "a fresh init as good as the rewound ticket; the test above says whether that "
+                    "holds here." if facts.granularity != "weight" else ""))
     if not facts.paired:
         return out + [para("No level has both a ticket and a random re-init run: no comparison "
                            "is possible."), definition]
@@ -201,22 +214,41 @@ def paired_section(facts: Facts) -> list[Block]:
                   "—" if p.cohen_dz is None else f"{p.cohen_dz:+.2f}", _p(p.t_p), _p(p.exact_p),
                   p.verdict) for p in facts.paired)
     out.append(Table(("Level", "Sparsity", "Pairs", "Ticket − random (points, mean ± std)",
-                      "Cohen's d_z", "Paired t p", "Exact sign-flip p", "Verdict"), rows,
-                     numeric=(0, 1, 2, 3, 4, 5, 6)))
+                      "Cohen's d_z", "Paired t p (two-sided)", "Exact sign-flip p (one-sided)",
+                      "Verdict"), rows, numeric=(0, 1, 2, 3, 4, 5, 6)))
     if n < 2:
         out.append(para(Strong("One replicate:"), " the differences above are single "
                         "measurements; no test is run and no significance is claimed."))
     else:
-        min_p = min(p.min_p for p in facts.paired if p.min_p is not None)
-        out.append(para(
-            "Each replicate pairs a ticket with the random re-init of the same mask, seed, data "
-            "order and budget. Effect size: Cohen's d_z = mean / std of the paired differences. "
-            "Test: exact two-sided sign-flip permutation test of the mean difference (all 2^n "
-            f"sign assignments; the verdict uses it at α = {ALPHA}); the paired t-test (scipy) "
-            "is shown for reference and assumes normal differences."
-            + (f" With n = {n} pairs the smallest p the exact test can give is {min_p:.3g}, so "
-               f"no difference can be significant at {ALPHA}; the effect sizes are descriptive."
-               if min_p >= ALPHA else "")))
-    return out + [definition]
+        out += [pooled_line(facts), method_note(facts, n)]
+    return out + [scope, definition]
 
 
+def pooled_line(facts: Facts) -> Block:
+    pooled = facts.pooled
+    if pooled is None:
+        return para(Strong("All levels pooled:"), " not computed — no replicate ran both "
+                    "variants at every compared level.")
+    return para(Strong("All levels pooled:"), f" per replicate, the mean ticket − random "
+                f"difference over levels {', '.join(map(str, pooled.levels))}: "
+                f"{pooled.mean_diff:+.2f} points (n = {len(pooled.diffs)}), one-sided exact "
+                f"sign-flip p = {_p(pooled.p)}: {pooled.verdict}.")
+
+
+def method_note(facts: Facts, n: int) -> Block:
+    """Which test, why, and the smallest n at which it can reject."""
+    min_p = min(p.min_p for p in facts.paired if p.min_p is not None)
+    return para(
+        "Each replicate pairs a ticket with the random re-init of the same mask, seed, data "
+        "order and budget. Effect size: Cohen's d_z = mean / std of the paired differences. "
+        "Test: exact one-sided sign-flip permutation test of the claim the experiment exists to "
+        "test, ticket > random re-init (all 2^n sign assignments; the verdict uses it at "
+        f"α = {ALPHA} per level, and the pooled line is one test over all levels). Why one-sided: "
+        "the two-sided exact test's smallest p with n pairs is 2/2^n, so 5 pairs could never "
+        f"reject (0.0625); the one-sided test can from n = {min_rejecting_n()} pairs "
+        f"(1/2^{min_rejecting_n()} = {1 / 2 ** min_rejecting_n():.3g}). A random re-init ahead "
+        "is reported, not tested. The paired t-test (scipy, two-sided) is shown for reference "
+        "and assumes normal differences."
+        + (f" With n = {n} pairs the smallest p the exact test can give is {min_p:.3g}, so "
+           f"no difference can be significant at {ALPHA}; the effect sizes are descriptive."
+           if min_p >= ALPHA else ""))

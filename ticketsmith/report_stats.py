@@ -110,8 +110,8 @@ class Paired:
     mean_diff: float
     std_diff: float | None
     cohen_dz: float | None           # mean / std of the differences; None when undefined
-    t_p: float | None                # two-sided paired t-test
-    exact_p: float | None            # two-sided exact sign-flip permutation test
+    t_p: float | None                # two-sided paired t-test (for reference)
+    exact_p: float | None            # one-sided exact sign-flip test of ticket > control
     min_p: float | None              # smallest p the exact test can give with n pairs
 
     @property
@@ -122,25 +122,78 @@ class Paired:
     def verdict(self) -> str:
         if self.n < 2:
             return "n=1: no test"
-        lead = "ticket" if self.mean_diff > 0 else "random re-init"
-        if self.mean_diff == 0:
-            return "no difference"
-        if self.exact_p is not None and self.exact_p < ALPHA:
-            return f"{lead} better (p < {ALPHA})"
-        return f"{lead} ahead, not significant"
+        return directional_verdict(self.mean_diff, self.exact_p)
 
 
-def sign_flip_p(diffs: list[float]) -> float:
-    """Exact two-sided permutation test of mean(diffs) = 0 under sign symmetry.
+def directional_verdict(mean_diff: float, p: float | None) -> str:
+    """The verdict of the one-sided test of ticket > control: only that direction is tested."""
+    if mean_diff == 0:
+        return "no difference"
+    if mean_diff < 0:
+        return "random re-init ahead: no evidence for the ticket"
+    if p is not None and p < ALPHA:
+        return f"ticket better (one-sided p < {ALPHA})"
+    return "ticket ahead, not significant"
 
-    Every one of the 2^n sign assignments is enumerated (n is a handful of replicates);
-    p = share of assignments whose |mean| is at least the observed |mean|.
+
+def sign_flip_p(diffs: list[float], alternative: str = "greater") -> float:
+    """Exact sign-flip permutation test of mean(diffs) = 0 under sign symmetry.
+
+    Every one of the 2^n sign assignments is enumerated (n is a handful of replicates).
+    alternative 'greater' (the report's test, ticket > control): p = share of assignments
+    whose sum is at least the observed sum; smallest possible p 1/2^n, so n = 5 pairs can
+    reject at 0.05 (1/32). 'two-sided': share with |sum| at least |observed| (smallest p
+    2/2^n: needs n = 6).
     """
-    observed = abs(sum(diffs))
-    tol = 1e-9 * max(1.0, observed)
-    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed - tol
-               for signs in itertools.product((1, -1), repeat=len(diffs)))
+    observed = sum(diffs)
+    if alternative == "two-sided":
+        observed = abs(observed)
+    tol = 1e-9 * max(1.0, abs(observed))
+    sums = (sum(s * d for s, d in zip(signs, diffs))
+            for signs in itertools.product((1, -1), repeat=len(diffs)))
+    if alternative == "two-sided":
+        hits = sum(abs(t) >= observed - tol for t in sums)
+    elif alternative == "greater":
+        hits = sum(t >= observed - tol for t in sums)
+    else:
+        raise ValueError(f"alternative must be 'greater' or 'two-sided', got {alternative!r}")
     return hits / 2 ** len(diffs)
+
+
+def min_rejecting_n(alpha: float = ALPHA) -> int:
+    """Smallest number of pairs at which the one-sided exact test can give p < alpha."""
+    return next(n for n in range(1, 64) if 1 / 2 ** n < alpha)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Ticket − control averaged over every compared level within each replicate: one
+    difference per replicate, so one test for the whole experiment (no multiplicity)."""
+    levels: tuple[int, ...]
+    diffs: tuple[float, ...]
+    mean_diff: float
+    p: float | None                  # one-sided exact sign-flip p of ticket > control
+
+    @property
+    def verdict(self) -> str:
+        return "n=1: no test" if len(self.diffs) < 2 else directional_verdict(self.mean_diff, self.p)
+
+
+def pooled_comparison(stats: list[LevelStats], levels: list[int],
+                      control: str = "random_reinit") -> Pooled | None:
+    """Per replicate, the mean ticket − control difference over `levels` (only replicates
+    that ran both variants at every one of them); None when no replicate did."""
+    ticket = [find(stats, lv, "ticket") for lv in levels]
+    other = [find(stats, lv, control) for lv in levels]
+    if not levels or any(s is None for s in ticket + other):
+        return None
+    reps = sorted(set.intersection(*(set(s.by_replicate) for s in ticket + other)))
+    if not reps:
+        return None
+    diffs = [mean(100 * (t.by_replicate[r]["test_accuracy"] - o.by_replicate[r]["test_accuracy"])
+                  for t, o in zip(ticket, other)) for r in reps]
+    return Pooled(tuple(levels), tuple(diffs), mean(diffs),
+                  sign_flip_p(diffs) if len(diffs) > 1 else None)
 
 
 def paired_t_p(diffs: list[float]) -> float | None:
@@ -169,7 +222,7 @@ def paired_comparison(stats: list[LevelStats], level: int,
     many = len(diffs) > 1
     return Paired(level, ticket.sparsity, tuple(diffs), m, sd,
                   m / sd if sd else None, paired_t_p(diffs) if many else None,
-                  sign_flip_p(diffs) if many else None, 2 / 2 ** len(diffs) if many else None)
+                  sign_flip_p(diffs) if many else None, 1 / 2 ** len(diffs) if many else None)
 
 
 # --- everything the report says, computed once ----------------------------------------------
@@ -187,6 +240,8 @@ class Facts:
     paired: list[Paired]
     bench: dict[int, dict[str, Any]]     # level → benchmark of its served model (lowest replicate)
     gate_error: str | None = None
+    pooled: Pooled | None = None         # ticket − random over all compared levels
+    granularity: str = "weight"          # what this experiment's masks remove (prune.granularity)
 
     @property
     def replicates(self) -> int:
@@ -211,7 +266,9 @@ def analyse(inputs: ReportInputs) -> Facts:
               if (p := paired_comparison(stats, lv)) is not None]
     return Facts(stats, dense_baseline(stats), gate, verdicts, champion_level(verdicts),
                  breaking_level(stats, "ticket", gate.max_accuracy_drop),
-                 breaking_level(stats, "random_reinit", gate.max_accuracy_drop), paired, bench, error)
+                 breaking_level(stats, "random_reinit", gate.max_accuracy_drop), paired, bench, error,
+                 pooled_comparison(stats, [p.level for p in paired]),
+                 inputs.config.prune.granularity if inputs.config is not None else "weight")
 
 
 # --- serving numbers -----------------------------------------------------------------------
