@@ -52,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     timed(MlflowTracker, "_describe_experiment", spent)
     timed(report, "parent_description", spent)
     timed(MlflowClient, "update_model_version", spent)   # only the version descriptions call it
+    here = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)  # MLflow's local artifacts (./mlruns) land here
         cfg = load_config(args.config, [f"experiment.output_dir={tmp}/runs", *args.overrides])
+        cfg = load_config(args.config, [f"experiment.output_dir={tmp}/runs", *args.overrides,
+                                        f"data.root={here / cfg.data.root}"])
+        os.chdir(tmp)  # MLflow's local artifacts (./mlruns) land here
         client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
         start = time.perf_counter()
         run_prune(cfg, client=client, progress=False, report_dir=f"{tmp}/reports",
