@@ -36,9 +36,10 @@ def pick_level(records: list[dict], max_sparsity: float, max_drop: float) -> dic
 
 def main(argv: list[str] | None = None) -> int:
 
-    from ticketsmith.benchmark import benchmark_checkpoint
+    from ticketsmith.serving.benchmark import benchmark_checkpoint
     from ticketsmith.config import load_config
-    from ticketsmith.lottery import run_experiment
+    from ticketsmith.engine.lottery import run_experiment
+    from ticketsmith.engine.store import RunStore
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default=str(REPO / "runs"), help="experiment run directory")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = next(r for r in records if r["level"] == 0)
     reinit = next((r for r in records if r["level"] == level and r["variant"] == "random_reinit"),
                   None)
-    ckpt = experiment.run_root / "replicate_0" / f"level_{level}" / "ticket" / "checkpoint.safetensors"
+    ckpt = RunStore(experiment.run_root).checkpoint_path(0, level, "ticket")
     speedups: dict[int, list[float]] = {bs: [] for bs in TARGETS}
     floors: dict[int, list[float]] = {bs: [] for bs in TARGETS}
     result = {}

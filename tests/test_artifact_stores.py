@@ -203,8 +203,8 @@ def checksums(root: Path) -> dict[str, str]:
 def test_experiment_resumes_from_cloud_store(store, tmp_path, capfd):
     from mlflow import MlflowClient
 
-    from ticketsmith.lottery import run_experiment
-    from ticketsmith.tracking import MlflowTracker
+    from ticketsmith.engine.lottery import run_experiment
+    from ticketsmith.tracking.tracker import MlflowTracker
 
     name, root, emu = store
     cfg = tiny_config(tmp_path, f"tiny-{name}-{uuid.uuid4().hex[:6]}")

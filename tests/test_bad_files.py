@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketsmith.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ticketsmith.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ticketsmith.cli import main
-from ticketsmith.data import DataError, check_idx, load_dataset
-from ticketsmith.masks import Mask, prune_magnitude
-from ticketsmith.models import build_model, prunable_weights
+from ticketsmith.engine.data import DataError, check_idx, load_dataset
+from ticketsmith.engine.masks import Mask, prune_magnitude
+from ticketsmith.engine.models import build_model, prunable_weights
 
 REPO = Path(__file__).resolve().parents[1]
 FLIPS = 300  # sampled single-bit flips per checkpoint (plus every byte of the header)

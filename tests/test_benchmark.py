@@ -11,17 +11,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ticketsmith import serving
-from ticketsmith.benchmark import (RESULT_KEYS, BenchmarkError, benchmark_checkpoint,
+from ticketsmith.serving import formats as serving
+from ticketsmith.serving.benchmark import (RESULT_KEYS, BenchmarkError, benchmark_checkpoint,
                                    benchmark_experiment, format_scorecard, load_ticket,
                                    resolve_checkpoint, write_benchmark)
-from ticketsmith.checkpoint import CheckpointError, save_checkpoint
+from ticketsmith.engine.checkpoint import CheckpointError, save_checkpoint
 from ticketsmith.cli import main
-from ticketsmith.data import load_dataset
-from ticketsmith.masks import Mask, apply_mask_, prune_magnitude
-from ticketsmith.measure import traffic
-from ticketsmith.models import build_model, prunable_weights
-from ticketsmith.serving import CSRLinear, Served
+from ticketsmith.engine.data import load_dataset
+from ticketsmith.engine.masks import Mask, apply_mask_, prune_magnitude
+from ticketsmith.serving.measure import traffic
+from ticketsmith.engine.models import build_model, prunable_weights
+from ticketsmith.serving.formats import CSRLinear, Served
 
 SYNTH = {"n_train": 200, "n_test": 100, "image_size": 8, "num_classes": 4}
 FAST = {"batch_sizes": (1, 8), "trials": 2, "quick": True}

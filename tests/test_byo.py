@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from ticketsmith import checkpoint as ckpt
+from ticketsmith.engine import checkpoint as ckpt
 from ticketsmith.config import load_config
-from ticketsmith.models import ModelError, build_model, output_layer, prunable_weights
-from ticketsmith.store import RunStore
+from ticketsmith.engine.models import ModelError, build_model, output_layer, prunable_weights
+from ticketsmith.engine.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "byo"

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ticketsmith.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ticketsmith.masks import Mask
+from ticketsmith.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ticketsmith.engine.masks import Mask
 
 
 def saved(tmp_path):

@@ -13,9 +13,9 @@ from pydantic import Field
 
 from ticketsmith.config import (BUILTIN_DATASETS, Config, ConfigError, TrainConfig,
                                 apply_overrides, config_from_dict, load_config, parse_override)
-from ticketsmith.data import DATASETS
-from ticketsmith.lottery import layer_fractions
-from ticketsmith.models import build_model, output_layer, prunable_weights
+from ticketsmith.engine.data import DATASETS
+from ticketsmith.engine.lottery import layer_fractions
+from ticketsmith.engine.models import build_model, output_layer, prunable_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -46,7 +46,7 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_every_shipped_config_loads_and_fits_its_model(path):
     if is_sweep(path):
-        from ticketsmith.sweep_config import load_sweep_config
+        from ticketsmith.sweep.config import load_sweep_config
 
         cfg = load_sweep_config(path).experiment_config({})  # validates the study, then its base
     else:

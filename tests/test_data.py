@@ -15,8 +15,8 @@ import re
 import pytest
 import torch
 
-from ticketsmith import data
-from ticketsmith.data import DataError, Dataset, batches, ensure_mnist, load_dataset
+from ticketsmith.engine import data
+from ticketsmith.engine.data import DataError, Dataset, batches, ensure_mnist, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("TICKETSMITH_DATA_ROOT") or REPO / "data")
@@ -288,7 +288,7 @@ def test_synthetic_bad_option():
 
 FACTORY_SRC = '''
 import torch
-from ticketsmith.data import Dataset
+from ticketsmith.engine.data import Dataset
 
 def make_dict(n=50, k=3):
     g = torch.Generator().manual_seed(0)

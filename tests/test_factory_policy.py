@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketsmith.checkpoint import (CheckpointError, factory_allowed, load_checkpoint,
+from ticketsmith.engine.checkpoint import (CheckpointError, factory_allowed, load_checkpoint,
                                     model_from_checkpoint, save_checkpoint)
 from ticketsmith.cli import main
-from ticketsmith.models import build_model
+from ticketsmith.engine.models import build_model
 
 FACTORY = "planted_factory:build"
 
@@ -28,7 +28,7 @@ def planted(tmp_path, monkeypatch):
     (pkg / "planted_factory.py").write_text(textwrap.dedent(f"""
         from pathlib import Path
         Path({str(marker)!r}).write_text("imported")
-        from ticketsmith.models import build_model
+        from ticketsmith.engine.models import build_model
 
         def build(input_shape, num_classes, **options):
             return build_model("mlp", input_shape, num_classes, options={{"hidden": [8]}})
@@ -83,7 +83,7 @@ def test_registered_pyfunc_imports_only_the_factory_its_config_named(tmp_path, p
     import mlflow
     from mlflow import MlflowClient
 
-    from ticketsmith.registry import register_ticket
+    from ticketsmith.tracking.registry import register_ticket
 
     client = MlflowClient(sqlite_uri)
     exp = client.create_experiment("factory-policy", artifact_location=str(tmp_path / "art"))
@@ -108,7 +108,7 @@ def test_backfilled_run_with_a_planted_factory_is_refused(tmp_path, planted, sql
     """A level finished locally, then uploaded by a tracked rerun (the path that rebuilds the
     model for its sample figure): a factory the config does not name is refused."""
     from ticketsmith.config import load_config
-    from ticketsmith.lottery import run_experiment
+    from ticketsmith.engine.lottery import run_experiment
     from ticketsmith.pipeline import run_prune
 
     cfg = load_config(repo_root / "configs" / "tiny.yaml",

@@ -17,11 +17,11 @@ import torch
 import yaml
 
 from ticketsmith.config import ConfigError, load_config
-from ticketsmith.execution import determinism
-from ticketsmith.lottery import run_experiment
-from ticketsmith.masks import (Mask, prune_magnitude, prune_n_m, semi_structured_plan)
-from ticketsmith.models import ResNet20, build_model, prunable_weights
-from ticketsmith.store import RunStore
+from ticketsmith.engine.execution import determinism
+from ticketsmith.engine.lottery import run_experiment
+from ticketsmith.engine.masks import (Mask, prune_magnitude, prune_n_m, semi_structured_plan)
+from ticketsmith.engine.models import ResNet20, build_model, prunable_weights
+from ticketsmith.engine.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -58,7 +58,7 @@ def test_gpu_job_without_cuda_exits_2_with_one_line(tmp_path, overrides, env):
 
 
 def test_pinned_device_refuses_another(monkeypatch):
-    from ticketsmith.train import resolve_device
+    from ticketsmith.engine.train import resolve_device
 
     monkeypatch.setenv("TICKETSMITH_DEVICE", "cuda")
     with pytest.raises(ConfigError, match="train.device: 'cpu'.*TICKETSMITH_DEVICE"):
@@ -299,7 +299,7 @@ def test_two_cuda_runs_give_identical_checkpoints(tmp_path, model):
 @pytest.mark.gpu
 @cuda
 def test_cuda_event_clock_times_calls():
-    from ticketsmith.measure import clock_for, time_side_by_side
+    from ticketsmith.serving.measure import clock_for, time_side_by_side
 
     x = torch.randn(256, 256, device="cuda")
     got = time_side_by_side({"mm": lambda: x @ x}, trials=3, warmup=2, block_s=0.001,

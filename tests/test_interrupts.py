@@ -103,7 +103,7 @@ def test_an_interrupt_inside_a_deferred_block_acts_when_it_ends():
 
 
 def test_retry_skips_its_back_off_when_interrupted():
-    from ticketsmith.tracking import retry
+    from ticketsmith.tracking.tracker import retry
 
     sleeps = []
 

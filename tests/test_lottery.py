@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketsmith import checkpoint as ckpt
-from ticketsmith import lottery
+from ticketsmith.engine import checkpoint as ckpt
+from ticketsmith.engine import lottery
 from ticketsmith.config import Config, ConfigError, load_config
-from ticketsmith.data import load_dataset
-from ticketsmith.lottery import derive_seed, run_experiment
-from ticketsmith.masks import Mask, prune_to_density, random_mask_like
-from ticketsmith.models import ModelError, build_model
-from ticketsmith.reporting import NullTracker
-from ticketsmith.store import RunStore
-from ticketsmith.train import train
+from ticketsmith.engine.data import load_dataset
+from ticketsmith.engine.lottery import derive_seed, run_experiment
+from ticketsmith.engine.masks import Mask, prune_to_density, random_mask_like
+from ticketsmith.engine.models import ModelError, build_model
+from ticketsmith.engine.events import NullTracker
+from ticketsmith.engine.store import RunStore
+from ticketsmith.engine.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_VARIANTS = "experiment.variants=[ticket, random_reinit, random_prune]"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ticketsmith.masks import (Mask, MaskError, apply_mask_, prune_magnitude, prune_n_m,
+from ticketsmith.engine.masks import (Mask, MaskError, apply_mask_, prune_magnitude, prune_n_m,
                                prune_to_density, random_mask_like)
-from ticketsmith.models import build_model, prunable_weights
+from ticketsmith.engine.models import build_model, prunable_weights
 
 SHAPES = {"fc1.weight": (40, 64), "fc2.weight": (24, 40), "conv.weight": (8, 4, 3, 3)}
 

@@ -97,7 +97,7 @@ FORMATS = {"dense", "csr", "compacted", "compacted_int8", "auto"}
 
 
 def test_benchmark_entry_point(project, workdir):
-    from ticketsmith.checkpoint import load_checkpoint
+    from ticketsmith.engine.checkpoint import load_checkpoint
 
     ckpts = sorted((workdir / "runs").glob("*/replicate_0/level_2/ticket/checkpoint.safetensors"))
     assert ckpts, "run test_prune_then_train_then_gate_entry_points first (same module)"

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from ticketsmith.cli import main
 from ticketsmith.config import load_config
-from ticketsmith.registry import CHAMPION, PREVIOUS, model_name_for
+from ticketsmith.tracking.registry import CHAMPION, PREVIOUS, model_name_for
 
 # Four prunes with registration: tens of seconds of CPU.
 pytestmark = pytest.mark.slow

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from ticketsmith.checkpoint import load_checkpoint
+from ticketsmith.engine.checkpoint import load_checkpoint
 from ticketsmith.config import load_config
-from ticketsmith.data import batches
-from ticketsmith.lottery import run_experiment, seeded_model
-from ticketsmith.store import RunStore
-from ticketsmith.train import train
+from ticketsmith.engine.data import batches
+from ticketsmith.engine.lottery import run_experiment, seeded_model
+from ticketsmith.engine.store import RunStore
+from ticketsmith.engine.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ from mlflow import MlflowClient
 from ticketsmith.cli import main
 from ticketsmith.config import load_config
 from ticketsmith.pipeline import run_prune
-from ticketsmith.report import build_report
-from ticketsmith.registry import model_name_for
-from ticketsmith.report_stats import (breaking_level, level_stats, min_rejecting_n,
+from ticketsmith.report.build import build_report
+from ticketsmith.tracking.registry import model_name_for
+from ticketsmith.report.stats import (breaking_level, level_stats, min_rejecting_n,
                                       paired_comparison, pooled_comparison, sign_flip_p, spread)
-from ticketsmith.tracking import TAG
+from ticketsmith.tracking.tracker import TAG
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("accuracy_vs_weights.png", "early_stop_vs_weights.png", "speedup_vs_sparsity.png",

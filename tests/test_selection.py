@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from ticketsmith.cli import parse_selection
+from ticketsmith.cli.experiment import parse_selection
 from ticketsmith.config import ConfigError, load_config
-from ticketsmith.lottery import LotteryError, Selection, run_experiment
+from ticketsmith.engine.lottery import LotteryError, Selection, run_experiment
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,8 @@ def test_bad_selection_is_one_clear_line(levels, variants, message):
 
 def test_global_scope_with_an_output_rate_of_its_own(tmp_path):
     """Hidden layers compete for one global budget; the output layer keeps its own rate."""
-    from ticketsmith import checkpoint as ckpt
-    from ticketsmith.store import RunStore
+    from ticketsmith.engine import checkpoint as ckpt
+    from ticketsmith.engine.store import RunStore
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"experiment.output_dir={tmp_path}", "prune.scope=global", "prune.levels=2",
@@ -71,7 +71,7 @@ def test_global_scope_with_an_output_rate_of_its_own(tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_a_config_error():
-    from ticketsmith.train import resolve_device
+    from ticketsmith.engine.train import resolve_device
 
     with pytest.raises(ConfigError, match="train.device: 'cuda' requested"):
         resolve_device("cuda")
@@ -79,7 +79,7 @@ def test_cuda_without_a_gpu_is_a_config_error():
 
 def test_train_command_reproduces_level_0(tmp_path):
     """`ticketsmith train` trains exactly what prune's dense level 0 trains."""
-    from ticketsmith.lottery import train_dense
+    from ticketsmith.engine.lottery import train_dense
 
     cfg = tiny(tmp_path)
     res, _, _ = train_dense(cfg, progress=False)

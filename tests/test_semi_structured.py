@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketsmith import checkpoint as ckpt
+from ticketsmith.engine import checkpoint as ckpt
 from ticketsmith.config import GateConfig, load_config
 from ticketsmith.gates import evaluate_gates
-from ticketsmith.lottery import run_experiment
-from ticketsmith.serving import is_2_4
-from ticketsmith.store import RunStore
+from ticketsmith.engine.lottery import run_experiment
+from ticketsmith.serving.formats import is_2_4
+from ticketsmith.engine.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 

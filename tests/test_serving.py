@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ticketsmith.compaction import Select, as_chain, compact
-from ticketsmith.masks import Mask, apply_mask_, prune_magnitude, prune_n_m
-from ticketsmith.models import MLP, ConvNet, LeNet5, count_params, prunable_weights
-from ticketsmith.serving import (CSR_MIN_WEIGHTS, BuildContext, CSRLinear, FormatUnavailable,
+from ticketsmith.serving.compaction import Select, as_chain, compact
+from ticketsmith.engine.masks import Mask, apply_mask_, prune_magnitude, prune_n_m
+from ticketsmith.engine.models import MLP, ConvNet, LeNet5, count_params, prunable_weights
+from ticketsmith.serving.formats import (CSR_MIN_WEIGHTS, BuildContext, CSRLinear, FormatUnavailable,
                                  build_format, default_formats, is_2_4, weight_bytes)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

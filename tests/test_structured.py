@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketsmith.compaction import as_chain, compact
+from ticketsmith.serving.compaction import as_chain, compact
 from ticketsmith.config import ConfigError, load_config
-from ticketsmith.lottery import check_model, experiment_data, layer_fractions, level_mask
-from ticketsmith.masks import Mask, MaskError
-from ticketsmith.models import build_model, output_layer, prunable_weights
-from ticketsmith.structured import (alive_units, check_chain, prune_units, random_units_like,
+from ticketsmith.engine.lottery import check_model, experiment_data, layer_fractions, level_mask
+from ticketsmith.engine.masks import Mask, MaskError
+from ticketsmith.engine.models import build_model, output_layer, prunable_weights
+from ticketsmith.engine.structured import (alive_units, check_chain, prune_units, random_units_like,
                                     unit_scores)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ STRUCTURED = [p for p in sorted((REPO / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", STRUCTURED, ids=[p.stem for p in STRUCTURED])
 def test_every_shipped_structured_config_can_prune_its_model_by_unit(path):
-    from ticketsmith.structured import check_structured
+    from ticketsmith.engine.structured import check_structured
 
     cfg = load_config(path)
     shape = (3, 32, 32) if cfg.data.name == "cifar10" else (1, 28, 28)
@@ -213,8 +213,8 @@ def test_tiny_structured_experiment_end_to_end(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from ticketsmith.pipeline import run_prune
-    from ticketsmith.registry import model_name_for
-    from ticketsmith.report import build_report
+    from ticketsmith.tracking.registry import model_name_for
+    from ticketsmith.report.build import build_report
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -233,8 +233,8 @@ def test_tiny_structured_experiment_end_to_end(tmp_path, monkeypatch):
         md = build_report(client, cfg.hash(), tmp_path / "reports")
     finally:
         mlflow.set_tracking_uri(None)
-    from ticketsmith.checkpoint import load_checkpoint
-    from ticketsmith.store import RunStore
+    from ticketsmith.engine.checkpoint import load_checkpoint
+    from ticketsmith.engine.store import RunStore
 
     store = RunStore(result.experiment.run_root)
     for level, units in ((1, 16), (2, 8)):   # 32 hidden neurons, half of them per level

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from ticketsmith.cli import main
 from ticketsmith.config import load_config
-from ticketsmith.sweep_config import STORAGE_ENV, load_sweep_config
+from ticketsmith.sweep.config import STORAGE_ENV, load_sweep_config
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "ticketsmith."

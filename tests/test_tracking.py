@@ -11,12 +11,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ticketsmith.checkpoint import load_checkpoint
+from ticketsmith.engine.checkpoint import load_checkpoint
 from ticketsmith.config import load_config
-from ticketsmith.models import build_model
+from ticketsmith.engine.models import build_model
 from ticketsmith.pipeline import run_prune
-from ticketsmith.registry import model_name_for
-from ticketsmith.tracking import TAG, load_records, resolve_experiment, retry, TrackingError
+from ticketsmith.tracking.registry import model_name_for
+from ticketsmith.tracking.tracker import TAG, load_records, resolve_experiment, retry, TrackingError
 
 LEVELS, VARIANTS = 3, ["ticket", "random_reinit"]
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_interrupted_experiment_resumes_into_same_parent(tmp_path, sqlite_uri, r
                                                          monkeypatch):
     cfg = tiny(tmp_path, "experiment.replicates=1")
     client = MlflowClient(sqlite_uri)
-    from ticketsmith import tracking
+    from ticketsmith.tracking import tracker as tracking
 
     original = tracking.MlflowTracker.log_metrics
     def dying(self, metrics, step):  # the process is killed during level 2's ticket
@@ -293,7 +293,7 @@ def test_system_metrics_on_parent_runs_when_asked(tmp_path, sqlite_uri, repo_roo
                                          ("mlruns", True), ("http://mlflow.ml:5000", False)])
 def test_a_pod_refuses_a_local_tracking_store(uri, refused, monkeypatch):
     from ticketsmith.config import ConfigError
-    from ticketsmith.tracking import check_shared_store
+    from ticketsmith.tracking.tracker import check_shared_store
 
     check_shared_store(uri)  # outside a pod: anything goes
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
@@ -305,7 +305,7 @@ def test_a_pod_refuses_a_local_tracking_store(uri, refused, monkeypatch):
 
 
 def test_legacy_stage_transition_only_behind_the_flag(tracked):
-    from ticketsmith.registry import promote, ticket_runs
+    from ticketsmith.tracking.registry import promote, ticket_runs
 
     cfg, client, out = tracked
     name = model_name_for(cfg.experiment.name, cfg.hash())
@@ -323,8 +323,8 @@ def test_the_engine_never_imports_mlflow():
     import subprocess
     import sys
 
-    code = ("import sys, ticketsmith.lottery, ticketsmith.train, ticketsmith.masks, "
-            "ticketsmith.data, ticketsmith.store, ticketsmith.checkpoint; "
+    code = ("import sys, ticketsmith.engine.lottery, ticketsmith.engine.train, ticketsmith.engine.masks, "
+            "ticketsmith.engine.data, ticketsmith.engine.store, ticketsmith.engine.checkpoint; "
             "print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -336,7 +336,7 @@ def test_late_rewinding_resumes_mid_experiment_on_a_fresh_machine(tmp_path, sqli
     client = MlflowClient(sqlite_uri)
     cfg = tiny(tmp_path, "experiment.replicates=1", "prune.rewind_iteration=20",
                "experiment.name=late-rewind")
-    from ticketsmith import tracking
+    from ticketsmith.tracking import tracker as tracking
 
     original = tracking.MlflowTracker.run_started
 

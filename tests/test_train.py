@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ticketsmith.config import TrainConfig
-from ticketsmith.data import load_dataset
-from ticketsmith.masks import Mask, apply_mask_, prune_to_density
-from ticketsmith.models import build_model, prunable_weights
-from ticketsmith.train import evaluate, train
+from ticketsmith.engine.data import load_dataset
+from ticketsmith.engine.masks import Mask, apply_mask_, prune_to_density
+from ticketsmith.engine.models import build_model, prunable_weights
+from ticketsmith.engine.train import evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = TrainConfig(optimizer="adam", lr=0.01, batch_size=64, iterations=60, eval_every=20,

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from ticketsmith.run_summary import (EXPERIMENT_KIND_TAG, GAP_KEY, NOTE_TAG, TRAINING_KIND,
+from ticketsmith.tracking.run_summary import (EXPERIMENT_KIND_TAG, GAP_KEY, NOTE_TAG, TRAINING_KIND,
                                      best_speedups, level_metrics, ui_link)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,29 @@
+"""The one-way layers of docs/architecture.md are checked, not hoped for: `lint-imports` runs
+the contracts in pyproject.toml ([tool.importlinter])."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_are_kept():
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or "lint-imports"
+    out = subprocess.run([exe, "--no-cache"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "0 broken" in out.stdout
+
+
+def test_help_and_a_config_error_import_neither_torch_nor_mlflow(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: -1}\n")
+    code = ("import sys\nfrom ticketsmith.cli import main\n"
+            "for argv in (['prune', '--config', sys.argv[1]], ['sweep', '--help'], ['--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'mlflow', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert "error: " in out.stderr and "train.lr" in out.stderr, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
