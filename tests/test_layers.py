@@ -1,5 +1,6 @@
 """The one-way layers of docs/architecture.md are checked, not hoped for: `lint-imports` runs
 the contracts in pyproject.toml ([tool.importlinter])."""
+import os
 import shutil
 import subprocess
 import sys
@@ -27,3 +28,14 @@ def test_help_and_a_config_error_import_neither_torch_nor_mlflow(tmp_path):
                          cwd=REPO, timeout=120)
     assert "error: " in out.stderr and "train.lr" in out.stderr, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_gate_reads_the_store_without_torch(tmp_path):
+    code = ("import sys\nfrom ticketsmith.cli import main\n"
+            "print(main(['gate', '--experiment', 'nothing-here']))\n"
+            "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert out.stdout.split() == ["2", "['mlflow']"], out.stdout + out.stderr[-2000:]
+    assert "nothing-here" in out.stderr

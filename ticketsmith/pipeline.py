@@ -19,6 +19,7 @@ from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_expe
 from ticketsmith.engine.events import Tracker
 from ticketsmith.tracking.registry import Promotion, model_name_for, promote, ticket_runs
 from ticketsmith.tracking.run_summary import best_speedups, ui_link
+from ticketsmith.tracking.regate import gate_experiment  # noqa: F401 (`ticketsmith gate`)
 from ticketsmith.tracking.tracker import MlflowTracker, load_records, retry
 
 
@@ -115,37 +116,3 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                                                        for k, v in best.items()])
         logged += 1
     echo(f"benchmark: serving results logged for {logged} level(s)")
-
-
-def gate_experiment(ref: str, config_path: str | None = None, overrides: list[str] = (),
-                    client: MlflowClient | None = None, *, update_registry: bool = False,
-                    echo: Callable[[str], None] = print) -> tuple[str, str, bool, str]:
-    """Gate a tracked experiment again: (hash, gate table, release ok, reason).
-
-    Thresholds come from `config_path` (+ overrides) or else the experiment's logged config.
-    update_registry: write the new verdicts to the experiment's registered versions and move
-    `champion`/`previous-champion` accordingly (otherwise the registry is only read).
-    """
-    import tempfile
-
-    import mlflow
-
-    from ticketsmith.config import load_config
-    from ticketsmith.tracking.tracker import parent_runs, resolve_experiment
-
-    client = client or MlflowClient()
-    exp_id, exp_hash = resolve_experiment(client, ref)
-    if config_path is None:
-        parent = parent_runs(client, exp_id, exp_hash)[0]
-        config_path = retry(lambda: mlflow.artifacts.download_artifacts(
-            run_id=parent.info.run_id, artifact_path="config.yaml", dst_path=tempfile.mkdtemp(),
-            tracking_uri=client.tracking_uri), "download config.yaml")
-    cfg = load_config(config_path, list(overrides))
-    verdicts = evaluate_gates(described(load_records(client, exp_id, exp_hash), cfg), cfg.gate)
-    if update_registry:
-        name = retry(lambda: client.get_experiment(exp_id), "get experiment").name
-        runs = ticket_runs(client, exp_id, exp_hash, Path(cfg.experiment.output_dir) / exp_hash)
-        promote(client, model_name_for(name, exp_hash), runs, verdicts, echo=echo,
-                register=False)
-    ok, reason = release_check(verdicts, cfg.gate)
-    return exp_hash, format_table(verdicts), ok, reason

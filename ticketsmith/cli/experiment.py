@@ -93,7 +93,7 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     """Print the quality-gate table of a tracked experiment; exit 1 if the release check fails."""
-    from ticketsmith.pipeline import gate_experiment
+    from ticketsmith.tracking.regate import gate_experiment
 
     registry: list[str] = []
     exp_hash, table, ok, reason = gate_experiment(args.experiment, args.config, args.overrides,

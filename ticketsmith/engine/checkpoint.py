@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from ticketsmith.engine.masks import Mask, MaskError, apply_mask_
+from ticketsmith.files import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 from ticketsmith.errors import CheckpointError  # noqa: F401 (re-exported)
 
 FORMAT = "ticketsmith-checkpoint/1"
@@ -43,27 +42,6 @@ def _digest(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
         # reshape first: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        # mkstemp makes the file private (0600); run folders and the artifact copies MLflow
-        # makes of them should be readable like any other output file.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], mask: Mask | None = None,

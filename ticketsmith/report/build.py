@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ticketsmith.engine.checkpoint import atomic_write_text
+from ticketsmith.files import atomic_write_text
 from ticketsmith.config import ConfigError
 from ticketsmith.report.evidence import evidence, registry_section, scorecard
 from ticketsmith.report.figures import (accuracy_vs_weights, early_stop_vs_weights, speedup_vs_sparsity,

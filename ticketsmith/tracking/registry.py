@@ -13,11 +13,8 @@ from typing import Any, Callable
 
 import mlflow
 import numpy as np
-import safetensors
-import torch
 from mlflow import MlflowClient
 
-from ticketsmith.engine.checkpoint import load_checkpoint
 from ticketsmith.engine.store import RunStore
 from ticketsmith.gates import LevelVerdict, champion_level
 from ticketsmith.interrupts import interrupts_deferred
@@ -59,6 +56,11 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
     existing = _find_version(client, name, run_id)
     if existing is not None:
         return existing.version
+    import safetensors
+    import torch
+
+    from ticketsmith.engine.checkpoint import load_checkpoint
+
     ck = load_checkpoint(checkpoint)
     example = np.zeros((2, *ck.meta["input_shape"]), dtype=np.float32)
     mlflow.set_tracking_uri(client.tracking_uri)

@@ -18,14 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from ticketsmith.engine.checkpoint import model_from_checkpoint
 from ticketsmith.config import Config, ConfigError
-from ticketsmith.tracking.figures import loss_curves, sample_grid
 from ticketsmith.interrupts import interrupts_deferred, raise_if_interrupted
 from ticketsmith.environment import environment as base_environment, git_commit
 from ticketsmith.engine.store import RunStore
@@ -307,6 +304,9 @@ class MlflowTracker:
                       f"upload {path.name}")
 
     def _figures(self, run_id: str, record: dict[str, Any], run_dir: Path) -> None:
+        from ticketsmith.engine.checkpoint import model_from_checkpoint
+        from ticketsmith.tracking.figures import loss_curves, sample_grid
+
         title = f"level {record['level']} {record['variant']} ({record['density']:.1%} weights)"
         with tempfile.TemporaryDirectory() as tmp:
             key = (record["replicate"], record["level"], record["variant"])
