@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
 from ticketsmith.cli import benchmark, experiment, report, sweep
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's HTTP client retries 7 times with exponential backoff (minutes) inside each of
     # our retries (tracking.retry); two inner retries keep an outage's failure prompt.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    # MLflow's hints about its own API (UserWarnings, some in raw ANSI colour) are not news
+    # about the experiment: the output is progress, the per-level lines, the answer, and
+    # where to look next (the MLflow UI link and the report path).
+    warnings.filterwarnings("ignore", message="\x1b\\[", category=UserWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:

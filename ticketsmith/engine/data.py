@@ -204,7 +204,8 @@ def ensure_mnist(root: str | Path = "data") -> tuple[Path, str]:
                 break
             except Exception as e:  # any failure of one source means: try the next one
                 tried.append(f"{label} ({_oneline(e)})")
-                log.info("MNIST source %s failed: %s", label, _oneline(e))
+                # The next source is tried; only the one that worked is news (below).
+                log.debug("MNIST source %s failed: %s", label, _oneline(e))
         else:
             raise DataError(f"MNIST not found: put {', '.join(names)} (uncompressed, or .gz) in {raw}; "
                             f"tried: {'; '.join(tried)}")

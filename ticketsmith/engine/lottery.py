@@ -20,7 +20,7 @@ from ticketsmith.config import Config, ConfigError, dump_config
 from ticketsmith.engine.data import Dataset, load_dataset
 from ticketsmith.engine.execution import check_resume, determinism, execution_facts
 from ticketsmith.engine.masks import (Mask, describe_plan, prune_magnitude, prune_n_m, random_mask_like,
-                    semi_structured_plan)
+                                      semi_structured_plan)
 from ticketsmith.engine.models import build_model, count_params, output_layer, prunable_weights
 from ticketsmith.engine.events import NullTracker, Tracker
 from ticketsmith.secrets import redact

@@ -21,7 +21,7 @@ from ticketsmith.files import atomic_write_text
 from ticketsmith.config import ConfigError
 from ticketsmith.report.evidence import evidence, registry_section, scorecard
 from ticketsmith.report.figures import (accuracy_vs_weights, early_stop_vs_weights, speedup_vs_sparsity,
-                             training_curves)
+                                        training_curves)
 from ticketsmith.report.render import Block, Figure, Heading, para, to_html, to_markdown
 from ticketsmith.report.sections import VARIANT_NAMES, answer, paired_section, pct, results_table
 from ticketsmith.report.frontier import family_local, family_mlflow, frontier_section

@@ -6,7 +6,7 @@ from typing import Any
 
 from ticketsmith.report.render import Block, Bullets, Code, Heading, Strong, Table, para
 from ticketsmith.report.stats import (ALPHA, Facts, batch_sizes, best_format, min_rejecting_n,
-                           speedup_text)
+                                      speedup_text)
 
 VARIANT_NAMES = {"dense": "dense", "ticket": "ticket", "random_reinit": "random re-init",
                  "random_prune": "random prune"}

@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from ticketsmith.engine.checkpoint import (CheckpointError, atomic_write_text, load_checkpoint,
-                         model_from_checkpoint)
+                                           model_from_checkpoint)
 from ticketsmith.engine.models import count_params, prunable_weights
 from ticketsmith.engine.store import RunStore
 from ticketsmith.secrets import redact
 from ticketsmith.serving.measure import (clock_for, timing_environment, median, peak_memory, percentile,
-                      time_side_by_side, traffic)
+                                         time_side_by_side, traffic)
 from ticketsmith.serving.formats import (BuildContext, FormatUnavailable, Served, build_format, default_formats,
-                      weight_bytes)
+                                         weight_bytes)
 from ticketsmith.errors import BenchmarkError  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ticketsmith.benchmark")

@@ -26,10 +26,10 @@ from ticketsmith.gates import champion_level, evaluate_gates
 from ticketsmith.engine.lottery import derive_seed
 from ticketsmith.pipeline import run_prune
 from ticketsmith.secrets import redact
-from ticketsmith.sweep.config import (STORAGE_ENV, StudyLock, SweepConfig, load_sweep_config, make_sampler,
-                           make_trial_pruner, open_storage, resolve_storage)
+from ticketsmith.sweep.config import (STORAGE_ENV, StudyLock, SweepConfig, make_sampler,
+                                      make_trial_pruner, open_storage)
 from ticketsmith.sweep.tracking import (end_run, ensure_sweep_run, run_exists, start_trial_run,
-                             summarize)
+                                        summarize)
 from ticketsmith.tracking.tracker import TAG, MlflowTracker, check_shared_store, retry
 from ticketsmith.errors import SweepError  # noqa: F401 (re-exported)
 

@@ -28,7 +28,7 @@ from ticketsmith.environment import environment as base_environment, git_commit
 from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.events import TrackingError, UnknownExperiment
 from ticketsmith.tracking.run_summary import (EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, experiment_description,
-                          level_metrics, replicate_description)
+                                              level_metrics, replicate_description)
 from ticketsmith.secrets import redact
 
 TAG = "ticketsmith."
