@@ -45,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def without_mlflow_hints(show: Callable) -> Callable:
+    """MLflow's hints about its own API (UserWarnings, some in raw ANSI colour) are not news
+    about the experiment: the output is progress, the per-level lines, the answer and where to
+    look next (the MLflow UI link, the report path). A hook rather than a filter, because
+    libraries imported later put their own filters in front of ours."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        mlflow_hint = str(message).startswith("\x1b[") or f"{os.sep}mlflow{os.sep}" in filename
+        if not (issubclass(category, UserWarning) and mlflow_hint):
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Per-file download bars from MLflow drown the experiment's own progress output.
@@ -52,11 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's HTTP client retries 7 times with exponential backoff (minutes) inside each of
     # our retries (tracking.retry); two inner retries keep an outage's failure prompt.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    # MLflow's hints about its own API (UserWarnings, some in raw ANSI colour) are not news
-    # about the experiment: the output is progress, the per-level lines, the answer, and
-    # where to look next (the MLflow UI link and the report path).
-    warnings.filterwarnings("ignore", message="\x1b\\[", category=UserWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
+    # MLflow's own INFO lines (creating tables, inferring a signature) are not ours to show.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.showwarning = without_mlflow_hints(warnings.showwarning)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:

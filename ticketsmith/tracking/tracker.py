@@ -312,7 +312,10 @@ class MlflowTracker:
             key = (record["replicate"], record["level"], record["variant"])
             curve = json.loads(self.store.curve_path(*key).read_text())
             loss_curves(curve, Path(tmp) / "loss_curves.png", title)
-            if self.data is not None and self.data.test_x.dim() == 4:  # images only
+            # Images only, and only for the models that ship (dense, tickets): the random
+            # controls' predictions tell nobody anything, and each grid rebuilds a model.
+            if (self.data is not None and self.data.test_x.dim() == 4
+                    and record["variant"] in ("dense", "ticket")):
                 # The run folder may come from the artifact store: same factory policy as
                 # every loader, allowing only the factory this experiment's config names.
                 model = model_from_checkpoint(self.store.checkpoint_path(*key),
