@@ -39,3 +39,15 @@ def test_gate_reads_the_store_without_torch(tmp_path):
                          cwd=tmp_path, env=env, timeout=300)
     assert out.stdout.split() == ["2", "['mlflow']"], out.stdout + out.stderr[-2000:]
     assert "nothing-here" in out.stderr
+
+
+def test_old_import_paths_of_registered_models_still_resolve():
+    """Models registered before the engine moved carry code that imports
+    `ticketsmith.checkpoint.model_from_checkpoint` (and name `ticketsmith.pyfunc_model`)."""
+    from ticketsmith.checkpoint import model_from_checkpoint
+    from ticketsmith.engine import checkpoint
+    from ticketsmith.pyfunc_model import TicketModel
+    from ticketsmith.tracking import pyfunc_model
+
+    assert model_from_checkpoint is checkpoint.model_from_checkpoint
+    assert TicketModel is pyfunc_model.TicketModel
