@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs a headless browser for tests/test_report.py, which opens the self-contained HTML
+# Installs a headless browser for tests/report/test_report.py, which opens the self-contained HTML
 # executive report in real Chromium. Idempotent: returns at once when a Chromium or Chrome
 # binary is already on PATH. Debian/Ubuntu package `chromium` (bookworm: 156.x); needs root
 # or sudo. Without any browser the HTML test is skipped with a message saying so.

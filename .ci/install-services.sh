@@ -10,7 +10,7 @@
 # Override the location with TICKETSMITH_NODE_PREFIX (tests read the same variable).
 set -euo pipefail
 
-# Headless Chromium for the HTML report test and the MLflow UI test (tests/test_ui.py, driven
+# Headless Chromium for the HTML report test and the MLflow UI test (tests/tracking/test_ui.py, driven
 # by the `playwright` package from the `test` extra: never a downloaded browser). Debian
 # package; returns at once if present.
 bash "$(dirname "${BASH_SOURCE[0]}")/install-chromium.sh"

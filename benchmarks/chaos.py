@@ -36,7 +36,7 @@ from typing import Any, Callable
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from ticketsmith.tracking import TAG
+from ticketsmith.tracking.tracker import TAG
 
 TIMEOUT_S = 900  # one prune process; a hang is a finding, not a wait
 # Metrics that measure time, not results: never compared.

@@ -49,9 +49,10 @@ def summary(runs: dict[int, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ticketsmith.benchmark import benchmark_checkpoint, format_scorecard, write_benchmark
+    from ticketsmith.serving.benchmark import benchmark_checkpoint, format_scorecard, write_benchmark
     from ticketsmith.config import load_config
-    from ticketsmith.lottery import run_experiment
+    from ticketsmith.engine.lottery import run_experiment
+    from ticketsmith.engine.store import RunStore
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default=str(REPO / "runs"), help="experiment run directory")
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                       ["experiment.benchmark=false", f"experiment.output_dir={args.output_dir}",
                        f"data.root={args.data_root}"])
     experiment = run_experiment(cfg, progress=False)
-    ckpt = (experiment.run_root / "replicate_0" / f"level_{cfg.prune.levels}" / "ticket"
-            / "checkpoint.safetensors")
+    ckpt = RunStore(experiment.run_root).checkpoint_path(0, cfg.prune.levels, "ticket")
     runs = {}
     for threads in (int(t) for t in args.threads.split(",")):
         result = benchmark_checkpoint(ckpt, batch_sizes=(1, 256), threads=threads,

@@ -36,9 +36,10 @@ def pick_levels(records: list[dict], low: float, high: float, max_drop: float) -
 
 def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root: str):
     """Median compacted-vs-dense speedup per batch size over `repeats` benchmark runs."""
-    from ticketsmith.benchmark import benchmark_checkpoint
+    from ticketsmith.engine.store import RunStore
+    from ticketsmith.serving.benchmark import benchmark_checkpoint
 
-    ckpt = run_root / "replicate_0" / f"level_{level}" / "ticket" / "checkpoint.safetensors"
+    ckpt = RunStore(run_root).checkpoint_path(0, level, "ticket")
     speedups: dict[int, list[float]] = {bs: [] for bs in TARGETS}
     floors: dict[int, list[float]] = {bs: [] for bs in TARGETS}
     result: dict = {}
@@ -56,7 +57,7 @@ def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root
 def main(argv: list[str] | None = None) -> int:
 
     from ticketsmith.config import load_config
-    from ticketsmith.lottery import run_experiment
+    from ticketsmith.engine.lottery import run_experiment
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default=str(REPO / "runs"), help="experiment run directory")

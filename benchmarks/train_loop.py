@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ticketsmith.config import TrainConfig
-from ticketsmith.data import Dataset, load_dataset
-from ticketsmith.masks import prune_to_density
-from ticketsmith.models import build_model, prunable_weights
-from ticketsmith.train import train
+from ticketsmith.engine.data import Dataset, load_dataset
+from ticketsmith.engine.masks import prune_to_density
+from ticketsmith.engine.models import build_model, prunable_weights
+from ticketsmith.engine.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    from ticketsmith import report
+    from ticketsmith.report import build as report
     from ticketsmith.config import load_config
     from ticketsmith.pipeline import run_prune
-    from ticketsmith.tracking import MlflowTracker, environment
+    from ticketsmith.tracking.tracker import MlflowTracker, environment
 
     spent: dict[str, float] = {}
     timed(MlflowTracker, "_log_parent_series", spent)

@@ -1,6 +1,6 @@
 """`python -m ticketsmith ...` is the `ticketsmith` console script."""
 import sys
 
-from .cli import main
+from ticketsmith.cli import main
 
 sys.exit(main())

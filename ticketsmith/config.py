@@ -17,13 +17,10 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 from pydantic_core import InitErrorDetails
+from ticketsmith.errors import ConfigError  # noqa: F401 (re-exported)
 
 # Fields that name where things go or how they are shown, not what is computed.
 _NOT_HASHED = {"json_schema_extra": {"hashed": False}}
-
-
-class ConfigError(ValueError):
-    """One-line description of a bad config: file or key path, and what is expected."""
 
 
 class _Section(BaseModel):

@@ -9,11 +9,8 @@ from dataclasses import dataclass, field
 from statistics import mean
 from typing import Any, Iterable
 
-from .config import GateConfig
-
-
-class GateError(ValueError):
-    """The records cannot be gated (e.g. no dense baseline)."""
+from ticketsmith.config import Config, GateConfig
+from ticketsmith.errors import GateError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,17 @@ def _mean(records: Iterable[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in records]
     return mean(values) if values else None
 
+
+
+def described(records: Iterable[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """The records `cfg` describes: its levels, replicates and variants (and the dense runs).
+
+    Levels, replicates and variants are not hashed, so one experiment's store may hold more
+    than its config asks for now. `prune`, `ticketsmith gate` and the report all gate this
+    selection, so the three give the same verdicts."""
+    wanted = {"dense", *cfg.experiment.variants}
+    return [r for r in records if r["level"] <= cfg.prune.levels
+            and r["replicate"] < cfg.experiment.replicates and r["variant"] in wanted]
 
 def evaluate_gates(records: list[dict[str, Any]], cfg: GateConfig) -> list[LevelVerdict]:
     """One verdict per pruned level (>0) that has ticket records."""

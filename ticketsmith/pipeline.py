@@ -13,13 +13,14 @@ from typing import Callable
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from .config import Config
-from .gates import LevelVerdict, evaluate_gates, format_table, release_check
-from .lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
-from .reporting import Tracker
-from .registry import Promotion, model_name_for, promote, ticket_runs
-from .run_summary import best_speedups, ui_link
-from .tracking import MlflowTracker, load_records, retry
+from ticketsmith.config import Config
+from ticketsmith.gates import LevelVerdict, described, evaluate_gates, format_table, release_check
+from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
+from ticketsmith.engine.events import Tracker
+from ticketsmith.tracking.registry import Promotion, model_name_for, promote, ticket_runs
+from ticketsmith.tracking.run_summary import best_speedups, ui_link
+from ticketsmith.tracking.regate import gate_experiment  # noqa: F401 (`ticketsmith gate`)
+from ticketsmith.tracking.tracker import MlflowTracker, load_records, retry
 
 
 @dataclass
@@ -67,13 +68,9 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
                             selection=selection, data=data)
     if cfg.experiment.benchmark:
         benchmark_levels(cfg, client, tracker, result, echo)
-    # The store may hold more of this experiment than the config asks for now (levels,
-    # replicates and variants are not hashed): gate what the config describes.
-    wanted = {"dense", *cfg.experiment.variants}
-    records = [r for r in load_records(client, tracker.exp_id, result.exp_hash)
-               if r["level"] <= cfg.prune.levels and r["replicate"] < cfg.experiment.replicates
-               and r["variant"] in wanted]
-    verdicts = evaluate_gates(records, cfg.gate)
+    # The store may hold more of this experiment than the config asks for now.
+    verdicts = evaluate_gates(described(load_records(client, tracker.exp_id, result.exp_hash),
+                                        cfg), cfg.gate)
     echo("quality gates (mean over replicates):\n" + format_table(verdicts))
     log_gates(client, tracker, verdicts)
     promotion = None
@@ -86,7 +83,7 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     ok, reason = release_check(verdicts, cfg.gate)
     echo(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
     if report_dir is not None:
-        from .report import build_report
+        from ticketsmith.report.build import build_report
 
         ref = f"{cfg.experiment.name}/{result.exp_hash}"  # the hash alone may be in several
         echo(f"report: {build_report(client, ref, report_dir)}")
@@ -97,7 +94,7 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
 def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                      result: ExperimentResult, echo: Callable[[str], None]) -> None:
     """Serving benchmark of every level's ticket (replicate 0), logged to its child run."""
-    from .benchmark import benchmark_experiment, metric_key
+    from ticketsmith.serving.benchmark import benchmark_experiment, metric_key
 
     logged = 0
     for bench in benchmark_experiment(result.run_root, result.records, quick=True,
@@ -119,37 +116,3 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                                                        for k, v in best.items()])
         logged += 1
     echo(f"benchmark: serving results logged for {logged} level(s)")
-
-
-def gate_experiment(ref: str, config_path: str | None = None, overrides: list[str] = (),
-                    client: MlflowClient | None = None, *, update_registry: bool = False,
-                    echo: Callable[[str], None] = print) -> tuple[str, str, bool, str]:
-    """Gate a tracked experiment again: (hash, gate table, release ok, reason).
-
-    Thresholds come from `config_path` (+ overrides) or else the experiment's logged config.
-    update_registry: write the new verdicts to the experiment's registered versions and move
-    `champion`/`previous-champion` accordingly (otherwise the registry is only read).
-    """
-    import tempfile
-
-    import mlflow
-
-    from .config import load_config
-    from .tracking import parent_runs, resolve_experiment
-
-    client = client or MlflowClient()
-    exp_id, exp_hash = resolve_experiment(client, ref)
-    if config_path is None:
-        parent = parent_runs(client, exp_id, exp_hash)[0]
-        config_path = retry(lambda: mlflow.artifacts.download_artifacts(
-            run_id=parent.info.run_id, artifact_path="config.yaml", dst_path=tempfile.mkdtemp(),
-            tracking_uri=client.tracking_uri), "download config.yaml")
-    cfg = load_config(config_path, list(overrides))
-    verdicts = evaluate_gates(load_records(client, exp_id, exp_hash), cfg.gate)
-    if update_registry:
-        name = retry(lambda: client.get_experiment(exp_id), "get experiment").name
-        runs = ticket_runs(client, exp_id, exp_hash, Path(cfg.experiment.output_dir) / exp_hash)
-        promote(client, model_name_for(name, exp_hash), runs, verdicts, echo=echo,
-                register=False)
-    ok, reason = release_check(verdicts, cfg.gate)
-    return exp_hash, format_table(verdicts), ok, reason

@@ -1,8 +1,5 @@
-"""`python -m ticketsmith.prune`: the CLI's prune command (run or resume an IMP experiment).
-
-Pruning itself lives in `ticketsmith.masks`; the experiment driver in `ticketsmith.lottery`.
-"""
-from .cli import run_module
+"""`python -m ticketsmith.prune`: the door to `ticketsmith prune`."""
+from ticketsmith.cli import run_module
 
 if __name__ == "__main__":
     run_module("prune")

@@ -1,0 +1,116 @@
+"""Ctrl-C on a real `ticketsmith prune` process: one line, exit 130, nothing left RUNNING.
+
+Each interrupt is sent when the process reports a moment on stdout (no sleeping on time):
+during start-up, training, the re-logging of finished runs on resume, and gating/registry.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import load_benchmark
+from ticketsmith import interrupts
+
+REPO = Path(__file__).resolve().parents[2]
+INTERRUPTED = "interrupted: finished levels are kept; run the same command again to resume"
+
+
+chaos = load_benchmark("chaos")
+
+
+def interrupt_at(cmd: list[str], cwd: Path, env: dict[str, str], prefix: str) -> list[str]:
+    """Run `cmd`, send SIGINT as soon as a stdout line starts with `prefix`; the stderr lines
+    written after the signal. Asserts exit code 130."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    err: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: err.extend((time.monotonic(), line)
+                                                        for line in proc.stderr), daemon=True)
+    reader.start()
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.lstrip().startswith(prefix):
+            break
+    else:
+        pytest.fail(f"no stdout line starting with {prefix!r}: {seen}")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, "".join(line for _, line in err)
+    reader.join(timeout=30)
+    after = [line.rstrip("\n") for t, line in err if t >= sent]
+    assert "Traceback" not in "".join(line for _, line in err)
+    return after
+
+
+def check_store(uri: str, name: str) -> chaos.Audit:
+    found = chaos.audit(uri, name)
+    assert found.running == 0
+    assert found.duplicate_runs == 0 and found.duplicate_versions == 0
+    return found
+
+
+@pytest.fixture()
+def prune(tmp_path: Path):
+    """(command, env, uri, name) of the tiny experiment in its own SQLite store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = chaos.prune_command(str(REPO / "configs" / "tiny.yaml"), tmp_path, "intr", [])
+    return cmd, chaos.store_env(uri), uri, "intr"
+
+
+@pytest.mark.slow
+def test_interrupts_during_training_and_gating_exit_130_with_one_line(prune, tmp_path):
+    cmd, env, uri, name = prune
+    for moment in ("tracking:", "experiment ", "r0 level 1", "quality gates"):
+        assert interrupt_at(cmd, tmp_path, env, moment) == [INTERRUPTED], moment
+        check_store(uri, name)
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    assert len(check_store(uri, name).finished) == 7  # dense + 3 levels x 2 variants
+
+
+@pytest.mark.slow
+def test_interrupts_while_finished_runs_are_relogged(prune, tmp_path):
+    """Finished locally, not in the store: the resume re-logs every run, and is interrupted."""
+    cmd, env, uri, name = prune
+    untracked = subprocess.run([*cmd, "--no-tracking"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert untracked.returncode == 0, untracked.stderr
+    for moment in ("experiment ", "r0 level 0", "r0 level 2"):
+        assert interrupt_at(cmd, tmp_path, env, moment) == [INTERRUPTED], moment
+        check_store(uri, name)
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    assert len(check_store(uri, name).finished) == 7
+
+
+def test_an_interrupt_inside_a_deferred_block_acts_when_it_ends():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.interrupts_deferred():
+            with interrupts.interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("inner")
+            done.append("outer")  # the nested block's end does not act yet
+    assert done == ["inner", "outer"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_retry_skips_its_back_off_when_interrupted():
+    from ticketsmith.tracking.tracker import retry
+
+    sleeps = []
+
+    def down_and_interrupted():
+        os.kill(os.getpid(), signal.SIGINT)
+        raise ConnectionError("connection refused")
+
+    with pytest.raises(KeyboardInterrupt):
+        retry(down_and_interrupted, "log batch", sleep=sleeps.append)
+    assert sleeps == []

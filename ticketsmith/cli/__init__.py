@@ -1,0 +1,92 @@
+"""The one command-line interface. `python -m ticketsmith.<cmd>`, the `ticketsmith` console
+script and the MLproject entry points all end up in `main`.
+
+One table of commands; each handler parses nothing itself and imports its library code when
+called, so `--help` and a config error never wait for torch or MLflow. One place maps errors
+to exit codes: 0 done, 1 tracking failure / failed release check / a sweep that cannot go on,
+2 bad input, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Callable
+
+from ticketsmith.cli import benchmark, experiment, report, sweep
+from ticketsmith.cli.args import add_config_args
+from ticketsmith.errors import USER_ERRORS, SweepError, TrackingError
+
+Handler = Callable[[argparse.Namespace], int]
+AddArgs = Callable[[argparse.ArgumentParser], None]
+
+# name → (handler, function adding the command's arguments)
+COMMANDS: dict[str, tuple[Handler, AddArgs]] = {
+    "train": (experiment.cmd_train, add_config_args),
+    "prune": (experiment.cmd_prune, experiment.add_prune_args),
+    "gate": (experiment.cmd_gate, experiment.add_gate_args),
+    "benchmark": (benchmark.cmd_benchmark, benchmark.add_args),
+    "report": (report.cmd_report, report.add_args),
+    "sweep": (sweep.cmd_sweep, sweep.add_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ticketsmith", description="Lottery-ticket experiments: how far can a network be "
+        "pruned before quality drops, and what does it save at serving time?")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0],
+                           description=(fn.__doc__ or "").strip())
+        add_args(p)
+    return parser
+
+
+def without_mlflow_hints(show: Callable) -> Callable:
+    """MLflow's hints about its own API (UserWarnings, some in raw ANSI colour) are not news
+    about the experiment: the output is progress, the per-level lines, the answer and where to
+    look next (the MLflow UI link, the report path). A hook rather than a filter, because
+    libraries imported later put their own filters in front of ours."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        mlflow_hint = str(message).startswith("\x1b[") or f"{os.sep}mlflow{os.sep}" in filename
+        if not (issubclass(category, UserWarning) and mlflow_hint):
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Per-file download bars from MLflow drown the experiment's own progress output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's HTTP client retries 7 times with exponential backoff (minutes) inside each of
+    # our retries (tracking.retry); two inner retries keep an outage's failure prompt.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    # MLflow's own INFO lines (creating tables, inferring a signature) are not ours to show.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.showwarning = without_mlflow_hints(warnings.showwarning)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][0](args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrackingError as exc:
+        print(f"error: tracking failed, nothing recorded so far is lost; rerun to resume: {exc}",
+              file=sys.stderr)
+        return 1
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished levels are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+def run_module(command: str) -> None:
+    """Entry for `python -m ticketsmith.<command>`."""
+    sys.exit(main([command, *sys.argv[1:]]))

@@ -1,0 +1,70 @@
+"""`ticketsmith benchmark`: the serving scorecard of one ticket against its dense baseline.
+Parses arguments and calls `ticketsmith.serving.benchmark`."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ticketsmith.errors import ConfigError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint.safetensors path, runs:/<run id>/<path>, "
+                        "models:/<name>@<alias> or any MLflow artifact URI")
+    p.add_argument("--batch-sizes", default="1,256", help="comma-separated (default 1,256)")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated serving formats (default: all that run on the device)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--trials", type=int, default=None, help="interleaved timing rounds")
+    p.add_argument("--quick", action="store_true", help="few, short rounds (seconds per model)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--output", default="benchmark.json", help="where to write the JSON")
+    p.add_argument("--data-root", default="data", help="data folder for test accuracies")
+    p.add_argument("--no-data", action="store_true", help="skip accuracies (no data loaded)")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                   help="points a quantized format may lose against the masked model")
+    p.add_argument("--allow-factory", action="store_true",
+                   help="import the model factory named in the checkpoint's metadata")
+    p.add_argument("--log-mlflow", action="store_true",
+                   help="log to MLflow (a new run unless one is active)")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes: expected integers like 1,256, got {text!r}") from None
+
+
+def _log_mlflow(result: dict, checkpoint: str, requested: bool) -> None:
+    import mlflow
+
+    from ticketsmith.secrets import redact
+    from ticketsmith.serving.benchmark import log_mlflow
+
+    if mlflow.active_run() is not None:
+        log_mlflow(result)
+    elif requested or os.environ.get("MLFLOW_RUN_ID"):
+        # Under `mlflow run -e benchmark`, start_run resumes the run MLflow created for us.
+        with mlflow.start_run(run_name="benchmark",
+                              tags={"ticketsmith.checkpoint": redact(checkpoint)}):
+            log_mlflow(result)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """Benchmark a ticket's serving formats against its dense baseline and print the scorecard."""
+    from ticketsmith.serving.benchmark import benchmark_checkpoint, format_scorecard, write_benchmark
+
+    result = benchmark_checkpoint(
+        args.checkpoint, batch_sizes=_ints(args.batch_sizes),
+        formats=args.formats.split(",") if args.formats else None, threads=args.threads,
+        trials=args.trials, quick=args.quick, device=args.device,
+        data_root=None if args.no_data else args.data_root,
+        allow_factory=args.allow_factory, max_accuracy_drop=args.max_accuracy_drop)
+    print(format_scorecard(result))
+    path = write_benchmark(result, args.output)
+    print(f"wrote {path}")
+    _log_mlflow(result, args.checkpoint, args.log_mlflow)
+    return 0
+

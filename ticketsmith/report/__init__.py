@@ -1,0 +1,1 @@
+"""The executive report: sources, statistics, sections, evidence, figures, rendering."""

@@ -1,0 +1,1 @@
+"""Serving: formats a ticket can ship as, compaction, measurement and the benchmark."""

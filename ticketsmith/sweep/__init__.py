@@ -1,0 +1,1 @@
+"""Optuna sweeps over pruning schedules: config, study, and their MLflow runs."""

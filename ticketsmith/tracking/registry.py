@@ -1,0 +1,218 @@
+"""Ticket candidates in the MLflow model registry, promoted or rejected by the gates.
+
+Candidate per level: the ticket of replicate 0 (every replicate has its own mask; replicate 0
+is the deterministic choice; the gates themselves use the mean over all replicates).
+Aliases replace the deprecated stages: `champion` ≈ Production, `previous-champion` ≈ the
+archived version kept for rollback. `legacy_stages=True` also moves stages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+from ticketsmith.engine.store import RunStore
+from ticketsmith.gates import LevelVerdict, champion_level
+from ticketsmith.interrupts import interrupts_deferred
+from ticketsmith.tracking.tracker import TAG, retry
+
+CHAMPION, PREVIOUS = "champion", "previous-champion"
+MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
+
+
+@dataclass(frozen=True)
+class Promotion:
+    model_name: str
+    versions: dict[int, str]          # level → model version
+    champion: str | None              # version holding `champion` now
+    previous: str | None              # version holding `previous-champion` now
+    rejected: list[str]
+
+
+def model_name_for(experiment_name: str, exp_hash: str) -> str:
+    """The registered model of one experiment: `NAME-HASH`. Tickets of different configs
+    (another hash under a reused name) never compete for one model's aliases; a champion
+    is only ever replaced by a ticket of the same experiment. MLflow refuses '/' and ':'
+    in model names, so they become '_'."""
+    return f"{experiment_name}-{exp_hash}".replace("/", "_").replace(":", "_")
+
+
+def _find_version(client: MlflowClient, name: str, run_id: str):
+    found = retry(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"),
+                  "search model versions")
+    return found[0] if found else None
+
+
+def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Path,
+                    allow_factory: str | None = None) -> str:
+    """Log the ticket as a pyfunc model in its run and register it; idempotent per run.
+
+    allow_factory: the model factory the experiment's config names; the pyfunc imports that
+    one and no other (`checkpoint.factory_allowed`)."""
+    existing = _find_version(client, name, run_id)
+    if existing is not None:
+        return existing.version
+    import safetensors
+    import torch
+
+    from ticketsmith.engine.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    example = np.zeros((2, *ck.meta["input_shape"]), dtype=np.float32)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    # Ctrl-C waits for the model to be logged: MLflow's own store calls in here must not be
+    # cut in half (see interrupts.py).
+    with interrupts_deferred(), mlflow.start_run(run_id=run_id):
+        # The model carries its own code (ticketsmith/) and states its requirements, so MLflow
+        # need not infer them by re-importing the model in a subprocess (~10 s per version).
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=MODEL_CODE, artifacts={"checkpoint": str(checkpoint)},
+            input_example=example, code_paths=[str(Path(__file__).parents[1])],
+            model_config={"allow_factory": allow_factory} if allow_factory else None,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}",
+                              f"mlflow=={mlflow.__version__}"])
+    try:
+        retry(lambda: client.get_registered_model(name), "get registered model")
+    except Exception:
+        retry(lambda: client.create_registered_model(
+            name, description="TicketSmith ticket candidates; `champion` is the sparsest ticket "
+                              "passing every quality gate."), "create registered model")
+    mv = retry(lambda: client.create_model_version(name, info.model_uri, run_id=run_id,
+                                                   model_id=info.model_id),
+               "create model version")
+    # MLflow may close the run it reopened; keep the ticket run FINISHED as the engine left it.
+    retry(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
+    return mv.version
+
+
+def version_description(verdict: LevelVerdict, serving: str | None = None) -> str:
+    """The version's description in the MLflow UI: the gate verdict with the numbers that
+    decided it, then (`serving`) the deployed format and its measured speedup."""
+    lines = [f"Level {verdict.level} ticket, {verdict.sparsity:.1%} sparse, mean test accuracy "
+             f"{verdict.ticket_accuracy:.2f}% over {verdict.replicates} replicate(s): quality gate "
+             f"**{'PASSED' if verdict.passed else 'FAILED'}**."]
+    lines += [f"- {g.name}: {'n/a' if g.passed is None else ('PASS' if g.passed else 'FAIL')} "
+              f"— {g.detail}" + (f" (threshold {g.threshold})" if g.threshold is not None else "")
+              for g in verdict.gates]
+    if serving:
+        lines += ["", serving]
+    return "\n".join(lines)
+
+
+def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, Path]],
+            verdicts: list[LevelVerdict], *, legacy_stages: bool = False,
+            echo: Callable[[str], None] = print, allow_factory: str | None = None,
+            register: bool = True) -> Promotion:
+    """Register every level's candidate, tag gate results, move the aliases.
+
+    register=False: re-gate only the versions already registered (`ticketsmith gate
+    --update-registry`, which may run where the checkpoints are not); others are skipped.
+    """
+    by_level = {v.level: v for v in verdicts}
+    versions, rejected = {}, []
+    for level, (run_id, checkpoint) in sorted(ticket_runs.items()):
+        if level not in by_level:
+            continue
+        if register:
+            version = register_ticket(client, name, run_id, checkpoint, allow_factory)
+        elif (found := _find_version(client, name, run_id)) is not None:
+            version = found.version
+        else:
+            continue
+        versions[level] = version
+        v = by_level[level]
+        tags: dict[str, Any] = {"level": level, "sparsity": f"{v.sparsity:.6f}",
+                                "source_run": run_id,
+                                "quality_gate": "passed" if v.passed else "rejected"}
+        for g in v.gates:
+            tags[f"gate.{g.name}"] = ("n/a" if g.passed is None else
+                                      ("PASS" if g.passed else "FAIL")) + (
+                f" {g.value:.4f}" if g.value is not None else "")
+        for k, val in tags.items():
+            retry(lambda: client.set_model_version_tag(name, version, k, str(val)), "tag version")
+        retry(lambda: client.update_model_version(name, version, version_description(v)),
+              "describe version")
+        if not v.passed:
+            rejected.append(version)
+    current, previous = _move_aliases(client, name, verdicts, versions, rejected, echo)
+    if legacy_stages and current is not None:
+        retry(lambda: client.transition_model_version_stage(
+            name, current, "Production", archive_existing_versions=True), "stage transition")
+    return Promotion(name, versions, current, previous, rejected)
+
+
+def _move_aliases(client: MlflowClient, name: str, verdicts: list[LevelVerdict],
+                  versions: dict[int, str], rejected: list[str],
+                  echo: Callable[[str], None]) -> tuple[str | None, str | None]:
+    """Champion = the sparsest passing version; the one it replaces becomes previous-champion.
+    A rejected version holds no alias: a rejected champion is dropped, not kept for rollback.
+    Returns (champion, previous-champion) as they stand afterwards."""
+    current, previous = _alias(client, name, CHAMPION), _alias(client, name, PREVIOUS)
+    for version in rejected:
+        _drop_aliases(client, name, version)
+    if current in rejected:
+        echo(f"registry: {name} v{current} no longer passes every gate; it is no longer "
+             f"@{CHAMPION}")
+        current = None
+    previous = None if previous in rejected else previous
+    best = champion_level([v for v in verdicts if v.level in versions])
+    if best is None or _outranks(client, name, current, versions, best):
+        if current is None:
+            echo(f"registry: no ticket passes every gate; no version of {name} is @{CHAMPION}")
+        return current, previous
+    new = versions[best.level]
+    if current == new:
+        return current, previous
+    if current is not None:
+        retry(lambda: client.set_registered_model_alias(name, PREVIOUS, current),
+              "set previous-champion")
+        previous = current
+    retry(lambda: client.set_registered_model_alias(name, CHAMPION, new), "set champion")
+    if previous == new:  # promoted back from rollback: it cannot be its own rollback
+        retry(lambda: client.delete_registered_model_alias(name, PREVIOUS), "drop previous")
+        previous = None
+    echo(f"registry: {name} v{new} (level {best.level}, {best.sparsity:.1%} sparse) is now "
+         f"@{CHAMPION}" + (f"; v{previous} is @{PREVIOUS}" if previous else ""))
+    return new, previous
+
+
+def _outranks(client: MlflowClient, name: str, current: str | None, versions: dict[int, str],
+              best: LevelVerdict) -> bool:
+    """Whether a champion not gated in this call (a level beyond what this run asked for)
+    is at least as sparse as `best`: it then keeps the alias."""
+    if current is None or current in versions.values():
+        return False
+    mv = retry(lambda: client.get_model_version(name, current), "get model version")
+    return float(mv.tags.get("sparsity", "0")) >= best.sparsity
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _drop_aliases(client: MlflowClient, name: str, version: str) -> None:
+    mv = retry(lambda: client.get_model_version(name, version), "get model version")
+    for alias in mv.aliases:
+        retry(lambda: client.delete_registered_model_alias(name, alias), "drop alias")
+
+
+def ticket_runs(client: MlflowClient, experiment_id: str, exp_hash: str, run_root: Path,
+                replicate: int = 0) -> dict[int, tuple[str, Path]]:
+    """level → (child run id, local checkpoint) for the candidate replicate's tickets."""
+    flt = (f"tags.`{TAG}hash` = '{exp_hash}' and tags.`{TAG}variant` = 'ticket' and "
+           f"tags.`{TAG}replicate` = '{replicate}' and attributes.status = 'FINISHED'")
+    runs = retry(lambda: client.search_runs([experiment_id], flt, max_results=1000), "search runs")
+    out = {}
+    for run in runs:
+        level = int(run.data.tags[TAG + "level"])
+        out[level] = (run.info.run_id,
+                      RunStore(Path(run_root)).checkpoint_path(replicate, level, "ticket"))
+    return out
