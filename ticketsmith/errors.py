@@ -39,6 +39,10 @@ class BenchmarkError(ValueError):
     """A benchmark that cannot run: bad batch sizes, formats or data."""
 
 
+class ExportError(ValueError):
+    """A model that cannot be exported, or an export whose outputs do not match the model's."""
+
+
 class TrackingError(RuntimeError):
     """A tracker could not record (store unreachable after retries, or a refused write)."""
 
@@ -53,4 +57,4 @@ class SweepError(RuntimeError):
 
 # Bad input: one line, no traceback, exit code 2.
 USER_ERRORS = (ConfigError, DataError, ModelError, MaskError, CheckpointError, GateError,
-               LotteryError, BenchmarkError, UnknownExperiment)
+               LotteryError, BenchmarkError, ExportError, UnknownExperiment)

@@ -101,6 +101,7 @@ COMMANDS = [
     (["prune", "--config", TINY, "--set", "train.lr=-1"], "store", 2, "train.lr"),
     (["benchmark", "--checkpoint", "x", "--batch-sizes", "1,a"], "store", 2, "--batch-sizes"),
     (["benchmark", "--checkpoint", "no-such.safetensors"], "store", 2, "no-such.safetensors"),
+    (["export", "--checkpoint", "no-such.safetensors"], "store", 2, "no-such.safetensors"),
     (["gate", "--experiment", "no-such-experiment"], "store", 2, "no-such-experiment"),
     (["report", "--experiment", "no-such-experiment"], "store", 2, "no-such-experiment"),
     (["sweep", *BAD_CONFIG], "store", 2, "no-such.yaml"),

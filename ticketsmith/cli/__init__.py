@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Callable
 
-from ticketsmith.cli import benchmark, experiment, report, sweep
+from ticketsmith.cli import benchmark, experiment, export, report, sweep
 from ticketsmith.cli.args import add_config_args
 from ticketsmith.errors import USER_ERRORS, SweepError, TrackingError
 
@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[Handler, AddArgs]] = {
     "prune": (experiment.cmd_prune, experiment.add_prune_args),
     "gate": (experiment.cmd_gate, experiment.add_gate_args),
     "benchmark": (benchmark.cmd_benchmark, benchmark.add_args),
+    "export": (export.cmd_export, export.add_args),
     "report": (report.cmd_report, report.add_args),
     "sweep": (sweep.cmd_sweep, sweep.add_args),
 }

@@ -214,6 +214,12 @@ def ensure_mnist(root: str | Path = "data") -> tuple[Path, str]:
     return raw, source
 
 
+def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) per channel that built-in data set `name` is normalised with, after scaling
+    pixels to [0, 1]; None for data that are not normalised here (synthetic, a factory's)."""
+    return _NORM.get(name)
+
+
 def _normalise(x_uint8: torch.Tensor, name: str) -> torch.Tensor:
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) * 255 for v in _NORM[name])
     return x_uint8.float().sub_(mean).div_(std)  # in place: one float copy of the whole array

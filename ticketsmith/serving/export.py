@@ -1,0 +1,90 @@
+"""ONNX: the compacted ticket as a portable dense network, checked with ONNX Runtime.
+
+A ticket's compacted network (`compaction.compact`) is dense and smaller than the original,
+so any ONNX runtime runs it at its compacted size. The export uses torch's TorchScript-based
+exporter (`dynamo=False`): it needs only the `onnx` package, and the graphs here (Linear,
+Conv2d, ReLU, MaxPool2d, Flatten, Gather for the input select) are all it must handle.
+
+`ticketsmith export` (`checkpoint_export`) and the serving plan both build on these.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from ticketsmith.errors import ExportError  # noqa: F401 (re-exported)
+
+OPSET = 17
+
+
+def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """`module` as an ONNX model with input `x` (batch, *input_shape) float32 and output `y`;
+    the batch dimension is dynamic."""
+    buf = io.BytesIO()
+    example = torch.zeros(1, *input_shape)
+    with warnings.catch_warnings():
+        # TorchScript-exporter deprecation and tracer notes: known, the graph is checked after.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module.cpu().eval(), (example,), buf, input_names=["x"],
+                              output_names=["y"], opset_version=OPSET, dynamo=False,
+                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+        except Exception as exc:  # the exporter raises many types; all mean "cannot export"
+            raise ExportError(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
+    return buf.getvalue()
+
+
+def ort_session(model: bytes | str, threads: int):
+    """An ONNX Runtime CPU session using `threads` intra-op threads (one inter-op thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # warnings about unused initialisers etc. are not news
+    # Idle pool threads sleep instead of spinning: a spinning pool takes the cores that the
+    # next request's threads (or another runtime's, side by side in one process) need.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def check_outputs(got: np.ndarray, ref: np.ndarray, rtol: float = 1e-4) -> dict[str, float]:
+    """{'max_abs_error', 'argmax_agreement', 'tolerance'} of `got` against reference logits;
+    ExportError when shapes differ, outputs are not finite or the error exceeds the tolerance
+    (`rtol` x max(1, max |ref|))."""
+    if got.shape != ref.shape:
+        raise ExportError(f"output shape {got.shape} differs from the masked model's {ref.shape}")
+    if not np.isfinite(got).all():
+        raise ExportError("outputs are not finite")
+    err = float(np.abs(got.astype(np.float64) - ref).max())
+    tol = rtol * max(1.0, float(np.abs(ref).max()))
+    agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    if err > tol:
+        raise ExportError(f"max |output difference| {err:.3g} exceeds {tol:.3g} "
+                          f"(argmax agreement {agree:.2%})")
+    return {"max_abs_error": err, "argmax_agreement": agree, "tolerance": tol}
+
+
+def run_onnx(model: bytes | str, x: np.ndarray) -> np.ndarray:
+    """Output `y` of an exported model on `x` with ONNX Runtime (one thread); ExportError when
+    the runtime refuses the model or the input."""
+    try:
+        return ort_session(model, threads=1).run(["y"], {"x": x})[0]
+    except Exception as exc:  # onnxruntime's own error types; all mean "does not run"
+        raise ExportError(f"ONNX Runtime cannot run the export: {str(exc).splitlines()[0]}") \
+            from None
+
+
+def onnx_weights(model: bytes) -> int:
+    """Float weights (elements of float initializers) an ONNX model stores; index tensors
+    such as the compacted input select are not weights."""
+    import onnx
+
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+              onnx.TensorProto.DOUBLE}
+    return sum(int(np.prod(t.dims)) for t in onnx.load_from_string(model).graph.initializer
+               if t.data_type in floats)
