@@ -3,8 +3,8 @@
 Checkpoint (path or MLflow URI) → the masked model → its exact compaction (`compaction`) →
 ONNX (`export.onnx_bytes`) → ONNX Runtime's outputs on a probe batch against the masked
 model's (`export.check_outputs`) → the file and a small JSON beside it saying what input the
-network expects. Apart from `export` so that the ONNX primitives, which the serving plan uses,
-need nothing from the benchmark.
+network expects. Kept apart from `export`, whose ONNX primitives the serving plan uses, so
+that those need nothing from the benchmark (which uses the plan).
 """
 from __future__ import annotations
 
@@ -15,8 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ticketsmith.engine.checkpoint import model_from_checkpoint
+from ticketsmith.engine.data import DATASETS, normalisation
+from ticketsmith.engine.models import count_params
+from ticketsmith.errors import DataError
+from ticketsmith.files import atomic_write, atomic_write_text
+from ticketsmith.secrets import redact
+# _load_data: how the benchmark finds a checkpoint's test data; one rule for both.
+from ticketsmith.serving.benchmark import _load_data, format_bytes, resolve_checkpoint
+from ticketsmith.serving.compaction import CompactionError, as_chain, compact
 from ticketsmith.serving.export import (OPSET, check_outputs, onnx_bytes, onnx_weights,
                                         run_onnx)
+from ticketsmith.serving.formats import weight_bytes
 
 PROBE_SIZE = 1000  # examples in the batch the export is checked on
 
@@ -24,8 +34,6 @@ PROBE_SIZE = 1000  # examples in the batch the export is checked on
 def compacted(model: nn.Module) -> tuple[nn.Module, str, bool]:
     """(network to export, what compaction did, whether it compacted): the exact compaction
     where the model is a chain; the masked model itself, and why, where it is not."""
-    from ticketsmith.serving.compaction import CompactionError, as_chain, compact
-
     chain = as_chain(model)
     if chain is None:
         return model, f"not compacted: {type(model).__name__} is not a straight chain of " \
@@ -42,10 +50,6 @@ def probe_batch(meta: dict, data_root: str | Path | None,
     """(inputs, what they are): the first `size` test images of the checkpoint's data set
     where it is found under `data_root` and fits the model (as the benchmark finds them),
     else `size` inputs of seeded noise."""
-    from ticketsmith.engine.data import DATASETS
-    from ticketsmith.errors import DataError
-    from ticketsmith.serving.benchmark import _load_data
-
     name, data = meta.get("dataset"), None
     if data_root is not None and name in DATASETS:
         try:
@@ -75,8 +79,6 @@ def default_output(path_or_uri: str | Path) -> Path:
 def input_spec(meta: dict) -> dict[str, Any]:
     """What the exported network expects: input `x`, its shape and dtype, and the data set's
     normalisation (None where the data are not normalised here)."""
-    from ticketsmith.engine.data import normalisation
-
     norm = normalisation(meta.get("dataset") or "")
     return {"input": {"name": "x", "shape": ["batch", *meta["input_shape"]], "dtype": "float32",
                       "normalisation": None if norm is None else {
@@ -93,13 +95,6 @@ def export_checkpoint(path_or_uri: str | Path, output: str | Path | None = None,
 
     Writes `output` (default `default_output`) and `<output>.json` (`input_spec`, the check)
     atomically; returns the summary. ExportError when the export fails or does not match."""
-    from ticketsmith.engine.checkpoint import model_from_checkpoint
-    from ticketsmith.engine.models import count_params
-    from ticketsmith.files import atomic_write, atomic_write_text
-    from ticketsmith.secrets import redact
-    from ticketsmith.serving.benchmark import resolve_checkpoint
-    from ticketsmith.serving.formats import weight_bytes
-
     model, _, meta = model_from_checkpoint(resolve_checkpoint(path_or_uri), "cpu", allow_factory)
     network, compaction, done = compacted(model)
     blob = onnx_bytes(network, tuple(meta["input_shape"]))
@@ -122,8 +117,6 @@ def export_checkpoint(path_or_uri: str | Path, output: str | Path | None = None,
 
 def format_summary(s: dict[str, Any]) -> str:
     """The export in four lines: compaction, size, check, where it went."""
-    from ticketsmith.serving.benchmark import format_bytes
-
     x = s["input"]
     norm = x["normalisation"]
     expects = f"input x ({', '.join(map(str, x['shape']))}) float32" + (
