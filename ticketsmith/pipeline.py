@@ -79,7 +79,8 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
         name = model_name_for(cfg.experiment.name, result.exp_hash)
         promotion = promote(client, name, runs, verdicts,
                             legacy_stages=legacy_stages, echo=echo,
-                            allow_factory=cfg.model.factory)
+                            allow_factory=cfg.model.factory,
+                            probe=result.data.test_x[:1000].cpu())  # real inputs for the check
     ok, reason = release_check(verdicts, cfg.gate)
     echo(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
     if report_dir is not None:

@@ -142,8 +142,12 @@ def test_registry_champion_rejections_and_model_loads(tracked):
                       options=ck.meta["options"])
     net.load_state_dict(ck.state)
     x = torch.randn(5, *ck.meta["input_shape"])
-    np.testing.assert_allclose(model.predict(x.numpy()), net.eval()(x).detach().numpy(),
-                               rtol=1e-5, atol=1e-6)
+    logits = net.eval()(x).detach().numpy()
+    np.testing.assert_allclose(model.predict(x.numpy(), params={"output": "logits"}), logits,
+                               rtol=1e-5, atol=1e-5)
+    probs = model.predict(x.numpy())  # the default: class probabilities
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    assert (probs.argmax(1) == logits.argmax(1)).all()
     # masks are baked into the registered weights
     for name_w, m in ck.mask.items():
         assert torch.all(ck.state[name_w][~m] == 0)

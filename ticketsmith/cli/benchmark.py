@@ -15,11 +15,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,256", help="comma-separated (default 1,256)")
     p.add_argument("--formats", default=None,
                    help="comma-separated serving formats (default: all that run on the device)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every runtime, dense and formats alike (default: all cores, "
+                        "as in the prune pipeline)")
     p.add_argument("--trials", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--quick", action="store_true", help="few, short rounds (seconds per model)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--output", default="benchmark.json", help="where to write the JSON")
+    p.add_argument("--plan-dir", default=None,
+                   help="also write the checked serving plan (a folder) there")
     p.add_argument("--data-root", default="data", help="data folder for test accuracies")
     p.add_argument("--no-data", action="store_true", help="skip accuracies (no data loaded)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
@@ -61,7 +65,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         formats=args.formats.split(",") if args.formats else None, threads=args.threads,
         trials=args.trials, quick=args.quick, device=args.device,
         data_root=None if args.no_data else args.data_root,
-        allow_factory=args.allow_factory, max_accuracy_drop=args.max_accuracy_drop)
+        allow_factory=args.allow_factory, max_accuracy_drop=args.max_accuracy_drop,
+        plan_dir=args.plan_dir)
     print(format_scorecard(result))
     path = write_benchmark(result, args.output)
     print(f"wrote {path}")

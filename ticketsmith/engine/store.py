@@ -54,6 +54,15 @@ class RunStore:
         """The serving benchmark of a checkpoint, written next to it."""
         return self.run_dir(replicate, level, variant) / "benchmark.json"
 
+    def serving_path(self, replicate: int, level: int, variant: str) -> Path:
+        """The deployable serving plan the benchmark chose (a folder), next to the checkpoint."""
+        return self.serving_next_to(self.checkpoint_path(replicate, level, variant))
+
+    @staticmethod
+    def serving_next_to(checkpoint: Path) -> Path:
+        """The serving plan folder of a checkpoint file in a run folder."""
+        return Path(checkpoint).parent / "serving"
+
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -172,8 +173,13 @@ def _stats(samples: list[list[float]], dense: list[list[float]], bs: int) -> dic
 def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
                     formats: list[str] | None = None, trials: int | None = None,
                     quick: bool = False, data=None, device: str | torch.device = "cpu",
-                    max_accuracy_drop: float = 1.0) -> dict[str, Any]:
-    """Benchmark a masked model (weights already masked) in every format; the JSON contract."""
+                    max_accuracy_drop: float = 1.0, plan_dir: str | Path | None = None
+                    ) -> dict[str, Any]:
+    """Benchmark a masked model (weights already masked) in every format; the JSON contract.
+
+    The serving plan's routes (formats `onnxruntime`, `numpy`) are built once, timed like
+    every format, ranked per batch size by their measured speedups, checked against the
+    masked model and, with `plan_dir`, written there: what is timed is what ships."""
     device = torch.device(device)
     batch_sizes = sorted({int(b) for b in batch_sizes})
     if not batch_sizes or batch_sizes[0] < 1:
@@ -192,7 +198,8 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
         # A low quantile: interference only ever adds time, and a plan must not follow it.
         return {n: percentile([t for b in v for t in b], 10) for n, v in got.items()}
 
-    ctx = BuildContext(device, xs, timer, accuracy_fn, max_accuracy_drop)
+    ctx = BuildContext(device, xs, timer, accuracy_fn, max_accuracy_drop, meta=meta,
+                       threads=torch.get_num_threads())
     with torch.inference_mode():
         check_x = data.test_x[:512].to(device) if data is not None else xs[batch_sizes[-1]]
         checks = {"check": (check_x, model(check_x).float()),
@@ -219,8 +226,9 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
     env["load_average_end"] = timing_environment(device)["load_average"]
     env["noise_floor"] = {bs: {k: v[k] for k in ("speedup", "speedup_min", "speedup_max")}
                           for bs, v in noise.items()}  # dense / dense: 1.0 on a quiet machine
+    serving = _serving_plan(ctx, model, checks["check"][0], results, plan_dir)
     return {"environment": env, "model": model_summary(model, mask, meta),
-            "results": results, "plan": _plan(entries.get("auto"), results),
+            "results": results, "plan": _plan(entries.get("auto"), results), "serving": serving,
             "settings": {"batch_sizes": batch_sizes, "formats": formats, "quick": quick,
                          "max_accuracy_drop": max_accuracy_drop,
                          "accuracy_data": getattr(data, "name", None),
@@ -241,7 +249,7 @@ def _result(fmt: str, bs: int, entry: dict, samples, dense_samples, dense_cost: 
     if samples is not None:
         module = served.module
         row.update(_stats(samples, dense_samples, bs))
-        moved, macs = traffic(module, x)
+        moved, macs = traffic(getattr(module, "proxy", module), x)  # a plan route: its network
         row["ideal_speedup"] = dense_cost[0] / moved  # bytes-moved model (measure.traffic)
         row["ideal_speedup_macs"] = dense_cost[1] / max(macs, 1)
         row["peak_memory_bytes"], row["peak_memory_delta_bytes"] = peak_memory(
@@ -257,6 +265,35 @@ def _plan(entry: dict | None, results: list[dict]) -> dict[str, Any]:
             "exact": served.exact if served else None,
             "note": (entry or {}).get("note", "")
             or next((r["error"] for r in rows if r["error"]), "")}
+
+
+def _serving_plan(ctx: BuildContext, model: nn.Module, probe: torch.Tensor, results: list[dict],
+                  plan_dir: str | Path | None) -> dict[str, Any] | None:
+    """Rank the plan's routes by this run's speedups, check it, and ship it to `plan_dir`."""
+    from ticketsmith.serving import plan as plans
+
+    if ctx.plan_folder is None:
+        return None
+    speedups: dict[str, dict[int, float | None]] = {}
+    for r in results:
+        if r["format"] in plans.ROUTES:
+            speedups.setdefault(r["format"], {})[r["batch_size"]] = r["speedup"]
+    check = plans.check_plan(ctx.plan_folder, model, probe)
+    plan = plans.rank_routes(ctx.plan_folder, speedups, check, ctx.threads)
+    folder = ctx.plan_folder
+    if plan_dir is not None:
+        folder = Path(plan_dir)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ctx.plan_folder, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    shutil.rmtree(ctx.plan_folder.parent, ignore_errors=True)
+    best = {b: order[0] for b, order in plan["ranking"].items() if order}
+    return {**plans.describe(plan), "path": str(folder) if plan_dir is not None else None,
+            "ranking": plan["ranking"], "threads": plan["threads"], "check": check,
+            "speedup": {b: (speedups.get(r) or {}).get(int(b)) for b, r in best.items()},
+            "kernels_why": plan["kernels_why"]}
 
 
 def _load_data(meta: dict, data_root: str | Path, device: torch.device):
@@ -287,14 +324,20 @@ def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
                          formats: list[str] | None = None, threads: int | None = None,
                          trials: int | None = None, quick: bool = False, data=None,
                          data_root: str | Path | None = "data", device: str = "cpu",
-                         allow_factory: bool | str | None = False, max_accuracy_drop: float = 1.0
-                         ) -> dict[str, Any]:
+                         allow_factory: bool | str | None = False, max_accuracy_drop: float = 1.0,
+                         plan_dir: str | Path | None = None) -> dict[str, Any]:
     """Benchmark one ticket checkpoint (path or MLflow URI) against its dense baseline.
 
     data: a `ticketsmith.data.Dataset` for accuracies; else the checkpoint's data set is
-    loaded from `data_root` (None: no accuracies). threads: torch threads, fixed for the run
-    and recorded (restored afterwards).
+    loaded from `data_root` (None: no accuracies). threads: for torch, the BLAS under numpy
+    and ONNX Runtime alike, fixed for the run and recorded (restored afterwards); default all
+    cores (`plan.default_threads`), as a deployment would use. plan_dir: where to write the
+    checked serving plan.
     """
+    from threadpoolctl import threadpool_limits
+
+    from ticketsmith.serving.plan import default_threads
+
     from ticketsmith.engine.train import resolve_device
 
     dev = resolve_device(device)  # the experiments' rule: 'auto' follows $TICKETSMITH_DEVICE
@@ -303,11 +346,12 @@ def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
     if data is None and data_root is not None:
         data = _load_data(meta, data_root, dev)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
+    torch.set_num_threads(threads or default_threads())
     try:
-        result = benchmark_model(model, mask, meta, batch_sizes=batch_sizes, formats=formats,
-                                 trials=trials, quick=quick, data=data, device=dev,
-                                 max_accuracy_drop=max_accuracy_drop)
+        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+            result = benchmark_model(model, mask, meta, batch_sizes=batch_sizes, formats=formats,
+                                     trials=trials, quick=quick, data=data, device=dev,
+                                     max_accuracy_drop=max_accuracy_drop, plan_dir=plan_dir)
     finally:
         torch.set_num_threads(before)
     result["model"]["checkpoint"] = redact(str(path_or_uri))
@@ -367,6 +411,16 @@ def format_scorecard(result: dict[str, Any]) -> str:
                           if s is not None)
         lines.append(f"auto plan: {', '.join(f'{k}={v}' for k, v in plan['formats'].items())}"
                      f" -> {speed or 'not timed'}")
+    serving = result.get("serving")
+    if serving:
+        speed = ", ".join(f"batch {b}: {serving['ranking'][b][0]} {s:.2f}x" if s else
+                          f"batch {b}: {serving['ranking'][b][0]}"
+                          for b, s in serving["speedup"].items())
+        chk = serving["check"]
+        lines.append(f"serving plan ({serving['threads']} threads): {speed}; checked on "
+                     f"{chk['probe']} inputs, max |diff| {chk['max_abs_error']:.2g}, argmax "
+                     f"agreement {chk['argmax_agreement']:.2%}"
+                     + (f"; written to {serving['path']}" if serving.get("path") else ""))
     notes = {r["format"]: r["note"] for r in result["results"] if r.get("note")}
     lines += [f"  {f}: {n}" for f, n in notes.items()]
     return "\n".join(lines)
@@ -398,17 +452,21 @@ def log_mlflow(result: dict[str, Any], artifact_file: str = "benchmark/benchmark
 
 
 def benchmark_experiment(run_root: str | Path, records: list[dict], *, levels=None,
-                         quick: bool = True, force: bool = False, data=None, threads: int = 1,
-                         **kw) -> list[dict[str, Any]]:
+                         quick: bool = True, force: bool = False, data=None,
+                         threads: int | None = None, **kw) -> list[dict[str, Any]]:
     """Benchmark each level's replicate-0 ticket (level 0: dense) of a finished experiment.
 
     Writes `benchmark.json` next to each checkpoint and returns the results in level order,
     each with `level`, `variant` and `path` (of its benchmark.json) added at the top; a level
     whose benchmark.json was made with the same settings is read, not re-run.
-    One thread by default: on a shared machine a second OpenMP thread that gets descheduled
-    stalls sparse and int8 kernels for milliseconds, which swamps a few quick rounds.
+    Threads default to all cores, as in `ticketsmith benchmark`: the pipeline and the CLI
+    give the same speedups for the same ticket. Each ticket's checked serving plan is written
+    next to its checkpoint (`RunStore.serving_path`), for the registry to ship.
     kw: passed to `benchmark_checkpoint` (batch_sizes, formats, trials, device, ...).
     """
+    from ticketsmith.serving.plan import default_threads
+
+    threads = threads or default_threads()
     store = RunStore(Path(run_root))
     found = sorted({r["level"] for r in records if r.get("replicate", 0) == 0
                     and r["variant"] == ("dense" if r["level"] == 0 else "ticket")})
@@ -420,16 +478,19 @@ def benchmark_experiment(run_root: str | Path, records: list[dict], *, levels=No
     for level in wanted:
         variant = "dense" if level == 0 else "ticket"
         path, target = store.checkpoint_path(0, level, variant), store.benchmark_path(0, level, variant)
+        plan_dir = store.serving_path(0, level, variant) if variant == "ticket" else None
         where = {"level": level, "variant": variant, "path": str(target)}
         if target.is_file() and not force:
             old = json.loads(target.read_text())
-            if old.get("settings", {}).get("request") == json.loads(json.dumps(request)):
+            if (old.get("settings", {}).get("request") == json.loads(json.dumps(request))
+                    and (plan_dir is None or (plan_dir / "plan.json").is_file())):
                 out.append({**old, **where})
                 continue
         if data is None and kw.get("data_root", "data") is not None:
             data = _load_data(load_checkpoint(path).meta, kw.get("data_root", "data"),
                               torch.device(kw.get("device", "cpu")))
-        result = benchmark_checkpoint(path, quick=quick, data=data, threads=threads, **kw)
+        result = benchmark_checkpoint(path, quick=quick, data=data, threads=threads,
+                                      plan_dir=plan_dir, **kw)
         result["settings"]["request"] = request
         write_benchmark(result, target)
         log.info("level %d: %s", level, ", ".join(

@@ -12,6 +12,9 @@ checks every one against the masked model's outputs before it is timed.
     compacted_int8      no     compacted + dynamic int8 quantization of Linear layers (CPU)
     auto                *      per Linear layer of the compacted model the fastest measured of
                                dense / CSR (/ int8 while the accuracy gate holds)
+    onnxruntime         exact  the serving plan's compacted ONNX graph in ONNX Runtime (CPU)
+    numpy               exact  the serving plan's compacted chain in numpy, per layer dense or
+                               scipy CSR as measured (`ticketsmith.serving.plan`, CPU)
     fp16, bf16          no     CUDA: a half-precision copy
     semi_structured_2:4 no     CUDA: fp16 with `to_sparse_semi_structured` on 2:4 Linear layers
 """
@@ -21,6 +24,8 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+import tempfile
 from typing import Callable
 
 import torch
@@ -36,7 +41,7 @@ from ticketsmith.engine.masks import Mask, semi_structured_skip
 CSR_MAX_DENSITY = 0.1
 CSR_MIN_WEIGHTS = 1 << 16
 CUDA_ONLY = ("fp16", "bf16", "semi_structured_2:4")
-CPU_ONLY = ("compacted_int8",)  # torch's dynamic int8 kernels (fbgemm/x86) run on CPU only
+CPU_ONLY = ("compacted_int8", "onnxruntime", "numpy")  # int8 (fbgemm/x86), the plan's runtimes
 
 
 class FormatUnavailable(RuntimeError):
@@ -60,6 +65,9 @@ class BuildContext:
     timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]] | None = None
     accuracy: Callable[[nn.Module], float] | None = None  # test accuracy in [0, 1]
     max_accuracy_drop: float = 1.0  # points a quantized plan may lose against the masked model
+    meta: dict = field(default_factory=dict)  # the checkpoint's metadata (input shape, data set)
+    threads: int | None = None  # the serving plan's runtimes use this many threads
+    plan_folder: Path | None = None  # the serving plan, built by the first route format asked
 
 
 class CSRLinear(nn.Module):
@@ -253,6 +261,54 @@ def _apply_plan(base, ranked, src, prefix, select_name, summary, ctx) -> Served:
     return Served(plan, layers, exact=exact, tolerance=0.0 if exact else 0.1, note=note)
 
 
+class RouteModule(nn.Module):
+    """One route of a loaded serving plan behind the masked model's call: a CPU float32
+    tensor in, logits out (numpy arrays underneath, shared without copies). `proxy` is the
+    compacted torch network it computes, for the bytes-moved model."""
+
+    def __init__(self, route, arrays: dict, proxy: nn.Module):
+        super().__init__()
+        self.route, self.proxy = route, proxy
+        for i, a in enumerate(arrays.values()):  # counted by weight_bytes
+            self.register_buffer(f"array{i}", torch.from_numpy(a), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.route(x.contiguous().numpy()))
+
+
+def _plan_route(name: str) -> "Builder":
+    def build(model: nn.Module, mask: Mask | None, ctx: BuildContext) -> Served:
+        from ticketsmith.serving import plan as plans
+
+        if ctx.device.type != "cpu":
+            raise FormatUnavailable("the serving plan's runtimes run on CPU")
+        if ctx.plan_folder is None:
+            examples = {bs: x.cpu().numpy() for bs, x in ctx.example.items()}
+            folder = Path(tempfile.mkdtemp(prefix="ticketsmith-plan-")) / "serving"
+            ctx.plan_folder = plans.build_plan(model, ctx.meta, folder, examples=examples,
+                                               timer=ctx.timer, threads=ctx.threads)
+        plan = plans.read_plan(ctx.plan_folder)
+        if name not in plan["routes"]:
+            raise FormatUnavailable(f"the serving plan has no {name} route "
+                                    f"({plan['compaction']})")
+        runner = plans.load_plan(ctx.plan_folder, ctx.threads, route=name)
+        if name not in runner.routes:
+            raise FormatUnavailable("; ".join(runner.fallbacks))
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(ctx.plan_folder / plans.WEIGHTS)) if name == "numpy" else {}
+        proxy = _compacted_or_copy(model)[0]
+        if name == "onnxruntime":  # the graph holds the compacted weights
+            arrays = {k: v.detach().numpy() for k, v in proxy.state_dict().items()}
+        kernels = {s["name"]: "+".join(sorted(set(s["kernel"].values())) or ["dense"])
+                   for s in plan["steps"] if s["op"] == "linear"}
+        layers = {n: f"compacted+{name}" + (f":{kernels[n]}" if n in kernels else "")
+                  for n in _source_names(proxy).values()}
+        note = plan["compaction"] + "".join(f"; {m}" for m in runner.fallbacks)
+        return Served(RouteModule(runner.routes[name], arrays, proxy), layers, note=note)
+    return build
+
+
 def _need_cuda(ctx: BuildContext) -> None:
     if ctx.device.type != "cuda":
         raise FormatUnavailable("needs a CUDA device")
@@ -306,6 +362,8 @@ FORMATS: dict[str, Builder] = {
     "compacted": _compacted,
     "compacted_int8": _compacted_int8,
     "auto": _auto,
+    "onnxruntime": _plan_route("onnxruntime"),
+    "numpy": _plan_route("numpy"),
     "fp16": _half(torch.float16, 1e-2),
     "bf16": _half(torch.bfloat16, 5e-2),
     "semi_structured_2:4": _semi_structured,

@@ -1,31 +1,68 @@
 """MLflow "model from code" for a registered ticket.
 
-The model's only artifact is the ticket's safetensors checkpoint (mask baked into the
-weights); loading rebuilds the network from its metadata, so nothing is unpickled.
-`mlflow.pyfunc.load_model("models:/<name>@champion").predict(x)` returns class logits for a
-float32 array shaped (batch, *input_shape).
+Artifacts: `serving`, the checked serving plan (`ticketsmith.serving.plan`: safetensors arrays,
+an ONNX graph and a JSON plan) and `checkpoint`, the ticket's safetensors checkpoint (mask
+baked into the weights). Nothing is unpickled. By default the plan serves; it loads without
+torch. `model_config={"format": "masked_dense"}` or `params={"format": "masked_dense"}` serves
+the masked dense network instead (torch, rebuilt from the checkpoint's metadata).
+
+Input is what a user has: uint8 pixels 0..255 or floats 0..1, flat (N, 784) or shaped (N, 28,
+28) / (N, 1, 28, 28) for MNIST; the data set's normalisation is applied inside. Output:
+class probabilities (N, classes); `params={"output": "labels"}` gives labels (N,),
+`"logits"` the raw logits.
 """
 import mlflow
-import numpy as np
-import torch
 from mlflow.pyfunc import PythonModel
-
 
 
 class TicketModel(PythonModel):
     def load_context(self, context):
-        from ticketsmith.engine.checkpoint import model_from_checkpoint
+        from ticketsmith.serving.plan import load_plan
 
+        config = context.model_config or {}
         # The factory policy of every loader: only the factory the experiment's config named
         # (recorded in the model's config when it was registered) is imported.
-        allowed = (context.model_config or {}).get("allow_factory")
-        self.model = model_from_checkpoint(context.artifacts["checkpoint"],
-                                           allow_factory=allowed)[0]
+        self.allowed = config.get("allow_factory")
+        self.format = config.get("format", "serving")
+        self.threads = config.get("threads")
+        self.checkpoint = context.artifacts["checkpoint"]
+        self.plan = self.masked = self.spec = None
+        serving = context.artifacts.get("serving")
+        if serving and self.format == "serving":
+            self.plan = load_plan(serving, self.threads)
+        else:
+            self._masked_model()
+
+    def _masked_model(self):
+        if self.masked is None:
+            import torch
+
+            from ticketsmith.engine.checkpoint import model_from_checkpoint
+            from ticketsmith.serving.plan import input_spec
+
+            if self.threads:
+                torch.set_num_threads(int(self.threads))
+            self.masked, _, meta = model_from_checkpoint(self.checkpoint,
+                                                         allow_factory=self.allowed)
+            self.spec = input_spec(meta)
+        return self.masked
 
     def predict(self, context, model_input, params=None):
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        with torch.no_grad():
-            return self.model(x).numpy()
+        from ticketsmith.serving.plan import PlanError, finish, to_model_input
+
+        params = params or {}
+        output = params.get("output") or "probabilities"
+        fmt = params.get("format") or self.format
+        if fmt not in ("serving", "masked_dense"):
+            raise PlanError(f"format: expected serving or masked_dense, got {fmt!r}")
+        if fmt == "serving" and self.plan is not None:
+            return self.plan.predict(model_input, output)
+        import torch
+
+        model = self._masked_model()
+        x = torch.from_numpy(to_model_input(model_input, self.spec))
+        with torch.inference_mode():
+            return finish(model(x).numpy(), output)
 
 
 mlflow.models.set_model(TicketModel())

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.models import ModelSignature
 
 from ticketsmith.engine.store import RunStore
 from ticketsmith.gates import LevelVerdict, champion_level
@@ -47,35 +48,106 @@ def _find_version(client: MlflowClient, name: str, run_id: str):
     return found[0] if found else None
 
 
+def serving_signature(meta: dict) -> ModelSignature:
+    """Outputs (class probabilities) and params (`output`, `format`). No input schema: an
+    MLflow tensor spec fixes one dtype and rank, and would refuse the natural forms the model
+    accepts (uint8 or 0..1 floats, flat or shaped) before the model sees them; the input
+    example and the version's description show the input instead."""
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]),
+        params=ParamSchema([ParamSpec("output", "string", "probabilities"),
+                            ParamSpec("format", "string", "serving")]))
+
+
+def input_example(meta: dict) -> np.ndarray:
+    """Two inputs as a user has them: uint8 images, or float features for non-image data."""
+    from ticketsmith.serving.plan import input_spec
+
+    spec = input_spec(meta)
+    shape = spec["shape"][1:] if spec["mean"] is not None and spec["shape"][0] == 1 \
+        else spec["shape"]
+    dtype = np.uint8 if spec["mean"] is not None else np.float32
+    return np.zeros((2, *shape), dtype=dtype)
+
+
+def log_ticket_model(checkpoint: Path, serving: Path | None, *,
+                     allow_factory: str | None = None, fmt: str = "serving"):
+    """Log a ticket as a pyfunc model in the active run (`ModelInfo`): its serving plan (None:
+    the masked dense network only) and its checkpoint, with signature and input example."""
+    import safetensors
+    import scipy
+    import torch
+
+    from ticketsmith.engine.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(checkpoint).meta
+    artifacts = {"checkpoint": str(checkpoint)}
+    if serving is not None:
+        artifacts["serving"] = str(serving)
+    config = {"format": fmt, **({"allow_factory": allow_factory} if allow_factory else {})}
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                    f"safetensors=={safetensors.__version__}", f"scipy=={scipy.__version__}",
+                    f"mlflow=={mlflow.__version__}"]
+    try:
+        import onnxruntime
+
+        requirements.append(f"onnxruntime=={onnxruntime.__version__}")
+    except ImportError:  # the plan then serves its numpy route, and says so
+        pass
+    # The model carries its own code (ticketsmith/) and states its requirements, so MLflow
+    # need not infer them by re-importing the model in a subprocess (~10 s per version).
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=MODEL_CODE, artifacts=artifacts,
+        input_example=input_example(meta), signature=serving_signature(meta),
+        code_paths=[str(Path(__file__).parents[1])], model_config=config,
+        pip_requirements=requirements)
+
+
+def serving_tags(plan_folder: Path, check: dict[str, Any]) -> dict[str, str]:
+    """The version's `serving.*` tags: what ships, how fast it measured, how it was checked."""
+    from ticketsmith.serving.plan import describe, read_plan
+
+    plan = read_plan(plan_folder)
+    said = describe(plan)
+    tags = {"serving.format": said["format"], "serving.plan": said["plan"][:4900],
+            "serving.threads": str(plan["threads"])}
+    for bs in ("1", "256"):
+        order = plan["ranking"].get(bs) or []
+        got = (plan.get("measured", {}).get(order[0], {}) if order else {}).get(bs)
+        tags[f"serving.speedup_bs{bs}"] = f"{got:.2f}" if got else "not measured"
+    bench = plan.get("check")
+    tags["serving.checked"] = (
+        f"{check['probe']} probe inputs at registration: max |diff| {check['max_abs_error']:.2g}, "
+        f"argmax agreement {check['argmax_agreement']:.2%} ({', '.join(check['routes'])})"
+        + (f"; {bench['probe']} test inputs at benchmark: max |diff| "
+           f"{bench['max_abs_error']:.2g}, argmax agreement {bench['argmax_agreement']:.2%}"
+           if bench else ""))
+    return tags
+
+
 def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Path,
-                    allow_factory: str | None = None) -> str:
+                    allow_factory: str | None = None, probe=None) -> str:
     """Log the ticket as a pyfunc model in its run and register it; idempotent per run.
 
+    The serving plan next to the checkpoint (written by the benchmark; built unmeasured when
+    there is none) is checked against the masked model on `probe` (model input; default a
+    seeded batch) before it is logged; its figures become the version's `serving.*` tags.
     allow_factory: the model factory the experiment's config names; the pyfunc imports that
     one and no other (`checkpoint.factory_allowed`)."""
     existing = _find_version(client, name, run_id)
     if existing is not None:
         return existing.version
-    import safetensors
-    import torch
+    from ticketsmith.serving.plan import ensure_plan, verify
 
-    from ticketsmith.engine.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(checkpoint)
-    example = np.zeros((2, *ck.meta["input_shape"]), dtype=np.float32)
+    plan = ensure_plan(RunStore.serving_next_to(checkpoint), checkpoint, allow_factory)
+    check = verify(plan, checkpoint, probe, allow_factory)
     mlflow.set_tracking_uri(client.tracking_uri)
     # Ctrl-C waits for the model to be logged: MLflow's own store calls in here must not be
     # cut in half (see interrupts.py).
     with interrupts_deferred(), mlflow.start_run(run_id=run_id):
-        # The model carries its own code (ticketsmith/) and states its requirements, so MLflow
-        # need not infer them by re-importing the model in a subprocess (~10 s per version).
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=MODEL_CODE, artifacts={"checkpoint": str(checkpoint)},
-            input_example=example, code_paths=[str(Path(__file__).parents[1])],
-            model_config={"allow_factory": allow_factory} if allow_factory else None,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                              f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}",
-                              f"mlflow=={mlflow.__version__}"])
+        info = log_ticket_model(Path(checkpoint), plan, allow_factory=allow_factory)
     try:
         retry(lambda: client.get_registered_model(name), "get registered model")
     except Exception:
@@ -83,7 +155,8 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
             name, description="TicketSmith ticket candidates; `champion` is the sparsest ticket "
                               "passing every quality gate."), "create registered model")
     mv = retry(lambda: client.create_model_version(name, info.model_uri, run_id=run_id,
-                                                   model_id=info.model_id),
+                                                   model_id=info.model_id,
+                                                   tags=serving_tags(plan, check)),
                "create model version")
     # MLflow may close the run it reopened; keep the ticket run FINISHED as the engine left it.
     retry(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
@@ -104,10 +177,29 @@ def version_description(verdict: LevelVerdict, serving: str | None = None) -> st
     return "\n".join(lines)
 
 
+def serving_description(name: str, version: str, tags: dict[str, str]) -> str:
+    """What the version serves, how fast, how checked, and how to call it, for its description."""
+    if "serving.format" not in tags:
+        return ""
+    speed = ", ".join(f"{tags.get(f'serving.speedup_bs{b}', 'not measured')}"
+                      f"{'x' if tags.get(f'serving.speedup_bs{b}', 'n').replace('.', '').isdigit() else ''}"
+                      f" at batch {b}" for b in ("1", "256"))
+    return "\n".join([
+        f"**Serving:** {tags['serving.format']} ({tags.get('serving.threads')} threads); speedup "
+        f"against the dense model, side by side: {speed}. Plan: {tags.get('serving.plan')}. "
+        f"Checked: {tags.get('serving.checked')}.", "",
+        "```python",
+        "import mlflow",
+        f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
+        'model.predict(images)  # uint8 0..255 or float 0..1, flat or shaped -> class '
+        'probabilities; params={"output": "labels"} for labels',
+        "```"])
+
+
 def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, Path]],
             verdicts: list[LevelVerdict], *, legacy_stages: bool = False,
             echo: Callable[[str], None] = print, allow_factory: str | None = None,
-            register: bool = True) -> Promotion:
+            register: bool = True, probe=None) -> Promotion:
     """Register every level's candidate, tag gate results, move the aliases.
 
     register=False: re-gate only the versions already registered (`ticketsmith gate
@@ -119,7 +211,7 @@ def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, P
         if level not in by_level:
             continue
         if register:
-            version = register_ticket(client, name, run_id, checkpoint, allow_factory)
+            version = register_ticket(client, name, run_id, checkpoint, allow_factory, probe)
         elif (found := _find_version(client, name, run_id)) is not None:
             version = found.version
         else:
@@ -135,7 +227,10 @@ def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, P
                 f" {g.value:.4f}" if g.value is not None else "")
         for k, val in tags.items():
             retry(lambda: client.set_model_version_tag(name, version, k, str(val)), "tag version")
-        retry(lambda: client.update_model_version(name, version, version_description(v)),
+        mv = retry(lambda: client.get_model_version(name, version), "get model version")
+        serving = serving_description(name, version, mv.tags)
+        retry(lambda: client.update_model_version(name, version,
+                                                  version_description(v, serving or None)),
               "describe version")
         if not v.passed:
             rejected.append(version)
