@@ -5,18 +5,23 @@ so any ONNX runtime runs it at its compacted size. The export uses torch's Torch
 exporter (`dynamo=False`): it needs only the `onnx` package, and the graphs here (Linear,
 Conv2d, ReLU, MaxPool2d, Flatten, Gather for the input select) are all it must handle.
 
-`ticketsmith export` (`checkpoint_export`) and the serving plan both build on these.
+`ticketsmith export` (`checkpoint_export`) and the serving plan both build on these. Only
+`onnx_bytes` needs torch, and imports it when called: a serving host runs a plan's ONNX graph
+with ONNX Runtime and numpy alone.
 """
 from __future__ import annotations
 
 import io
 import warnings
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
 from ticketsmith.errors import ExportError  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from torch import nn
 
 OPSET = 17
 
@@ -24,6 +29,8 @@ OPSET = 17
 def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     """`module` as an ONNX model with input `x` (batch, *input_shape) float32 and output `y`;
     the batch dimension is dynamic."""
+    import torch
+
     buf = io.BytesIO()
     example = torch.zeros(1, *input_shape)
     with warnings.catch_warnings():
