@@ -105,24 +105,41 @@ def to_model_input(data: Any, spec: dict[str, Any], feature_major: bool = False)
     if spec.get("mean") is None:
         x = flat.astype(np.float32)
         return np.ascontiguousarray(x.T) if feature_major else x.reshape(len(a), *shape)
-    # pixel p in 0..1 -> (p - mean) / std, as one multiply-add: p * scale + shift
-    scale = 1.0 / np.asarray(spec["std"], np.float64)
-    shift = -np.asarray(spec["mean"], np.float64) * scale
-    per = size // len(scale)
-    scale, shift = np.repeat(scale, per), np.repeat(shift, per)  # per feature (channel-major)
+    scale, shift = _affine(shape, tuple(spec["mean"]), tuple(spec["std"]))
     if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
-        rows = np.full(len(a), 1 / 255.0)
-    else:
-        rows = np.where(flat.max(1, initial=0) > 1.0, 1 / 255.0, 1.0)
+        factor = None  # 0..255: folded into scale
+    else:  # 0..1, or a sample above 1 read as 0..255
+        factor = np.where(flat.max(1, initial=0) > 1.0, 1 / 255.0, 1.0).astype(np.float32)
+        scale = scale * 255.0
     if feature_major:
-        out = np.multiply.outer(scale, rows).astype(np.float32)  # (features, N)
-        out *= flat.T
-        out += shift.astype(np.float32)[:, None]
+        out = flat.T.astype(np.float32)  # one strided pass: the transpose comes with the cast
+        if factor is not None:
+            out *= factor
+        out *= scale[:, None]
+        out += shift[:, None]
         return out
-    out = np.multiply.outer(rows, scale).astype(np.float32)  # (N, features)
-    out *= flat
-    out += shift.astype(np.float32)
+    out = flat.astype(np.float32)
+    if factor is not None:
+        out *= factor[:, None]
+    out *= scale
+    out += shift
     return out.reshape(len(a), *shape)
+
+
+_AFFINE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _affine(shape: tuple[int, ...], mean: tuple[float, ...], std: tuple[float, ...]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature (channel-major), float32: pixel 0..255 -> (pixel / 255 - mean) / std as
+    pixel * scale + shift. Cached: a request pays two multiply-adds, not their set-up."""
+    key = (shape, mean, std)
+    if key not in _AFFINE:
+        per = math.prod(shape) // len(std)
+        scale = np.repeat(1.0 / (255.0 * np.asarray(std, np.float64)), per)
+        shift = np.repeat(-np.asarray(mean, np.float64) / np.asarray(std, np.float64), per)
+        _AFFINE[key] = (scale.astype(np.float32), shift.astype(np.float32))
+    return _AFFINE[key]
 
 
 def input_spec(meta: dict[str, Any]) -> dict[str, Any]:
@@ -170,12 +187,20 @@ class _NumpyRoute:
         self.sizes = sizes
         self.calls: dict[int, list[tuple[str, Callable[[np.ndarray], np.ndarray]]]] = {}
         for bs in sizes:
-            chain = []
+            chain, select = [], None
             for step in steps:
                 op = step["op"]
                 if op == "select":  # (N, F) -> the kept features, feature-major
-                    chain.append((op, lambda x, i=arrays[step["index"]]: x.T[i]))
-                    chain.append(("select_fm", lambda x, i=arrays[step["index"]]: x[i]))
+                    select, full = arrays[step["index"]], step["full"]
+                    chain.append((op, lambda x, i=select: x.T[i]))
+                    chain.append(("select_fm", lambda x, i=select: x[i]))
+                elif op == "linear" and select is not None:
+                    fn, sparse = self._linear(dict(step, full_input=full), arrays, bs,
+                                              fallbacks, select)
+                    if sparse:  # CSR reads only the features it needs: no select at all
+                        chain[-2:] = [("select", lambda x: np.ascontiguousarray(x.T))]
+                    chain.append((op, fn))
+                    select = None
                 elif op == "flatten":
                     chain.append((op, lambda x: x.reshape(len(x), -1)))
                 elif op == "transpose":
@@ -183,13 +208,16 @@ class _NumpyRoute:
                 elif op == "relu":
                     chain.append((op, lambda x: np.maximum(x, 0, out=x)))
                 elif op == "linear":
-                    chain.append((op, self._linear(step, arrays, bs, fallbacks)))
+                    chain.append((op, self._linear(step, arrays, bs, fallbacks)[0]))
                 else:
                     raise PlanError(f"{PLAN}: numpy route cannot run step {op!r}")
             self.calls[bs] = chain
 
     @staticmethod
-    def _linear(step: dict, arrays: dict[str, np.ndarray], bs: int, fallbacks: list[str]):
+    def _linear(step: dict, arrays: dict[str, np.ndarray], bs: int, fallbacks: list[str],
+                select: np.ndarray | None = None):
+        """(the layer's kernel, whether it is sparse); a sparse kernel right after the input
+        select reads the full input instead (its column indices mapped through `select`)."""
         kernel = step.get("kernel", {}).get(str(bs), "dense")
         if kernel not in NEEDS:
             raise PlanError(f"{PLAN}: unknown kernel {kernel!r} for {step['name']}")
@@ -198,7 +226,7 @@ class _NumpyRoute:
                              f"{', '.join(missing)}, which this host lacks; "
                              f"{FALLBACK[kernel]} instead")
             kernel = FALLBACK[kernel]
-        return linear_kernel(kernel, arrays, step)
+        return linear_kernel(kernel, arrays, step, select), kernel != "dense"
 
     def __call__(self, x: np.ndarray, feature_major: bool = False) -> np.ndarray:
         """Logits (N, classes) of model input x: (N, *shape), or (features, N) in C order
@@ -212,7 +240,8 @@ class _NumpyRoute:
         return np.ascontiguousarray(x.T)
 
 
-def linear_kernel(kernel: str, arrays: dict[str, np.ndarray], step: dict):
+def linear_kernel(kernel: str, arrays: dict[str, np.ndarray], step: dict,
+                  select: np.ndarray | None = None):
     """x (in, batch) -> W x + b (out, batch): a dense BLAS product (numpy), a scipy CSR
     product, or torch's CSR product (MKL's sparse kernels in torch's x86 builds), sharing
     memory with numpy both ways."""
@@ -226,12 +255,15 @@ def linear_kernel(kernel: str, arrays: dict[str, np.ndarray], step: dict):
                                arrays[name + ".indptr"]), shape=step["shape"])
         else:
             w = sp.csr_matrix(arrays[name])
+        if select is not None:  # widen: input j of the layer is feature select[j]
+            w = sp.csr_matrix((w.data, select[w.indices].astype(w.indices.dtype), w.indptr),
+                              shape=(w.shape[0], int(step["full_input"])))
     if kernel == "torch_csr":
         import torch
 
         tw = torch.sparse_csr_tensor(torch.from_numpy(w.indptr.astype(np.int64)),
                                      torch.from_numpy(w.indices.astype(np.int64)),
-                                     torch.from_numpy(w.data), tuple(step["shape"]))
+                                     torch.from_numpy(w.data), w.shape)
         tcol = torch.from_numpy(col)
 
         def run_torch(x: np.ndarray) -> np.ndarray:
@@ -435,7 +467,7 @@ def _numpy_steps(net) -> tuple[list[dict], dict[str, np.ndarray]]:
     for i, m in enumerate(net.layers):
         if isinstance(m, Select):
             arrays[f"select.{i}"] = m.index.cpu().numpy().astype(np.int64)
-            steps.append({"op": "select", "index": f"select.{i}"})
+            steps.append({"op": "select", "index": f"select.{i}", "full": int(m.full)})
         elif isinstance(m, torch.nn.Flatten):
             steps.append({"op": "flatten"})
         elif isinstance(m, torch.nn.ReLU):

@@ -11,6 +11,8 @@ Input is what a user has: uint8 pixels 0..255 or floats 0..1, flat (N, 784) or s
 class probabilities (N, classes); `params={"output": "labels"}` gives labels (N,),
 `"logits"` the raw logits.
 """
+import inspect
+
 import mlflow
 from mlflow.pyfunc import PythonModel
 
@@ -65,4 +67,7 @@ class TicketModel(PythonModel):
             return finish(model(x).numpy(), output)
 
 
+# MLflow looks up `predict`'s signature on every call (twice); a stored signature answers at
+# once (inspect.signature honours __signature__), which takes ~10 us off each request.
+TicketModel.predict.__signature__ = inspect.signature(TicketModel.predict)
 mlflow.models.set_model(TicketModel())
