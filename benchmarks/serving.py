@@ -6,7 +6,11 @@ sparsest level's ticket at batch 1 and 256, once per thread count, and prints ea
 measured speedup over dense beside the ideal of the bytes-moved model (and of a
 multiply-add count, the bound that matters once large batches make dense compute-bound).
 
-    python benchmarks/serving.py [--output-dir runs] [--threads 1,2] [--trials 30]
+    python benchmarks/serving.py [--output-dir runs] [--threads N[,M]] [--trials 30]
+
+Threads default to all cores, as `ticketsmith benchmark` and `prune` use. The last lines set
+the serving plan that ships with the registered ticket (its fastest checked route per batch
+size) against the targets: >= 2.5x at batch 1 and >= 5x at batch 256.
 
 Ratios only: every speedup is measured in one process against dense, interleaved round by
 round, so machine noise hits both sides; the JSON of each run lands next to the checkpoint.
@@ -18,6 +22,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TARGETS = {1: 2.5, 256: 5.0}  # the best checked in-process format against dense
 
 
 def summary(runs: dict[int, dict]) -> str:
@@ -41,6 +46,12 @@ def summary(runs: dict[int, dict]) -> str:
         plan = result["plan"]["formats"]
         lines.append(f"{'':<16}{threads:>8}  auto plan: "
                      + ", ".join(f"{k}={v}" for k, v in plan.items()))
+        serving = result.get("serving")
+        if serving:
+            lines.append(f"{'':<16}{threads:>8}  serving plan (ships): " + ", ".join(
+                f"batch {b}: {serving['ranking'][b][0]} {s:.2f}x (target {TARGETS.get(int(b), '-')}x"
+                f"{'' if s is None or int(b) not in TARGETS else (', met' if s >= TARGETS[int(b)] else ', missed')})"
+                for b, s in serving["speedup"].items() if s is not None))
         floor = result["environment"]["noise_floor"]
         lines.append(f"{'':<16}{threads:>8}  noise floor (dense vs itself, range over rounds): "
                      + ", ".join(f"batch {b} {v['speedup_min']:.2f}-{v['speedup_max']:.2f}x"
@@ -57,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default=str(REPO / "runs"), help="experiment run directory")
     p.add_argument("--data-root", default=str(REPO / "data"), help="MNIST folder")
-    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated thread counts (default: all cores)")
     p.add_argument("--trials", type=int, default=30, help="interleaved rounds per batch size")
     args = p.parse_args(argv)
 
@@ -67,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     experiment = run_experiment(cfg, progress=False)
     ckpt = RunStore(experiment.run_root).checkpoint_path(0, cfg.prune.levels, "ticket")
     runs = {}
-    for threads in (int(t) for t in args.threads.split(",")):
+    from ticketsmith.serving.plan import default_threads
+
+    for threads in (int(t) for t in (args.threads or str(default_threads())).split(",")):
         result = benchmark_checkpoint(ckpt, batch_sizes=(1, 256), threads=threads,
                                       trials=args.trials, data_root=args.data_root)
         write_benchmark(result, ckpt.with_name(f"benchmark_serving_t{threads}.json"))

@@ -4,7 +4,9 @@ Runs (or reuses, when its run directory is complete) the quick structured experi
 configs/imp_mnist_structured.yaml, takes every ticket level that removes between `--low` and
 `--high` of the weights and passes the quality gate (accuracy within the gate's points of
 dense), and benchmarks each as `dense` against `compacted` (the smaller dense network
-the structured mask compacts into) at batch 1 and 256, at torch's default thread count. The
+the structured mask compacts into) at batch 1 and 256, in each runtime the serving plan uses
+(torch, ONNX Runtime, numpy), each against the dense network in the same runtime, at the
+default thread count (all cores). The
 benchmark is repeated `--repeats` times; each repeat is a side-by-side ratio over interleaved
 rounds, and the median over repeats is the figure (a noisy machine shifts single repeats).
 
@@ -34,21 +36,32 @@ def pick_levels(records: list[dict], low: float, high: float, max_drop: float) -
     return sorted(ok, key=lambda r: r["level"])
 
 
+RUNTIMES = ("torch", "onnxruntime", "numpy")  # compacted against dense, each in its own runtime
+FORMATS = ["compacted", "onnxruntime", "numpy", "onnxruntime_dense", "numpy_dense"]
+
+
 def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root: str):
-    """Median compacted-vs-dense speedup per batch size over `repeats` benchmark runs."""
+    """Median compacted-vs-dense speedup per runtime and batch size over `repeats` runs.
+
+    torch: `compacted` against `dense`; onnxruntime / numpy: the serving plan's route against
+    the uncompacted network with dense kernels in the same runtime (`<route>_dense`)."""
     from ticketsmith.engine.store import RunStore
     from ticketsmith.serving.benchmark import benchmark_checkpoint
 
     ckpt = RunStore(run_root).checkpoint_path(0, level, "ticket")
-    speedups: dict[int, list[float]] = {bs: [] for bs in TARGETS}
+    speedups = {(rt, bs): [] for rt in RUNTIMES for bs in TARGETS}
     floors: dict[int, list[float]] = {bs: [] for bs in TARGETS}
     result: dict = {}
     for _ in range(repeats):
-        result = benchmark_checkpoint(ckpt, batch_sizes=tuple(TARGETS), formats=["compacted"],
+        result = benchmark_checkpoint(ckpt, batch_sizes=tuple(TARGETS), formats=FORMATS,
                                       trials=trials, data_root=data_root)
         for r in result["results"]:
             if r["format"] == "compacted" and r["correct"]:
-                speedups[r["batch_size"]].append(r["speedup"])
+                speedups[("torch", r["batch_size"])].append(r["speedup"])
+        same = (result.get("serving") or {}).get("same_runtime", {})
+        for rt, by_bs in same.items():
+            for bs, x in by_bs.items():
+                speedups[(rt, int(bs))].append(x)
         for bs, v in result["environment"]["noise_floor"].items():
             floors[int(bs)].append(v["speedup"])
     return speedups, floors, result
@@ -74,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     records = experiment.records
     dense = next(r for r in records if r["level"] == 0)
     print(f"{'level':>5}{'removed':>9}{'ticket':>8}{'re-init':>9}{'compacted to':>50}"
-          f"{'batch':>6}{'speedup (median)':>18}{'repeats':>60}{'noise floor':>12}{'target':>8}")
+          f"{'runtime':>12}{'batch':>6}{'speedup (median)':>18}{'repeats':>40}"
+          f"{'noise floor':>12}{'target':>8}")
     env: dict = {}
     for pick in pick_levels(records, args.low, args.high, cfg.gate.max_accuracy_drop):
         level = pick["level"]
@@ -85,14 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         env = result["environment"]
         note = next(r["note"] for r in result["results"] if r["format"] == "compacted")
         shape = note.split(", ", 1)[1] if ", " in note else note
-        for bs, target in TARGETS.items():
-            got = median(speedups[bs]) if speedups[bs] else float("nan")
+        for (rt, bs), got_all in speedups.items():
+            target = TARGETS[bs]
+            got = median(got_all) if got_all else float("nan")
             print(f"{level:>5}{pick['sparsity']:>9.1%}{pick['test_accuracy']:>8.2%}"
                   f"{reinit['test_accuracy'] if reinit else float('nan'):>9.2%}{shape:>50}"
-                  f"{bs:>6}{got:>17.2f}x{', '.join(f'{s:.2f}' for s in speedups[bs]):>60}"
+                  f"{rt:>12}{bs:>6}{got:>17.2f}x{', '.join(f'{s:.2f}' for s in got_all):>40}"
                   f"{median(floors[bs]):>11.2f}x{'met' if got >= target else 'NOT met':>8}")
+        serving = result.get("serving") or {}
+        if serving:
+            print(f"{'':>5} shipped plan against torch dense: " + ", ".join(
+                f"batch {b}: {serving['ranking'][b][0]} {s:.2f}x"
+                for b, s in serving["speedup"].items() if s))
     print(f"dense test accuracy {dense['test_accuracy']:.2%}; {env.get('cpu')}, torch "
-          f"{env.get('torch')}, threads {env.get('threads')} (torch default), load average "
+          f"{env.get('torch')}, threads {env.get('threads')} (all cores), load average "
           f"{env.get('load_average')}; {args.repeats} repeats x {args.trials} interleaved rounds; "
           f"targets: {', '.join(f'>= {t}x at batch {b}' for b, t in TARGETS.items())}")
     return 0

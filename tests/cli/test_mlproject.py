@@ -93,7 +93,8 @@ def test_prune_then_train_then_gate_entry_points(project, workdir):
     assert "release check: FAIL" in strict.stdout
 
 
-FORMATS = {"dense", "csr", "compacted", "compacted_int8", "auto", "onnxruntime", "numpy"}
+FORMATS = {"dense", "csr", "compacted", "compacted_int8", "auto", "onnxruntime", "numpy",
+           "onnxruntime_dense", "numpy_dense"}
 
 
 def test_benchmark_entry_point(project, workdir):

@@ -208,6 +208,7 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
     entries = {f: _prepare(f, model, mask, ctx, checks, accuracy_fn, dense_acc,
                            max_accuracy_drop) for f in formats}
     results, noise, env = [], {}, {**timing_environment(device), **cfg}
+    same_runtime: dict[str, dict[int, float]] = {}
     for bs, x in xs.items():
         ok = [f for f in formats if entries[f]["error"][bs] is None]
         if "dense" not in ok:
@@ -219,6 +220,10 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
             samples = time_side_by_side(calls, trials=cfg["trials"], warmup=cfg["warmup"],
                                         block_s=cfg["block_s"], clock=clock)
             noise[str(bs)] = _stats(samples[_AA], samples["dense"], bs)["spread"]
+            for route in ("onnxruntime", "numpy"):  # against the dense net in its own runtime
+                if route in samples and f"{route}_dense" in samples:
+                    same_runtime.setdefault(route, {})[bs] = _stats(
+                        samples[route], samples[f"{route}_dense"], bs)["speedup"]
             dense_cost = traffic(entries["dense"]["served"].module, x)
             for f in formats:
                 results.append(_result(f, bs, entries[f], samples.get(f), samples["dense"],
@@ -226,7 +231,7 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
     env["load_average_end"] = timing_environment(device)["load_average"]
     env["noise_floor"] = {bs: {k: v[k] for k in ("speedup", "speedup_min", "speedup_max")}
                           for bs, v in noise.items()}  # dense / dense: 1.0 on a quiet machine
-    serving = _serving_plan(ctx, model, checks["check"][0], results, plan_dir)
+    serving = _serving_plan(ctx, model, checks["check"][0], results, plan_dir, same_runtime)
     return {"environment": env, "model": model_summary(model, mask, meta),
             "results": results, "plan": _plan(entries.get("auto"), results), "serving": serving,
             "settings": {"batch_sizes": batch_sizes, "formats": formats, "quick": quick,
@@ -268,10 +273,14 @@ def _plan(entry: dict | None, results: list[dict]) -> dict[str, Any]:
 
 
 def _serving_plan(ctx: BuildContext, model: nn.Module, probe: torch.Tensor, results: list[dict],
-                  plan_dir: str | Path | None) -> dict[str, Any] | None:
-    """Rank the plan's routes by this run's speedups, check it, and ship it to `plan_dir`."""
+                  plan_dir: str | Path | None, same_runtime: dict[str, dict[int, float]]
+                  ) -> dict[str, Any] | None:
+    """Rank the plan's routes by this run's speedups, check it, and ship it to `plan_dir`.
+    same_runtime: route → batch size → speedup over the dense network in that runtime."""
     from ticketsmith.serving import plan as plans
 
+    if ctx.baseline_folder is not None:
+        shutil.rmtree(ctx.baseline_folder.parent, ignore_errors=True)
     if ctx.plan_folder is None:
         return None
     speedups: dict[str, dict[int, float | None]] = {}
@@ -293,6 +302,9 @@ def _serving_plan(ctx: BuildContext, model: nn.Module, probe: torch.Tensor, resu
     return {**plans.describe(plan), "path": str(folder) if plan_dir is not None else None,
             "ranking": plan["ranking"], "threads": plan["threads"], "check": check,
             "speedup": {b: (speedups.get(r) or {}).get(int(b)) for b, r in best.items()},
+            "same_runtime_speedup": {b: (same_runtime.get(r) or {}).get(int(b))
+                                     for b, r in best.items()},
+            "same_runtime": {r: {str(b): x for b, x in v.items()} for r, v in same_runtime.items()},
             "kernels_why": plan["kernels_why"]}
 
 
@@ -417,6 +429,9 @@ def format_scorecard(result: dict[str, Any]) -> str:
                           f"batch {b}: {serving['ranking'][b][0]}"
                           for b, s in serving["speedup"].items())
         chk = serving["check"]
+        same = ", ".join(f"batch {b}: {s:.2f}x" for b, s in
+                         (serving.get("same_runtime_speedup") or {}).items() if s)
+        speed += f" (against the dense network in the same runtime: {same})" if same else ""
         lines.append(f"serving plan ({serving['threads']} threads): {speed}; checked on "
                      f"{chk['probe']} inputs, max |diff| {chk['max_abs_error']:.2g}, argmax "
                      f"agreement {chk['argmax_agreement']:.2%}"

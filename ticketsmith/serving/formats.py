@@ -15,6 +15,8 @@ checks every one against the masked model's outputs before it is timed.
     onnxruntime         exact  the serving plan's compacted ONNX graph in ONNX Runtime (CPU)
     numpy               exact  the serving plan's compacted chain in numpy, per layer dense or
                                scipy CSR as measured (`ticketsmith.serving.plan`, CPU)
+    onnxruntime_dense,  exact  the network uncompacted with dense kernels in those runtimes:
+    numpy_dense                the baselines of the same-runtime speedups
     fp16, bf16          no     CUDA: a half-precision copy
     semi_structured_2:4 no     CUDA: fp16 with `to_sparse_semi_structured` on 2:4 Linear layers
 """
@@ -41,7 +43,7 @@ from ticketsmith.engine.masks import Mask, semi_structured_skip
 CSR_MAX_DENSITY = 0.1
 CSR_MIN_WEIGHTS = 1 << 16
 CUDA_ONLY = ("fp16", "bf16", "semi_structured_2:4")
-CPU_ONLY = ("compacted_int8", "onnxruntime", "numpy")  # int8 (fbgemm/x86), the plan's runtimes
+CPU_ONLY = ("compacted_int8", "onnxruntime", "numpy", "onnxruntime_dense", "numpy_dense")
 
 
 class FormatUnavailable(RuntimeError):
@@ -68,6 +70,7 @@ class BuildContext:
     meta: dict = field(default_factory=dict)  # the checkpoint's metadata (input shape, data set)
     threads: int | None = None  # the serving plan's runtimes use this many threads
     plan_folder: Path | None = None  # the serving plan, built by the first route format asked
+    baseline_folder: Path | None = None  # the dense network in the plan's runtimes
 
 
 class CSRLinear(nn.Module):
@@ -268,7 +271,8 @@ class RouteModule(nn.Module):
 
     def __init__(self, route, arrays: dict, proxy: nn.Module):
         super().__init__()
-        self.route, self.proxy = route, proxy
+        self.route = route
+        self.__dict__["proxy"] = proxy  # not a submodule: its weights are not this format's
         for i, a in enumerate(arrays.values()):  # counted by weight_bytes
             self.register_buffer(f"array{i}", torch.from_numpy(a), persistent=False)
 
@@ -276,33 +280,39 @@ class RouteModule(nn.Module):
         return torch.from_numpy(self.route(x.contiguous().numpy()))
 
 
-def _plan_route(name: str) -> "Builder":
+def _plan_route(name: str, baseline: bool = False) -> "Builder":
+    """A route of the ticket's serving plan; `baseline`: the same runtime running the network
+    uncompacted with dense kernels (what a same-runtime speedup is measured against)."""
     def build(model: nn.Module, mask: Mask | None, ctx: BuildContext) -> Served:
         from ticketsmith.serving import plan as plans
 
         if ctx.device.type != "cpu":
             raise FormatUnavailable("the serving plan's runtimes run on CPU")
-        if ctx.plan_folder is None:
+        attr = "baseline_folder" if baseline else "plan_folder"
+        if getattr(ctx, attr) is None:
             examples = {bs: x.cpu().numpy() for bs, x in ctx.example.items()}
             folder = Path(tempfile.mkdtemp(prefix="ticketsmith-plan-")) / "serving"
-            ctx.plan_folder = plans.build_plan(model, ctx.meta, folder, examples=examples,
-                                               timer=ctx.timer, threads=ctx.threads)
-        plan = plans.read_plan(ctx.plan_folder)
+            setattr(ctx, attr, plans.build_plan(
+                model, ctx.meta, folder, examples=examples, threads=ctx.threads,
+                timer=None if baseline else ctx.timer, compact_units=not baseline))
+        folder = getattr(ctx, attr)
+        plan = plans.read_plan(folder)
         if name not in plan["routes"]:
             raise FormatUnavailable(f"the serving plan has no {name} route "
                                     f"({plan['compaction']})")
-        runner = plans.load_plan(ctx.plan_folder, ctx.threads, route=name)
+        runner = plans.load_plan(folder, ctx.threads, route=name)
         if name not in runner.routes:
             raise FormatUnavailable("; ".join(runner.fallbacks))
         from safetensors.numpy import load_file
 
-        arrays = load_file(str(ctx.plan_folder / plans.WEIGHTS)) if name == "numpy" else {}
-        proxy = _compacted_or_copy(model)[0]
+        arrays = load_file(str(folder / plans.WEIGHTS)) if name == "numpy" else {}
+        proxy = copy.deepcopy(model) if baseline else _compacted_or_copy(model)[0]
         if name == "onnxruntime":  # the graph holds the compacted weights
             arrays = {k: v.detach().numpy() for k, v in proxy.state_dict().items()}
         kernels = {s["name"]: "+".join(sorted(set(s["kernel"].values())) or ["dense"])
                    for s in plan["steps"] if s["op"] == "linear"}
-        layers = {n: f"compacted+{name}" + (f":{kernels[n]}" if n in kernels else "")
+        layers = {n: ("dense+" if baseline else "compacted+") + name
+                  + (f":{kernels[n]}" if n in kernels and not baseline else "")
                   for n in _source_names(proxy).values()}
         note = plan["compaction"] + "".join(f"; {m}" for m in runner.fallbacks)
         return Served(RouteModule(runner.routes[name], arrays, proxy), layers, note=note)
@@ -364,6 +374,8 @@ FORMATS: dict[str, Builder] = {
     "auto": _auto,
     "onnxruntime": _plan_route("onnxruntime"),
     "numpy": _plan_route("numpy"),
+    "onnxruntime_dense": _plan_route("onnxruntime", baseline=True),
+    "numpy_dense": _plan_route("numpy", baseline=True),
     "fp16": _half(torch.float16, 1e-2),
     "bf16": _half(torch.bfloat16, 5e-2),
     "semi_structured_2:4": _semi_structured,

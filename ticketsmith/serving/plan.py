@@ -384,8 +384,11 @@ def load_plan(folder: str | Path, threads: int | None = None,
 def build_plan(model, meta: dict[str, Any], folder: str | Path, *,
                examples: dict[int, np.ndarray] | None = None,
                timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]] | None = None,
-               threads: int | None = None) -> Path:
+               threads: int | None = None, compact_units: bool = True) -> Path:
     """Write the plan of a masked model (mask baked into its weights) to `folder`.
+
+    compact_units=False (with no timer): the network as it is, dense kernels — the dense
+    model in the plan's own runtimes, the baseline a same-runtime speedup is measured against.
 
     examples: batch size → model input; with `timer` (name → callable → seconds per call,
     measured side by side) each Linear layer of the numpy route gets the kernel that measured
@@ -402,7 +405,9 @@ def build_plan(model, meta: dict[str, Any], folder: str | Path, *,
     examples = examples or {1: np.zeros((1, *shape), np.float32)}
     net, summary = copy_model(model), "not compacted"
     chain = as_chain(net)
-    if chain is not None:
+    if chain is not None and not compact_units:
+        net, summary = chain, "not compacted: the dense baseline"
+    elif chain is not None:
         try:
             net, summary = compact(chain)
         except CompactionError as exc:
