@@ -233,6 +233,111 @@ def test_registry_outcome_matches_the_aliases(experiment):
         assert v.run_id in row[-1]
 
 
+# --- what is deployed: the champion version's serving tags ----------------------------------
+
+# What `benchmarks/serving_http.py --record` adds to the champion's version.
+END_TO_END_TAGS = {"serving.pyfunc.speedup_bs1": "1.62", "serving.pyfunc.speedup_bs256": "4.40",
+                   "serving.http.speedup_bs1": "1.07", "serving.http.speedup_bs256": "2.31",
+                   "serving.http.p50_ms_bs1": "3.52", "serving.http.p99_ms_bs1": "7.10",
+                   "serving.http.dense_p50_ms_bs1": "3.77", "serving.http.images_per_s_bs1": "283",
+                   "serving.http.model_share_bs1": "0.08", "serving.http.p50_ms_bs256": "41.20",
+                   "serving.http.measured": "2 threads, 2031-01-01"}
+
+
+def champion_version(cfg, client: MlflowClient):
+    name = model_name_for(cfg.experiment.name, cfg.hash())
+    champ = client.get_registered_model(name).aliases.get("champion")
+    assert champ, "the benchmarked tiny experiment promotes a champion"
+    return name, client.get_model_version(name, str(champ))
+
+
+def answer_line(text: str) -> str:
+    return text.split("## The answer", 1)[1].strip().splitlines()[0]
+
+
+def section_of(text: str, heading: str) -> str:
+    return text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_answer_and_scorecard_say_what_the_champion_serves(experiment):
+    cfg, client, md = experiment
+    _, mv = champion_version(cfg, client)
+    tags, text = mv.tags, md.read_text()
+    first = answer_line(text)
+    assert (f"The registered champion (v{mv.version}, level {tags['level']}) serves its checked "
+            f"plan ({tags['serving.format']}; {tags['serving.threads']} threads) and measured "
+            f"{float(tags['serving.speedup_bs1']):.2f}× at batch 1 and "
+            f"{float(tags['serving.speedup_bs256']):.2f}× at batch 256 vs dense in-process"
+            in first), first
+    assert "the best format at each batch size" not in first and "over HTTP" not in first
+    measure = "`python benchmarks/serving_http.py --record`"
+    answer = section_of(text, "The answer")
+    assert f"Deployed: v{mv.version}'s serving plan, checked against the masked model on " \
+           f"{tags['serving.checked']}." in answer and measure in answer
+    card = section_of(text, "Serving scorecard").split("### What is deployed", 1)[1]
+    assert f"{tags['serving.threads']} threads" in card and tags["serving.checked"] in card
+    rows = table_rows(card, "Figure")
+    assert rows == [["speedup in-process", tags["serving.format"],
+                     f"{float(tags['serving.speedup_bs1']):.2f}×",
+                     f"{float(tags['serving.speedup_bs256']):.2f}×"]]
+    assert measure in card
+    registry = section_of(text, "Registry outcome")
+    assert f"It ships its checked serving plan: `{tags['serving.format']}`" in registry
+
+
+def test_end_to_end_speedups_are_quoted_once_recorded(experiment, tmp_path):
+    cfg, client, _ = experiment
+    name, mv = champion_version(cfg, client)
+    for key, value in END_TO_END_TAGS.items():
+        client.set_model_version_tag(name, mv.version, key, value)
+    try:
+        text = build_report(client, cfg.hash(), tmp_path / "reports").read_text()
+    finally:
+        for key in END_TO_END_TAGS:
+            client.delete_model_version_tag(name, mv.version, key)
+    first = answer_line(text)
+    assert "vs dense in-process; 1.62× and 4.40× through pyfunc.predict; 1.07× and 2.31× over " \
+           "HTTP" in first, first
+    card = section_of(text, "Serving scorecard").split("### What is deployed", 1)[1]
+    rows = table_rows(card, "Figure")
+    assert rows[1:] == [
+        ["speedup through pyfunc.predict", "the champion's pyfunc", "1.62×", "4.40×"],
+        ["speedup over HTTP", "mlflow models serve, JSON /invocations", "1.07×", "2.31×"],
+        ["HTTP dense p50", "", "3.77 ms", "—"], ["HTTP images/s", "", "283", "—"],
+        ["HTTP model share", "", "8%", "—"], ["HTTP p50", "", "3.52 ms", "41.20 ms"],
+        ["HTTP p99", "", "7.10 ms", "—"]]
+    assert "End to end: HTTP measured: 2 threads, 2031-01-01." in card
+    assert "serving_http.py --record" not in text
+
+
+def test_without_a_champion_the_answer_keeps_the_best_format(experiment, tmp_path):
+    cfg, client, _ = experiment
+    name, mv = champion_version(cfg, client)
+    client.delete_registered_model_alias(name, "champion")
+    try:
+        text = build_report(client, cfg.hash(), tmp_path / "reports").read_text()
+    finally:
+        client.set_registered_model_alias(name, "champion", mv.version)
+    first = answer_line(text)
+    assert re.search(r"Served there, it measured \d+\.\d\d× at batch 1 and \d+\.\d\d× at batch "
+                     r"256 vs dense \(the best format at each batch size", first), first
+    assert "registered champion" not in text and "### What is deployed" not in text
+    assert "Deployed:" not in text
+
+
+def test_deployed_speedups_below_dense_are_said_plainly():
+    from ticketsmith.report.deployed import Deployed, headline
+
+    d = Deployed("m", "4", 2, {"serving.format": "batch 1: numpy, batch 256: onnxruntime",
+                               "serving.threads": "1", "serving.speedup_bs1": "0.95",
+                               "serving.speedup_bs256": "not measured"})
+    assert headline(d) == ("The registered champion (v4, level 2) serves its checked plan "
+                           "(batch 1: numpy, batch 256: onnxruntime; 1 thread) and measured "
+                           "0.95× at batch 1 and not measured at batch 256 vs dense in-process"
+                           " — not faster than dense on this hardware.")
+    assert d.end_to_end == []
+
+
 # --- the HTML in a real browser --------------------------------------------------------------
 
 CHECK_SCRIPT = """<script>

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ticketsmith import __version__
 from ticketsmith.serving.benchmark import format_bytes
+from ticketsmith.report import deployed
 from ticketsmith.report.render import Block, Bullets, Code, Heading, Link, Strong, Table, para
 from ticketsmith.report.stats import ALPHA, Facts
 
@@ -19,8 +20,14 @@ def _bytes(n: int | None) -> str:
 
 
 def scorecard(facts: Facts) -> list[Block]:
-    """Latency, throughput and memory: dense vs the champion ticket, with the environment."""
-    out: list[Block] = [Heading("Serving scorecard")]
+    """Latency, throughput and memory: dense vs the champion ticket, with the environment;
+    then what the registered champion ships and how fast it measured."""
+    return [Heading("Serving scorecard"), *measured(facts), *deployed.section(facts.deployed)]
+
+
+def measured(facts: Facts) -> list[Block]:
+    """Every format the benchmark timed at the champion's level (or the sparsest one)."""
+    out: list[Block] = []
     if not facts.bench:
         return out + [para("No serving benchmark recorded yet: latency, throughput and memory "
                            "are unknown. Run prune with ", Code("--set experiment.benchmark=true"),
@@ -89,6 +96,9 @@ def registry_section(facts: Facts, inputs: ReportInputs) -> list[Block]:
                 " is ", Code("champion"),
                 f" (level {v.level}, {100 * (v.sparsity or 0):.1f}% sparse, run ",
                 Link(v.run_id, inputs.run_link(v.run_id)), ")."]
+        if v.serving.get("serving.format"):
+            line += [" It ships its checked serving plan: ", Code(v.serving["serving.format"]),
+                     " (version tags ", Code("serving.*"), "; see the serving scorecard)."]
     elif champ:
         line = ["Registered model ", Code(reg.model_name), ": ", Code("champion"),
                 f" is v{champ}, which does not come from this config hash."]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ticketsmith.report import deployed
 from ticketsmith.report.render import Block, Bullets, Code, Heading, Strong, Table, para
 from ticketsmith.report.stats import (ALPHA, Facts, batch_sizes, best_format, min_rejecting_n,
                                       speedup_text)
@@ -62,6 +63,9 @@ def quality_sentence(facts: Facts) -> list[Any]:
 def serving_headline(facts: Facts) -> str:
     """Sentence two: the measured serving speedup at the safe level, or why there is none."""
     level = facts.champion.level if facts.champion is not None else None
+    d = facts.deployed
+    if level is not None and d is not None and d.measured():
+        return deployed.headline(d)  # what ships, not the best of every format
     if not facts.bench:
         return "No serving benchmark has been recorded yet, so the speedup is unknown."
     if level is None:
@@ -101,6 +105,8 @@ def details(facts: Facts) -> list[Any]:
                    f"{pct(s.density)} of their weights — at most {1 / s.density:.1f}× less "
                    "weight compute, if a serving format could exploit all of it.")
     out.append(serving_detail(facts))
+    if facts.deployed is not None:
+        out.append(deployed.detail(facts.deployed))
     return out
 
 

@@ -38,6 +38,7 @@ class VersionInfo:
     gates: dict[str, str]              # gate name → "PASS 0.1234" / "FAIL ..." / "n/a"
     aliases: tuple[str, ...]
     run_id: str
+    serving: dict[str, str] = field(default_factory=dict)   # its `serving.*` tags (what ships)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ def _registry(client: MlflowClient, name: str, run_ids: set[str],
             float(tags["sparsity"]) if tags.get("sparsity") else None,
             tags.get("quality_gate", "unknown"),
             {k[len("gate."):]: v for k, v in sorted(tags.items()) if k.startswith("gate.")},
-            tuple(sorted(by_version.get(str(mv.version), []))), mv.run_id))
+            tuple(sorted(by_version.get(str(mv.version), []))), mv.run_id,
+            {k: v for k, v in tags.items() if k.startswith("serving.")}))
     mine.sort(key=lambda v: int(v.version))
     return RegistryOutcome(name, mine, {a: str(v) for a, v in aliases.items()})
 

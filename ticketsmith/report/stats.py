@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ticketsmith.config import GateConfig
 from ticketsmith.gates import GateError, LevelVerdict, champion_level, evaluate_gates
+from ticketsmith.report.deployed import Deployed, champion_deployed
 
 if TYPE_CHECKING:
     from ticketsmith.report.sources import ReportInputs
@@ -242,6 +243,7 @@ class Facts:
     gate_error: str | None = None
     pooled: Pooled | None = None         # ticket − random over all compared levels
     granularity: str = "weight"          # what this experiment's masks remove (prune.granularity)
+    deployed: Deployed | None = None     # the registered champion's serving plan, by its tags
 
     @property
     def replicates(self) -> int:
@@ -268,7 +270,8 @@ def analyse(inputs: ReportInputs) -> Facts:
                  breaking_level(stats, "ticket", gate.max_accuracy_drop),
                  breaking_level(stats, "random_reinit", gate.max_accuracy_drop), paired, bench, error,
                  pooled_comparison(stats, [p.level for p in paired]),
-                 inputs.config.prune.granularity if inputs.config is not None else "weight")
+                 inputs.config.prune.granularity if inputs.config is not None else "weight",
+                 champion_deployed(inputs.registry))
 
 
 # --- serving numbers -----------------------------------------------------------------------
