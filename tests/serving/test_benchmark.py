@@ -289,3 +289,17 @@ def test_traffic_model_counts_weights_indices_and_activations():
     nnz = int((w != 0).sum())
     moved, macs = traffic(csr, x)
     assert moved == nnz * 8 + 21 * 4 + 20 * 4 + 3 * 50 * 4 + 3 * 20 * 4 and macs == 3 * nnz
+
+
+def test_a_noisy_noise_floor_is_said_plainly():
+    from ticketsmith.serving.benchmark import busy_warning
+
+    quiet = {"noise_floor": {"1": {"speedup": 1.0, "speedup_min": 0.8, "speedup_max": 1.3}},
+             "threads": 2, "cpu_count": 2, "load_average": [0.4, 0.5, 0.6]}
+    assert busy_warning(quiet) is None
+    noisy = {**quiet, "noise_floor": {**quiet["noise_floor"], "256": {
+        "speedup": 0.9, "speedup_min": 0.02, "speedup_max": 41.3}}, "load_average": [4.2, 3, 2]}
+    said = busy_warning(noisy)
+    assert said.startswith("WARNING: noisy machine: dense against itself ranged 0.02-41.30x at "
+                           "batch 256 (load average 4.2 on 2 cores at the start) with 2 threads")
+    assert "batch 1" not in said and "--threads 1" in said

@@ -231,7 +231,9 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
     env["load_average_end"] = timing_environment(device)["load_average"]
     env["noise_floor"] = {bs: {k: v[k] for k in ("speedup", "speedup_min", "speedup_max")}
                           for bs, v in noise.items()}  # dense / dense: 1.0 on a quiet machine
-    serving = _serving_plan(ctx, model, checks["check"][0], results, plan_dir, same_runtime)
+    env["warning"] = busy_warning(env)
+    serving = _serving_plan(ctx, model, checks["check"][0], results, plan_dir, same_runtime,
+                            env["warning"])
     return {"environment": env, "model": model_summary(model, mask, meta),
             "results": results, "plan": _plan(entries.get("auto"), results), "serving": serving,
             "settings": {"batch_sizes": batch_sizes, "formats": formats, "quick": quick,
@@ -273,8 +275,8 @@ def _plan(entry: dict | None, results: list[dict]) -> dict[str, Any]:
 
 
 def _serving_plan(ctx: BuildContext, model: nn.Module, probe: torch.Tensor, results: list[dict],
-                  plan_dir: str | Path | None, same_runtime: dict[str, dict[int, float]]
-                  ) -> dict[str, Any] | None:
+                  plan_dir: str | Path | None, same_runtime: dict[str, dict[int, float]],
+                  warning: str | None = None) -> dict[str, Any] | None:
     """Rank the plan's routes by this run's speedups, check it, and ship it to `plan_dir`.
     same_runtime: route → batch size → speedup over the dense network in that runtime."""
     from ticketsmith.serving import plan as plans
@@ -288,7 +290,7 @@ def _serving_plan(ctx: BuildContext, model: nn.Module, probe: torch.Tensor, resu
         if r["format"] in plans.ROUTES:
             speedups.setdefault(r["format"], {})[r["batch_size"]] = r["speedup"]
     check = plans.check_plan(ctx.plan_folder, model, probe)
-    plan = plans.rank_routes(ctx.plan_folder, speedups, check, ctx.threads)
+    plan = plans.rank_routes(ctx.plan_folder, speedups, check, ctx.threads, warning)
     folder = ctx.plan_folder
     if plan_dir is not None:
         folder = Path(plan_dir)
@@ -387,6 +389,23 @@ def format_bytes(n: int | None) -> str:
     return str(n)
 
 
+def busy_warning(env: dict[str, Any]) -> str | None:
+    """A warning when the run's own noise floor (dense timed against itself, round by round)
+    strays beyond 2x either way: then something else held the cores (a multi-threaded call
+    waits milliseconds for a descheduled thread) and single ratios are not to be trusted.
+    None when every batch size's floor stays within [0.5, 2]."""
+    bad = {b: v for b, v in (env.get("noise_floor") or {}).items()
+           if v["speedup_min"] < 0.5 or v["speedup_max"] > 2.0}
+    if not bad:
+        return None
+    load = env.get("load_average") or []
+    return ("WARNING: noisy machine: dense against itself ranged " + ", ".join(
+        f"{v['speedup_min']:.2f}-{v['speedup_max']:.2f}x at batch {b}" for b, v in bad.items())
+        + (f" (load average {load[0]:.1f} on {env.get('cpu_count')} cores at the start)"
+           if load else "") + f" with {env.get('threads')} threads; speedups are unreliable: "
+        "rerun on an idle machine, or with --threads 1")
+
+
 def format_scorecard(result: dict[str, Any]) -> str:
     """A readable table of the scorecard, with the model, the environment and the plan."""
     m, env = result["model"], result["environment"]
@@ -412,6 +431,8 @@ def format_scorecard(result: dict[str, Any]) -> str:
                 f"{acc:>9}")
         else:
             lines.append(f"{r['format']:<20}{r['batch_size']:>6} {'NO':<3}  {r['error']}")
+    if env.get("warning"):
+        lines.append(env["warning"])
     floor = env.get("noise_floor") or {}
     if floor:
         lines.append("noise floor, dense against itself: " + ", ".join(

@@ -526,7 +526,8 @@ def _choose_kernels(steps, arrays, examples, timer) -> dict[str, str]:
 
 
 def rank_routes(folder: str | Path, speedups: dict[str, dict[int, float | None]],
-                check: dict[str, Any] | None = None, threads: int | None = None) -> dict:
+                check: dict[str, Any] | None = None, threads: int | None = None,
+                warning: str | None = None) -> dict:
     """Record the benchmark's measured speedups (route → batch size → dense/route, side by
     side) in plan.json and rank the routes per batch size, fastest first; unmeasured or failed
     routes go last. `check`: the plan's check against the masked model."""
@@ -536,6 +537,7 @@ def rank_routes(folder: str | Path, speedups: dict[str, dict[int, float | None]]
         got = {r: (speedups.get(r) or {}).get(int(b)) for r in plan["routes"]}
         plan["ranking"][b] = sorted(plan["routes"], key=lambda r: -(got[r] or 0.0))
     plan["measured"] = {r: {str(b): s for b, s in v.items()} for r, v in speedups.items()}
+    plan["warning"] = warning  # the benchmark's: its timings were noisy
     if check is not None:
         plan["check"] = check
     if threads:

@@ -117,6 +117,8 @@ def serving_tags(plan_folder: Path, check: dict[str, Any]) -> dict[str, str]:
         order = plan["ranking"].get(bs) or []
         got = (plan.get("measured", {}).get(order[0], {}) if order else {}).get(bs)
         tags[f"serving.speedup_bs{bs}"] = f"{got:.2f}" if got else "not measured"
+    if plan.get("warning"):
+        tags["serving.warning"] = plan["warning"][:4900]
     bench = plan.get("check")
     tags["serving.checked"] = (
         f"{check['probe']} probe inputs at registration: max |diff| {check['max_abs_error']:.2g}, "
