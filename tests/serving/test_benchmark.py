@@ -303,3 +303,16 @@ def test_a_noisy_noise_floor_is_said_plainly():
     assert said.startswith("WARNING: noisy machine: dense against itself ranged 0.02-41.30x at "
                            "batch 256 (load average 4.2 on 2 cores at the start) with 2 threads")
     assert "batch 1" not in said and "--threads 1" in said
+
+
+def test_a_multi_threaded_baseline_slower_than_one_thread_is_said_plainly():
+    from ticketsmith.serving.benchmark import busy_warning
+
+    floor = {"speedup": 1.0, "speedup_min": 0.9, "speedup_max": 1.1}
+    env = {"noise_floor": {"1": {**floor, "one_thread_ratio": 0.6},
+                           "256": {**floor, "one_thread_ratio": 350.0}},
+           "threads": 2, "cpu_count": 2}
+    said = busy_warning(env)
+    assert "dense at 2 threads was 350.0x slower than at one thread at batch 256" in said
+    assert "batch 1" not in said
+    assert busy_warning({**env, "noise_floor": {"1": {**floor, "one_thread_ratio": 1.5}}}) is None

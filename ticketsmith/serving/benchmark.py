@@ -220,6 +220,8 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
             samples = time_side_by_side(calls, trials=cfg["trials"], warmup=cfg["warmup"],
                                         block_s=cfg["block_s"], clock=clock)
             noise[str(bs)] = _stats(samples[_AA], samples["dense"], bs)["spread"]
+            noise[str(bs)]["one_thread_ratio"] = _one_thread_ratio(
+                entries["dense"]["served"].module, x, samples["dense"], device)
             for route in ("onnxruntime", "numpy"):  # against the dense net in its own runtime
                 if route in samples and f"{route}_dense" in samples:
                     same_runtime.setdefault(route, {})[bs] = _stats(
@@ -229,7 +231,8 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
                 results.append(_result(f, bs, entries[f], samples.get(f), samples["dense"],
                                        dense_cost, x, device))
     env["load_average_end"] = timing_environment(device)["load_average"]
-    env["noise_floor"] = {bs: {k: v[k] for k in ("speedup", "speedup_min", "speedup_max")}
+    env["noise_floor"] = {bs: {k: v[k] for k in ("speedup", "speedup_min", "speedup_max",
+                                                 "one_thread_ratio")}
                           for bs, v in noise.items()}  # dense / dense: 1.0 on a quiet machine
     env["warning"] = busy_warning(env)
     serving = _serving_plan(ctx, model, checks["check"][0], results, plan_dir, same_runtime,
@@ -343,10 +346,10 @@ def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
     """Benchmark one ticket checkpoint (path or MLflow URI) against its dense baseline.
 
     data: a `ticketsmith.data.Dataset` for accuracies; else the checkpoint's data set is
-    loaded from `data_root` (None: no accuracies). threads: for torch, the BLAS under numpy
-    and ONNX Runtime alike, fixed for the run and recorded (restored afterwards); default all
-    cores (`plan.default_threads`), as a deployment would use. plan_dir: where to write the
-    checked serving plan.
+    loaded from `data_root` (None: no accuracies). threads: for torch and ONNX Runtime alike,
+    fixed for the run and recorded (restored afterwards); default all cores
+    (`plan.default_threads`), as a deployment would use. numpy's BLAS runs on one thread, as
+    in the served plan. plan_dir: where to write the checked serving plan.
     """
     from threadpoolctl import threadpool_limits
 
@@ -362,7 +365,10 @@ def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
     before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
     try:
-        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        # numpy's BLAS (OpenBLAS) runs on one thread, as in the served plan (pyfunc_model):
+        # its idle threads spin for ~0.1 s, taking the cores torch's threads wait on; with
+        # two pools on two cores the dense baseline stalled at 16 ms per call instead of 45 us.
+        with threadpool_limits(limits=1, user_api="blas"):
             result = benchmark_model(model, mask, meta, batch_sizes=batch_sizes, formats=formats,
                                      trials=trials, quick=quick, data=data, device=dev,
                                      max_accuracy_drop=max_accuracy_drop, plan_dir=plan_dir)
@@ -389,21 +395,42 @@ def format_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _one_thread_ratio(module: nn.Module, x: torch.Tensor, dense: list[list[float]],
+                      device: torch.device) -> float | None:
+    """Dense at one thread / dense at the run's threads, timed right after the run: below 1
+    the multi-threaded baseline was slower than one thread, i.e. it waited on cores that
+    other work held. None where it does not apply (one thread, or CUDA)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return None
+    torch.set_num_threads(1)
+    try:
+        one = time_side_by_side({"dense": lambda: module(x)}, trials=3, warmup=3, block_s=0.003)
+    finally:
+        torch.set_num_threads(threads)
+    return median([median(b) for b in dense]) / median([median(b) for b in one["dense"]])
+
+
 def busy_warning(env: dict[str, Any]) -> str | None:
     """A warning when the run's own noise floor (dense timed against itself, round by round)
     strays beyond 2x either way: then something else held the cores (a multi-threaded call
     waits milliseconds for a descheduled thread) and single ratios are not to be trusted.
     None when every batch size's floor stays within [0.5, 2]."""
-    bad = {b: v for b, v in (env.get("noise_floor") or {}).items()
-           if v["speedup_min"] < 0.5 or v["speedup_max"] > 2.0}
-    if not bad:
+    floor = env.get("noise_floor") or {}
+    bad = {b: v for b, v in floor.items() if v["speedup_min"] < 0.5 or v["speedup_max"] > 2.0}
+    slow = {b: v["one_thread_ratio"] for b, v in floor.items()
+            if (v.get("one_thread_ratio") or 0) > 2.0}
+    if not bad and not slow:
         return None
     load = env.get("load_average") or []
-    return ("WARNING: noisy machine: dense against itself ranged " + ", ".join(
-        f"{v['speedup_min']:.2f}-{v['speedup_max']:.2f}x at batch {b}" for b, v in bad.items())
-        + (f" (load average {load[0]:.1f} on {env.get('cpu_count')} cores at the start)"
-           if load else "") + f" with {env.get('threads')} threads; speedups are unreliable: "
-        "rerun on an idle machine, or with --threads 1")
+    said = [f"dense against itself ranged {v['speedup_min']:.2f}-{v['speedup_max']:.2f}x at "
+            f"batch {b}" for b, v in bad.items()]
+    said += [f"dense at {env.get('threads')} threads was {r:.1f}x slower than at one thread at "
+             f"batch {b}" for b, r in slow.items()]
+    return ("WARNING: noisy machine: " + "; ".join(said)
+            + (f" (load average {load[0]:.1f} on {env.get('cpu_count')} cores at the start)"
+               if load else "") + f" with {env.get('threads')} threads; speedups are unreliable: "
+            "rerun on an idle machine, or with --threads 1")
 
 
 def format_scorecard(result: dict[str, Any]) -> str:

@@ -35,7 +35,18 @@ def timing_environment(device: torch.device) -> dict[str, Any]:
             "perf_counter per call",
             "peak_memory": "the format's weight bytes + cuda allocator peak rise while it runs"
             if cuda else "process peak RSS (VmHWM, reset before each format)",
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "blas_threads": _blas_threads()}
+
+
+def _blas_threads() -> int | None:
+    """Threads of numpy's BLAS now (threadpoolctl), None when it cannot tell."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    found = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    return found[0] if found else None
 
 
 class Clock:

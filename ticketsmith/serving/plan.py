@@ -212,6 +212,12 @@ class _NumpyRoute:
                 else:
                     raise PlanError(f"{PLAN}: numpy route cannot run step {op!r}")
             self.calls[bs] = chain
+        # Per batch size and layout, the bare list of functions: a request walks it and
+        # nothing else (at batch 1 the whole route is ~15 us; bookkeeping would show).
+        self.fns = {(bs, fm): [fn for op, fn in chain if op not in (
+            ("flatten", "select", "transpose") if fm else ("select_fm",))]
+            for bs, chain in self.calls.items() for fm in (False, True)}
+        self.nearest = _nearest(sizes)
 
     @staticmethod
     def _linear(step: dict, arrays: dict[str, np.ndarray], bs: int, fallbacks: list[str],
@@ -231,13 +237,20 @@ class _NumpyRoute:
     def __call__(self, x: np.ndarray, feature_major: bool = False) -> np.ndarray:
         """Logits (N, classes) of model input x: (N, *shape), or (features, N) in C order
         when `feature_major` (natural input is normalised straight into that layout)."""
-        n = x.shape[-1] if feature_major else len(x)
-        bs = min(self.sizes, key=lambda s: abs(math.log(s) - math.log(max(n, 1))))
-        skip = ("flatten", "select", "transpose") if feature_major else ("select_fm",)
-        for op, fn in self.calls[bs]:
-            if op not in skip:
-                x = fn(x)
+        for fn in self.fns[self.nearest(x.shape[-1] if feature_major else len(x)),
+                           feature_major]:
+            x = fn(x)
         return np.ascontiguousarray(x.T)
+
+
+def _nearest(sizes: list[int]) -> Callable[[int], int]:
+    """n -> the measured batch size nearest to n on a log scale (bisection on the geometric
+    midpoints between neighbours)."""
+    import bisect
+
+    sizes = sorted(sizes)
+    cuts = [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])]
+    return lambda n: sizes[bisect.bisect_right(cuts, n)]
 
 
 def linear_kernel(kernel: str, arrays: dict[str, np.ndarray], step: dict,
@@ -327,6 +340,7 @@ class PlanRunner:
         ranked = {int(b): [r for r in order if r in self.routes]
                   for b, order in plan["ranking"].items()}
         self.order = {b: (r or list(self.routes)) for b, r in ranked.items()}
+        self._nearest = _nearest(list(self.order))
         for b, order in plan["ranking"].items():
             if order and order[0] not in self.routes and not only:
                 self.fallbacks.append(f"batch {b}: serving {self.order[int(b)][0]} instead of "
@@ -335,8 +349,7 @@ class PlanRunner:
             log.warning("serving plan %s: %s", folder, msg)
 
     def route_for(self, n: int) -> str:
-        bs = min(self.order, key=lambda s: abs(math.log(s) - math.log(max(n, 1))))
-        return self.order[bs][0]
+        return self.order[self._nearest(n)][0]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.routes[self.route_for(len(x))](x)

@@ -31,6 +31,11 @@ class TicketModel(PythonModel):
         self.plan = self.masked = self.spec = None
         serving = context.artifacts.get("serving")
         if serving and self.format == "serving":
+            from threadpoolctl import threadpool_limits
+
+            # One BLAS thread, as the plan was measured: OpenBLAS's idle threads spin and take
+            # the cores that the plan's torch and ONNX Runtime threads wait on.
+            threadpool_limits(limits=1, user_api="blas")
             self.plan = load_plan(serving, self.threads)
         else:
             self._masked_model()
