@@ -12,7 +12,8 @@
 #   determinism   tiny experiments (an MLP and a conv net) run twice: identical checkpoints
 #   benchmark     `ticketsmith benchmark` of a 2:4 ticket with every format of the device
 #   train_loop    benchmarks/train_loop.py on the device (synthetic data)
-#   serving       the ticket loaded for serving on the device; outputs match the CPU's
+#   serving       the ticket loaded for serving on the device; outputs match the CPU's; its
+#                 deployable serving plan (what the registry ships) built and checked too
 # Ends with DIR/summary.json and one line: "gpu smoke: PASS|FAIL (...)"; exit 0 only on PASS.
 set -uo pipefail
 
@@ -161,11 +162,12 @@ train_loop() {
 }
 
 serving() {
-  "$PYTHON" - "$(ticket)" "$DEVICE" <<'EOF'
+  "$PYTHON" - "$(ticket)" "$DEVICE" "$OUT/serving_plan" <<'EOF'
 import sys
 import torch
 from ticketsmith.checkpoint import model_from_checkpoint
-path, device = sys.argv[1], sys.argv[2]
+from ticketsmith.serving.plan import build_plan, check_plan, load_plan
+path, device, plan_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 model = model_from_checkpoint(path, device)[0]
 reference = model_from_checkpoint(path, "cpu")[0]
 x = torch.randn(64, *model_from_checkpoint(path)[2]["input_shape"])
@@ -174,6 +176,12 @@ with torch.inference_mode():
 err = float((out - ref).abs().max())
 print(f"ticket served on {device}: max |logit - cpu logit| = {err:.2e}")
 assert err <= 1e-3 * max(1.0, float(ref.abs().max())), err
+build_plan(reference, model_from_checkpoint(path)[2], plan_dir)
+check = check_plan(plan_dir, reference, x)
+served = load_plan(plan_dir).logits(x.numpy())
+print(f"serving plan: routes {', '.join(check['routes'])} match the masked model "
+      f"(max |diff| {check['max_abs_error']:.2e}, argmax agreement {check['argmax_agreement']:.0%})")
+assert abs(served - ref.numpy()).max() <= 1e-3 * max(1.0, float(ref.abs().max()))
 EOF
 }
 
