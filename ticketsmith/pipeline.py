@@ -20,7 +20,7 @@ from ticketsmith.engine.events import Tracker
 from ticketsmith.tracking.registry import Promotion, model_name_for, promote, ticket_runs
 from ticketsmith.tracking.run_summary import best_speedups, ui_link
 from ticketsmith.tracking.regate import gate_experiment  # noqa: F401 (`ticketsmith gate`)
-from ticketsmith.tracking.tracker import MlflowTracker, load_records, retry
+from ticketsmith.tracking.tracker import MlflowTracker, load_records, prepare_store, retry
 
 
 @dataclass
@@ -62,6 +62,7 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     # Data and model first: a config error (unknown model, data set or factory) must be
     # found before the tracking store records anything.
     data = prepare_experiment(cfg)
+    prepare_store(client.tracking_uri if client is not None else None)
     client = client or MlflowClient()
     tracker = tracker or MlflowTracker(client, echo=echo)
     result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo,

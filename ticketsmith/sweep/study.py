@@ -30,7 +30,8 @@ from ticketsmith.sweep.config import (STORAGE_ENV, StudyLock, SweepConfig, make_
                                       make_trial_pruner, open_storage)
 from ticketsmith.sweep.tracking import (end_run, ensure_sweep_run, run_exists, start_trial_run,
                                         summarize)
-from ticketsmith.tracking.tracker import TAG, MlflowTracker, check_shared_store, retry
+from ticketsmith.tracking.tracker import (TAG, MlflowTracker, check_shared_store, prepare_store,
+                                         retry)
 from ticketsmith.errors import SweepError  # noqa: F401 (re-exported)
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -179,6 +180,7 @@ def open_study(cfg: SweepConfig, storage_url: str, client: MlflowClient | None, 
     Returns (study with this worker's sampler, MLflow experiment id, sweep run id, lock).
     """
     storage = open_storage(storage_url, cfg.study, on_stale)  # a bad URL fails before MLflow
+    prepare_store(client.tracking_uri if client is not None else None)
     client = client or MlflowClient()
     check_shared_store(client.tracking_uri)
     lock = StudyLock(storage_url, cfg.study.name)
