@@ -194,7 +194,15 @@ class Client:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
 
     def post(self, body: bytes) -> tuple[float, bytes]:
-        """(seconds from send to the last byte of the answer, the answer)."""
+        """(seconds from send to the last byte of the answer, the answer). A connection the
+        server closed while idle (uvicorn's keep-alive timeout, 5 s) is opened again."""
+        try:
+            return self._post(body)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            self.conn.close()
+            return self._post(body)
+
+    def _post(self, body: bytes) -> tuple[float, bytes]:
         t = time.perf_counter()
         self.conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
         resp = self.conn.getresponse()
@@ -223,13 +231,17 @@ def burst(clients: list[Client], body: bytes, n: int) -> tuple[list[float], floa
     return lat, time.perf_counter() - t
 
 
-def timed(model, x: np.ndarray, n: int) -> list[float]:
+def timed_call(fn, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        model.predict(x)
+        fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def timed(model, x: np.ndarray, n: int) -> list[float]:
+    return timed_call(lambda: model.predict(x), n)
 
 
 def ratio_summary(dense: list[float], champion: list[float]) -> dict[str, float]:
@@ -247,6 +259,27 @@ def check(clients: dict[str, list[Client]], models: dict[str, Any], body: bytes,
             "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean())}
 
 
+def stack_split(model, body: bytes, n: int) -> dict[str, float]:
+    """Where the server's time goes, without the transport: MLflow's own `invocations()` on
+    the body in this process, and each of its steps timed alone (ms, medians of n): decoding
+    the JSON, the deep copy MLflow's input parsing makes of the decoded lists
+    (`proto_json_utils._cast_schema_type`), the array, the model, the answer's JSON."""
+    import copy
+    import io
+
+    from mlflow.pyfunc import scoring_server
+
+    data = json.loads(body)["inputs"]
+    x = np.array(data)
+    y = model.predict(x)
+    steps = {"invocations": lambda: scoring_server.invocations(body, "application/json",
+                                                               model, None),
+             "json_decode": lambda: json.loads(body), "deepcopy": lambda: copy.deepcopy(data),
+             "array": lambda: np.array(data), "predict": lambda: model.predict(x),
+             "answer_json": lambda: scoring_server.predictions_to_json(y, io.StringIO())}
+    return {k: statistics.median(timed_call(f, n)) * 1e3 for k, f in steps.items()}
+
+
 def measure_batch(clients, models, body: bytes, x: np.ndarray, rounds: int,
                   requests: int) -> dict[str, Any]:
     """HTTP rounds, then in-process rounds (apart: a process's spinning OpenMP threads after
@@ -262,18 +295,19 @@ def measure_batch(clients, models, body: bytes, x: np.ndarray, rounds: int,
             http[m]["lat"] += lat
             http[m]["wall"] += wall
             http[m]["rounds"].append(statistics.median(lat))
+    out: dict[str, Any] = {"check": check(clients, models, body, x)}
     for r in range(rounds):
         for m in (MODELS if r % 2 == 0 else MODELS[::-1]):
             lat = timed(models[m], x, requests)
             local[m]["lat"] += lat
             local[m]["rounds"].append(statistics.median(lat))
-    out: dict[str, Any] = {"check": check(clients, models, body, x)}
     for m in MODELS:
         p50, p99 = (float(np.percentile(http[m]["lat"], q)) * 1e3 for q in (50, 99))
         model_ms = statistics.median(local[m]["lat"]) * 1e3
         out[m] = {"p50_ms": p50, "p99_ms": p99,
                   "images_per_s": len(x) * len(http[m]["lat"]) / http[m]["wall"],
                   "model_ms": model_ms, "stack_ms": p50 - model_ms, "model_share": model_ms / p50}
+    out["stack"] = stack_split(models["champion"], body, max(3, requests))
     out["http_speedup"] = ratio_summary(http["dense"]["rounds"], http["champion"]["rounds"])
     out["pyfunc_speedup"] = ratio_summary(local["dense"]["rounds"], local["champion"]["rounds"])
     return out
@@ -308,15 +342,23 @@ def table(res: dict[str, Any]) -> str:
                          f"{x['images_per_s']:>10.0f}{x['model_ms']:>10.2f}"
                          f"{x['stack_ms']:>14.2f}{x['model_share']:>13.0%}")
     lines += [f"speedup champion/dense, median (range) over {s['rounds']} rounds:",
-              f"{'batch':>5}  {'over HTTP':<22}{'pyfunc.predict in-process':<28}target"]
+              f"{'batch':>5}  {'over HTTP':<24}{'pyfunc.predict in-process':<28}target"]
     for b, r in res["batches"].items():
-        h, p = r["http_speedup"], r["pyfunc_speedup"]
+        h, p = (f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
+                for x in (r["http_speedup"], r["pyfunc_speedup"]))
         target = f">= {TARGETS[int(b)]}x" if int(b) in TARGETS else ""
-        lines.append(f"{b:>5}  {h['median']:.2f}x ({h['min']:.2f}-{h['max']:.2f}){'':<7}"
-                     f"{p['median']:.2f}x ({p['min']:.2f}-{p['max']:.2f}){'':<13}{target}")
+        lines.append(f"{b:>5}  {h:<24}{p:<28}{target}")
     checks = "; ".join(f"batch {b}: max |diff| {r['check']['max_abs_diff']:.2g}, argmax "
                        f"agreement {r['check']['argmax_agreement']:.0%}"
                        for b, r in res["batches"].items())
+    lines.append("the champion's request inside MLflow's scoring server, in this process "
+                 "(ms; the steps timed alone):")
+    for b, r in res["batches"].items():
+        st = r["stack"]
+        lines.append(f"{b:>5}  invocations() {st['invocations']:.2f} = JSON decode "
+                     f"{st['json_decode']:.2f} + deep copy of the decoded lists "
+                     f"{st['deepcopy']:.2f} + np.array {st['array']:.2f} + predict "
+                     f"{st['predict']:.2f} + answer to JSON {st['answer_json']:.2f} + rest")
     env = res["environment"]
     lines += [f"checked, the champion's HTTP answers against its in-process predict: {checks}",
               f"environment: {env['cpu']}, {env['cores']} cores, {s['threads']} threads (champion "

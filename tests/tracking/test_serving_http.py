@@ -160,6 +160,7 @@ def test_the_http_benchmark_prints_its_table_and_records_its_figures(store, tmp_
     assert {("1", "dense"), ("1", "champion"), ("256", "dense"), ("256", "champion")} <= rows
     assert "pyfunc.predict in-process" in text and ">= 1.5x" in text and ">= 4.0x" in text
     assert "argmax agreement 100%" in text and "environment: " in text and "mlflow " in text
+    assert sum("invocations() " in line and "deep copy" in line for line in lines) == 2
     tags = client.get_model_version_by_alias(name, "champion").tags
     for b in ("1", "256"):
         for key in ("serving.http.speedup_bs", "serving.http.p50_ms_bs",
