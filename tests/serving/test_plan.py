@@ -104,6 +104,7 @@ def test_the_registered_plan_loads_without_torch_load_or_unpickling(mnist, tmp_p
     exp = client.create_experiment("plan", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(exp).info.run_id
     version = register_ticket(client, "plan-ticket", run, ckpt, probe=data.test_x[:500])
+    mlflow.set_tracking_uri(uri)
     mv = client.get_model_version("plan-ticket", version)
     serving = bench["serving"]
     assert mv.tags["serving.format"] == serving["format"]
@@ -113,6 +114,10 @@ def test_the_registered_plan_loads_without_torch_load_or_unpickling(mnist, tmp_p
     assert mv.tags["serving.speedup_bs256"] == "not measured"  # measured at 1 and 64 only
     assert mv.tags["serving.checked"].startswith("500 probe inputs at registration")
     assert "argmax agreement 100.00%" in mv.tags["serving.checked"]
+    # the logged config has `threads`, so a deployment can override it at load time
+    loaded = mlflow.pyfunc.load_model(f"models:/plan-ticket/{version}",
+                                      model_config={"threads": 1})
+    assert loaded._model_impl.python_model.plan.threads == 1
     images = raw_pixels(data.test_x[:300])
     np.save(tmp_path / "images.npy", images)
     script = f"""

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -274,9 +275,13 @@ def linear_kernel(kernel: str, arrays: dict[str, np.ndarray], step: dict,
     if kernel == "torch_csr":
         import torch
 
-        tw = torch.sparse_csr_tensor(torch.from_numpy(w.indptr.astype(np.int64)),
-                                     torch.from_numpy(w.indices.astype(np.int64)),
-                                     torch.from_numpy(w.data), w.shape)
+        import warnings
+
+        with warnings.catch_warnings():  # "CSR support is in beta": known; the plan is checked
+            warnings.simplefilter("ignore", UserWarning)
+            tw = torch.sparse_csr_tensor(torch.from_numpy(w.indptr.astype(np.int64)),
+                                         torch.from_numpy(w.indices.astype(np.int64)),
+                                         torch.from_numpy(w.data), w.shape)
         tcol = torch.from_numpy(col)
 
         def run_torch(x: np.ndarray) -> np.ndarray:
@@ -332,6 +337,8 @@ class PlanRunner:
                     arrays = load_file(str(folder / WEIGHTS))
                 sizes = [int(b) for b in plan["batch_sizes"]]
                 self.routes[name] = _NumpyRoute(plan["steps"], arrays, sizes, self.fallbacks)
+                if sys.modules.get("torch") is not None:  # torch CSR kernels: plan's threads
+                    sys.modules["torch"].set_num_threads(self.threads)
             else:
                 self.fallbacks.append(f"route {name} is not known to this version; skipped")
         if not self.routes:

@@ -86,7 +86,11 @@ def log_ticket_model(checkpoint: Path, serving: Path | None, *,
     artifacts = {"checkpoint": str(checkpoint)}
     if serving is not None:
         artifacts["serving"] = str(serving)
-    config = {"format": fmt, **({"allow_factory": allow_factory} if allow_factory else {})}
+    # "threads": 0 serves at the plan's measured thread count (all cores for masked_dense);
+    # present so that load_model(..., model_config={"threads": N}) can override it (MLflow
+    # only overrides keys the logged config has).
+    config = {"format": fmt, "threads": 0,
+              **({"allow_factory": allow_factory} if allow_factory else {})}
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                     f"safetensors=={safetensors.__version__}", f"scipy=={scipy.__version__}",
                     f"mlflow=={mlflow.__version__}"]
