@@ -218,3 +218,33 @@ def test_verify_refuses_a_plan_of_another_ticket(mnist, tmp_path):
     (folder / PLAN).write_text(json.dumps(plan))
     with pytest.raises(PlanError, match="built for"):
         verify(folder, ckpt)
+
+
+@pytest.mark.parametrize("granularity, extra", [
+    ("neuron", []),
+    ("channel", ["model.name=mnist_cnn", "model.options={}",
+                 "data.options={n_train: 1200, n_test: 400, image_size: 12, num_classes: 4}"])])
+def test_a_structured_ticket_ships_as_a_smaller_dense_network(tmp_path, granularity, extra):
+    """No special case: the plan of a structured ticket is its compacted network, and every
+    route gives the masked model's outputs."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [f"experiment.output_dir={tmp_path}", "train.iterations=40",
+                       "prune.levels=1", "experiment.variants=[ticket]",
+                       f"prune.granularity={granularity}", *extra])
+    result = run_experiment(cfg, progress=False, echo=lambda _: None)
+    ckpt = RunStore(result.run_root).checkpoint_path(0, 1, "ticket")
+    model, _, meta = model_from_checkpoint(ckpt)
+    folder = tmp_path / "plan"
+    from ticketsmith.serving.plan import build_plan
+
+    build_plan(model, meta, folder)
+    plan = read_plan(folder)
+    assert "->" in plan["compaction"] and not plan["compaction"].startswith("not compacted")
+    routes = ["onnxruntime", "numpy"] if granularity == "neuron" else ["onnxruntime"]
+    assert list(plan["routes"]) == routes  # conv nets: the ONNX graph serves them
+    x = torch.randn(64, *meta["input_shape"], generator=torch.Generator().manual_seed(3))
+    check = check_plan(folder, model, x)
+    assert check["routes"] == routes and check["argmax_agreement"] == 1.0
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(load_plan(folder).logits(x.numpy()), ref, atol=1e-4)
