@@ -113,7 +113,8 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                           row["speedup"], now, 0)
                    for row in bench["results"] if row.get("correct") and row.get("speedup")]
         tracker.log_batch(run_id, metrics=metrics)
-        best = best_speedups(bench["results"])  # the parent's `speedup/` series, step = level
+        # the parent's `speedup/` series (step = level): what ships with the level's ticket
+        best = best_speedups(bench["results"], bench.get("serving"))
         tracker.log_batch(tracker.parents[0], metrics=[Metric(k, v, now, bench["level"])
                                                        for k, v in best.items()])
         logged += 1

@@ -41,10 +41,14 @@ def test_each_child_adds_its_point_and_the_gap_once_both_exist():
 
 
 def test_best_speedup_per_batch_counts_only_checked_formats():
-    rows = [{"batch_size": 1, "speedup": 1.3, "correct": True},
-            {"batch_size": 1, "speedup": 9.0, "correct": False},
-            {"batch_size": 256, "speedup": 2.0, "correct": True}]
+    rows = [{"format": "csr", "batch_size": 1, "speedup": 1.3, "correct": True},
+            {"format": "auto", "batch_size": 1, "speedup": 9.0, "correct": False},
+            {"format": "numpy_dense", "batch_size": 1, "speedup": 1.6, "correct": True},
+            {"format": "compacted", "batch_size": 256, "speedup": 2.0, "correct": True}]
     assert best_speedups(rows) == {"speedup/batch_1": 1.3, "speedup/batch_256": 2.0}
+    # with a serving plan, what ships is what the parent run charts
+    plan = {"speedup": {"1": 2.2, "256": None}}
+    assert best_speedups(rows, plan) == {"speedup/batch_1": 2.2}
 
 
 def test_ui_link_opens_training_mode():

@@ -281,9 +281,11 @@ def batch_sizes(facts: Facts) -> list[int]:
 
 
 def best_format(bench: dict[str, Any] | None, bs: int) -> dict[str, Any] | None:
-    """The fastest correct non-dense format at batch size `bs`."""
+    """The fastest correct format at batch size `bs` that is not a dense baseline."""
+    from ticketsmith.serving.formats import BASELINES
+
     rows = [r for r in (bench or {}).get("results", []) if r["batch_size"] == bs
-            and r.get("correct") and r.get("speedup") and r["format"] != "dense"]
+            and r.get("correct") and r.get("speedup") and r["format"] not in BASELINES]
     return max(rows, key=lambda r: r["speedup"]) if rows else None
 
 

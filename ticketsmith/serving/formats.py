@@ -46,6 +46,11 @@ CUDA_ONLY = ("fp16", "bf16", "semi_structured_2:4")
 CPU_ONLY = ("compacted_int8", "onnxruntime", "numpy", "onnxruntime_dense", "numpy_dense")
 
 
+# The dense network in each runtime: what a ticket's formats are measured against, never a
+# saving of the ticket itself (a "best format" never picks one of these).
+BASELINES = ("dense", "onnxruntime_dense", "numpy_dense")
+
+
 class FormatUnavailable(RuntimeError):
     """This format cannot serve this model on this device; the message says why."""
 

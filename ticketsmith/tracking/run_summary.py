@@ -51,11 +51,17 @@ def level_metrics(record: dict[str, Any], dense_accuracy: float | None,
     return out
 
 
-def best_speedups(results: list[dict[str, Any]]) -> dict[str, float]:
-    """`speedup/batch_<n>`: the best checked (correct) format's speedup per batch size."""
+def best_speedups(results: list[dict[str, Any]],
+                  serving: dict[str, Any] | None = None) -> dict[str, float]:
+    """`speedup/batch_<n>`: the speedup of what ships (the serving plan's, when there is
+    one), else the best checked (correct) format's that is not a dense baseline."""
+    from ticketsmith.serving.formats import BASELINES
+
+    if serving and any(serving.get("speedup", {}).values()):
+        return {f"speedup/batch_{b}": float(s) for b, s in serving["speedup"].items() if s}
     best: dict[str, float] = {}
     for row in results:
-        if row.get("correct") and row.get("speedup"):
+        if row.get("correct") and row.get("speedup") and row["format"] not in BASELINES:
             key = f"speedup/batch_{row['batch_size']}"
             best[key] = max(best.get(key, 0.0), float(row["speedup"]))
     return best
