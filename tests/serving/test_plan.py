@@ -248,3 +248,20 @@ def test_a_structured_ticket_ships_as_a_smaller_dense_network(tmp_path, granular
     with torch.inference_mode():
         ref = model(x).numpy()
     np.testing.assert_allclose(load_plan(folder).logits(x.numpy()), ref, atol=1e-4)
+
+
+def test_feature_major_input_is_c_ordered():
+    """The numpy route's kernels read rows: an F-ordered input would make torch copy it."""
+    for spec in ({"shape": [1, 4, 4], "mean": [0.5], "std": [0.25]},
+                 {"shape": [16], "mean": None, "std": None}):
+        x = to_model_input(np.zeros((8, 16), np.uint8), spec, feature_major=True)
+        assert x.shape == (16, 8) and x.flags.c_contiguous and x.dtype == np.float32
+
+
+def test_natural_input_is_never_changed_in_place():
+    spec = {"shape": [1, 2, 2], "mean": [0.5], "std": [0.25]}
+    for images in (np.full((1, 4), 0.5, np.float32), np.full((3, 2, 2), 0.5, np.float32)):
+        before = images.copy()
+        for fm in (False, True):
+            to_model_input(images, spec, feature_major=fm)
+            np.testing.assert_array_equal(images, before)
