@@ -94,6 +94,7 @@ def test_prune_then_train_then_gate_entry_points(project, workdir):
 
 
 FORMATS = {"dense", "csr", "compacted", "compacted_int8", "auto", "onnxruntime", "numpy",
+           "onnxruntime_int8",
            "onnxruntime_dense", "numpy_dense"}
 
 

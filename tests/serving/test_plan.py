@@ -21,7 +21,7 @@ from ticketsmith.engine.data import load_dataset
 from ticketsmith.engine.lottery import run_experiment
 from ticketsmith.engine.store import RunStore
 from ticketsmith.serving.benchmark import benchmark_checkpoint
-from ticketsmith.serving.plan import (PLAN, WEIGHTS, PlanError, check_plan, load_plan,
+from ticketsmith.serving.plan import (INEXACT, PLAN, WEIGHTS, PlanError, check_plan, load_plan,
                                       read_plan, to_model_input, verify)
 from ticketsmith.tracking.registry import register_ticket
 
@@ -71,7 +71,8 @@ def test_the_plan_serves_the_masked_models_labels_from_natural_input(mnist):
         for route in plan.routes:  # every route the plan ships, the whole test set
             got = load_plan(plan.folder, route=route).predict(images, "labels")
             agree = (got == want).mean()
-            assert agree >= 0.999, (name, route, agree)  # pixels rounded to uint8
+            # pixels rounded to uint8; int8 weights are inexact by design (checked and gated)
+            assert agree >= (0.98 if route in INEXACT else 0.999), (name, route, agree)
     probs = plan.predict(u8[:5])
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
     assert probs.dtype == np.float32 and probs.shape == (5, 10)
@@ -241,7 +242,9 @@ def test_a_structured_ticket_ships_as_a_smaller_dense_network(tmp_path, granular
     plan = read_plan(folder)
     assert "->" in plan["compaction"] and not plan["compaction"].startswith("not compacted")
     routes = ["onnxruntime", "numpy"] if granularity == "neuron" else ["onnxruntime"]
-    assert list(plan["routes"]) == routes  # conv nets: the ONNX graph serves them
+    # conv nets: the ONNX graph serves them; int8 only where the benchmark measured it
+    assert set(plan["routes"]) == {*routes, "onnxruntime_int8"}
+    assert all(order == routes for order in plan["ranking"].values())
     x = torch.randn(64, *meta["input_shape"], generator=torch.Generator().manual_seed(3))
     check = check_plan(folder, model, x)
     assert check["routes"] == routes and check["argmax_agreement"] == 1.0

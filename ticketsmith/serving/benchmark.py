@@ -222,10 +222,11 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
             noise[str(bs)] = _stats(samples[_AA], samples["dense"], bs)["spread"]
             noise[str(bs)]["one_thread_ratio"] = _one_thread_ratio(
                 entries["dense"]["served"].module, x, samples["dense"], device)
-            for route in ("onnxruntime", "numpy"):  # against the dense net in its own runtime
-                if route in samples and f"{route}_dense" in samples:
+            for route, base in (("onnxruntime", "onnxruntime_dense"), ("numpy", "numpy_dense"),
+                                ("onnxruntime_int8", "onnxruntime_dense")):
+                if route in samples and base in samples:  # against dense in its own runtime
                     same_runtime.setdefault(route, {})[bs] = _stats(
-                        samples[route], samples[f"{route}_dense"], bs)["speedup"]
+                        samples[route], samples[base], bs)["speedup"]
             dense_cost = traffic(entries["dense"]["served"].module, x)
             for f in formats:
                 results.append(_result(f, bs, entries[f], samples.get(f), samples["dense"],

@@ -15,6 +15,8 @@ checks every one against the masked model's outputs before it is timed.
     onnxruntime         exact  the serving plan's compacted ONNX graph in ONNX Runtime (CPU)
     numpy               exact  the serving plan's compacted chain in numpy, per layer dense or
                                scipy CSR as measured (`ticketsmith.serving.plan`, CPU)
+    onnxruntime_int8    no     the plan's ONNX graph with int8 weights (ONNX Runtime dynamic
+                               quantization); accuracy re-measured and gated
     onnxruntime_dense,  exact  the network uncompacted with dense kernels in those runtimes:
     numpy_dense                the baselines of the same-runtime speedups
     fp16, bf16          no     CUDA: a half-precision copy
@@ -43,7 +45,8 @@ from ticketsmith.engine.masks import Mask, semi_structured_skip
 CSR_MAX_DENSITY = 0.1
 CSR_MIN_WEIGHTS = 1 << 16
 CUDA_ONLY = ("fp16", "bf16", "semi_structured_2:4")
-CPU_ONLY = ("compacted_int8", "onnxruntime", "numpy", "onnxruntime_dense", "numpy_dense")
+CPU_ONLY = ("compacted_int8", "onnxruntime", "numpy", "onnxruntime_int8", "onnxruntime_dense",
+            "numpy_dense")
 
 
 # The dense network in each runtime: what a ticket's formats are measured against, never a
@@ -314,13 +317,20 @@ def _plan_route(name: str, baseline: bool = False) -> "Builder":
         proxy = copy.deepcopy(model) if baseline else _compacted_or_copy(model)[0]
         if name == "onnxruntime":  # the graph holds the compacted weights
             arrays = {k: v.detach().numpy() for k, v in proxy.state_dict().items()}
+        elif name in plans.INEXACT:  # int8 weights and their scales: the graph file's bytes
+            import numpy as np
+
+            arrays = {"graph": np.frombuffer(bytearray((folder / plans.ONNX_INT8).read_bytes()),
+                                            np.uint8)}
         kernels = {s["name"]: "+".join(sorted(set(s["kernel"].values())) or ["dense"])
                    for s in plan["steps"] if s["op"] == "linear"}
         layers = {n: ("dense+" if baseline else "compacted+") + name
                   + (f":{kernels[n]}" if n in kernels and not baseline else "")
                   for n in _source_names(proxy).values()}
         note = plan["compaction"] + "".join(f"; {m}" for m in runner.fallbacks)
-        return Served(RouteModule(runner.routes[name], arrays, proxy), layers, note=note)
+        exact = name not in plans.INEXACT  # int8: gated on its accuracy by the benchmark
+        return Served(RouteModule(runner.routes[name], arrays, proxy), layers, exact=exact,
+                      tolerance=0.0 if exact else plans.INEXACT_RTOL, note=note)
     return build
 
 
@@ -379,6 +389,7 @@ FORMATS: dict[str, Builder] = {
     "auto": _auto,
     "onnxruntime": _plan_route("onnxruntime"),
     "numpy": _plan_route("numpy"),
+    "onnxruntime_int8": _plan_route("onnxruntime_int8"),
     "onnxruntime_dense": _plan_route("onnxruntime", baseline=True),
     "numpy_dense": _plan_route("numpy", baseline=True),
     "fp16": _half(torch.float16, 1e-2),

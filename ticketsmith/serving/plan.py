@@ -5,10 +5,14 @@ A plan is a folder, with nothing pickled in it:
     plan.json            input spec, steps, kernels, routes ranked per batch size, why, digests
     weights.safetensors  numpy arrays: the compacted weights and biases, CSR parts, input index
     model.onnx           the compacted network as one ONNX graph (the `onnxruntime` route)
+    model_int8.onnx      the same graph with int8 weights (ONNX Runtime's dynamic
+                         quantization; the `onnxruntime_int8` route, inexact)
 
 A *route* runs the whole network in one runtime:
 
     onnxruntime  the compacted network as an ONNX graph (any chain: Linear and Conv2d layers)
+    onnxruntime_int8  that graph with dynamically quantized int8 weights: inexact, so it is
+                 served only where the benchmark measured it and its accuracy passed the gate
     numpy        the compacted chain step by step; per Linear layer and batch size a numpy
                  dense matmul or a scipy CSR product, whichever measured faster (Linear
                  chains only)
@@ -42,10 +46,16 @@ from ticketsmith.errors import BenchmarkError
 
 log = logging.getLogger("ticketsmith.serving")
 KIND, VERSION = "ticketsmith-serving-plan", 1
-PLAN, WEIGHTS, ONNX = "plan.json", "weights.safetensors", "model.onnx"
-ROUTES = ("onnxruntime", "numpy")
+PLAN, WEIGHTS, ONNX, ONNX_INT8 = ("plan.json", "weights.safetensors", "model.onnx",
+                                  "model_int8.onnx")
+ROUTES = ("onnxruntime", "numpy", "onnxruntime_int8")
+INEXACT = ("onnxruntime_int8",)  # checked by agreement and relative error, not to rounding
+# An inexact route must agree with the masked model's labels on this share of the probe and
+# stay within this relative L2 error of its outputs (the benchmark also gates its accuracy).
+INEXACT_AGREEMENT, INEXACT_RTOL = 0.98, 0.1
 # What each route or kernel needs on the serving host (a Python module, or a device).
-NEEDS = {"onnxruntime": ["onnxruntime"], "numpy": [], "dense": [], "csr": ["scipy"],
+NEEDS = {"onnxruntime": ["onnxruntime"], "onnxruntime_int8": ["onnxruntime"], "numpy": [],
+         "dense": [], "csr": ["scipy"],
          "torch_csr": ["torch"]}
 FALLBACK = {"torch_csr": "csr", "csr": "dense"}  # a kernel's stand-in where the host lacks it
 
@@ -337,8 +347,9 @@ class PlanRunner:
                 self.fallbacks.append(f"route {name} needs {', '.join(missing)}, which this host "
                                       "lacks")
                 continue
-            if name == "onnxruntime":
-                self.routes[name] = _OnnxRoute(folder / ONNX, self.threads)
+            if name in ("onnxruntime", "onnxruntime_int8"):
+                graph = ONNX if name == "onnxruntime" else ONNX_INT8
+                self.routes[name] = _OnnxRoute(folder / graph, self.threads)
             elif name == "numpy":
                 if arrays is None:
                     from safetensors.numpy import load_file
@@ -448,6 +459,8 @@ def build_plan(model, meta: dict[str, Any], folder: str | Path, *,
     try:
         (tmp / ONNX).write_bytes(onnx_bytes(net, tuple(shape)))
         routes: dict[str, Any] = {"onnxruntime": {"needs": NEEDS["onnxruntime"]}}
+        if compact_units and _quantize(tmp / ONNX, tmp / ONNX_INT8):
+            routes["onnxruntime_int8"] = {"needs": NEEDS["onnxruntime"], "exact": False}
         steps, arrays, why = [], {}, {}
         if isinstance(net, Chain) and all(isinstance(m, (torch.nn.Linear, torch.nn.ReLU,
                                                          torch.nn.Flatten, torch.nn.Identity,
@@ -465,7 +478,8 @@ def build_plan(model, meta: dict[str, Any], folder: str | Path, *,
                 "num_classes": int(meta.get("num_classes", 0)),
                 "compaction": summary, "steps": steps, "routes": routes,
                 "batch_sizes": sorted(examples), "threads": threads or default_threads(),
-                "ranking": {str(b): list(routes) for b in sorted(examples)},
+                "ranking": {str(b): [r for r in routes if r not in INEXACT]
+                            for b in sorted(examples)},
                 "kernels_why": why, "measured": {},
                 "source": {k: meta[k] for k in ("model", "dataset", "level", "variant",
                                                  "replicate", "hash") if k in meta}}
@@ -479,6 +493,28 @@ def build_plan(model, meta: dict[str, Any], folder: str | Path, *,
     return folder
 
 
+def _quantize(src: Path, dst: Path) -> bool:
+    """ONNX Runtime's dynamic int8 quantization of `src`'s weights into `dst`; False (and no
+    route) where it cannot quantize this graph."""
+    try:
+        import logging as _logging
+
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return False
+    quiet = _logging.getLogger().level
+    _logging.getLogger().setLevel(_logging.ERROR)  # its pre-processing advice is not news
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    except Exception as exc:  # the quantizer raises many types; all mean "no int8 route"
+        log.info("no int8 route: %s", str(exc).splitlines()[0] if str(exc) else type(exc))
+        dst.unlink(missing_ok=True)
+        return False
+    finally:
+        _logging.getLogger().setLevel(quiet)
+    return dst.is_file()
+
+
 def copy_model(model):
     import copy
 
@@ -486,7 +522,8 @@ def copy_model(model):
 
 
 def _write(folder: Path, plan: dict[str, Any]) -> None:
-    plan["files"] = {n: _sha256(folder / n) for n in (WEIGHTS, ONNX) if (folder / n).is_file()}
+    plan["files"] = {n: _sha256(folder / n) for n in (WEIGHTS, ONNX, ONNX_INT8)
+                     if (folder / n).is_file()}
     tmp = folder / (PLAN + ".tmp")
     tmp.write_text(json.dumps(plan, indent=1))
     tmp.replace(folder / PLAN)
@@ -564,7 +601,9 @@ def rank_routes(folder: str | Path, speedups: dict[str, dict[int, float | None]]
     plan = read_plan(folder)
     for b in plan["ranking"]:
         got = {r: (speedups.get(r) or {}).get(int(b)) for r in plan["routes"]}
-        plan["ranking"][b] = sorted(plan["routes"], key=lambda r: -(got[r] or 0.0))
+        # an inexact route serves only where it was measured (its accuracy passed the gate)
+        keep = [r for r in plan["routes"] if got[r] or r not in INEXACT]
+        plan["ranking"][b] = sorted(keep, key=lambda r: -(got[r] or 0.0))
     plan["measured"] = {r: {str(b): s for b, s in v.items()} for r, v in speedups.items()}
     plan["warning"] = warning  # the benchmark's: its timings were noisy
     if check is not None:
@@ -587,13 +626,17 @@ def check_plan(folder: str | Path, model, probe) -> dict[str, Any]:
     with torch.inference_mode():
         ref = model.cpu().eval()(probe.cpu()).float().numpy()
     x = probe.cpu().numpy().astype(np.float32)
-    worst, agree, routes = 0.0, 1.0, []
+    worst, agree, routes, inexact = 0.0, 1.0, [], {}
     for name in plan["routes"]:
         runner = load_plan(folder, route=name)
         if name not in runner.routes:
             continue
+        out = runner.routes[name](x)
+        if name in INEXACT:
+            inexact[name] = _check_inexact(folder, name, out, ref)
+            continue
         try:
-            got = check_outputs(runner.routes[name](x), ref)
+            got = check_outputs(out, ref)
         except ExportError as exc:
             raise PlanError(f"{Path(folder) / PLAN}: route {name} fails its check: {exc}") from None
         worst, agree = max(worst, got["max_abs_error"]), min(agree, got["argmax_agreement"])
@@ -601,7 +644,17 @@ def check_plan(folder: str | Path, model, probe) -> dict[str, Any]:
     if not routes:
         raise PlanError(f"{Path(folder) / PLAN}: no route could be checked on this host")
     return {"max_abs_error": worst, "argmax_agreement": agree, "probe": int(len(x)),
-            "routes": routes}
+            "routes": routes, "inexact": inexact}
+
+
+def _check_inexact(folder, name: str, out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    rel = float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-12))
+    agree = float((out.argmax(1) == ref.argmax(1)).mean()) if out.shape == ref.shape else 0.0
+    if out.shape != ref.shape or rel > INEXACT_RTOL or agree < INEXACT_AGREEMENT:
+        raise PlanError(f"{Path(folder) / PLAN}: route {name} fails its check: relative error "
+                        f"{rel:.3g} (at most {INEXACT_RTOL}), argmax agreement {agree:.2%} (at "
+                        f"least {INEXACT_AGREEMENT:.0%})")
+    return {"relative_error": rel, "argmax_agreement": agree}
 
 
 def describe(plan: dict[str, Any]) -> dict[str, str]:

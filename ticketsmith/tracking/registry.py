@@ -124,9 +124,12 @@ def serving_tags(plan_folder: Path, check: dict[str, Any]) -> dict[str, str]:
     if plan.get("warning"):
         tags["serving.warning"] = plan["warning"][:4900]
     bench = plan.get("check")
+    inexact = "".join(f"; {r}: relative error {v['relative_error']:.2g}, argmax agreement "
+                      f"{v['argmax_agreement']:.2%}" for r, v in check.get("inexact", {}).items())
     tags["serving.checked"] = (
         f"{check['probe']} probe inputs at registration: max |diff| {check['max_abs_error']:.2g}, "
-        f"argmax agreement {check['argmax_agreement']:.2%} ({', '.join(check['routes'])})"
+        f"argmax agreement {check['argmax_agreement']:.2%} ({', '.join(check['routes'])}"
+        f"{inexact})"
         + (f"; {bench['probe']} test inputs at benchmark: max |diff| "
            f"{bench['max_abs_error']:.2g}, argmax agreement {bench['argmax_agreement']:.2%}"
            if bench else ""))
