@@ -90,11 +90,12 @@ def test_registered_pyfunc_imports_only_the_factory_its_config_named(tmp_path, p
     path = factory_checkpoint(tmp_path / "checkpoint.safetensors")
     x = torch.zeros(2, 1, 8, 8).numpy()
     # Registered without the config naming the factory (a tampered or foreign checkpoint):
-    # loading refuses, and the factory module is never imported.
+    # registration refuses (its serving plan is built from the rebuilt model), no version is
+    # created, and the factory module is never imported.
     run = client.create_run(exp)
-    version = register_ticket(client, "refused", run.info.run_id, path)
     with pytest.raises(Exception, match="named only in the checkpoint"):
-        mlflow.pyfunc.load_model(f"models:/refused/{version}")
+        register_ticket(client, "refused", run.info.run_id, path)
+    assert client.search_model_versions("name = 'refused'") == []
     assert not planted.exists()
     # Registered by an experiment whose config names it: loads and predicts.
     run = client.create_run(exp)
