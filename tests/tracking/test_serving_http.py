@@ -32,6 +32,7 @@ from ticketsmith.config import load_config
 from ticketsmith.engine.checkpoint import model_from_checkpoint
 from ticketsmith.engine.data import normalisation
 from ticketsmith.serving.benchmark import resolve_checkpoint
+from ticketsmith.serving.plan import INEXACT, INEXACT_AGREEMENT, INEXACT_RTOL, PLAN, load_plan
 from ticketsmith.tracking.registry import model_name_for
 
 # A prune of real MNIST with its serving benchmark, then three `mlflow models serve` starts.
@@ -86,7 +87,7 @@ def reference(store):
     x = ((images.astype(np.float32) / 255 - mean[0]) / std[0])[:, None]
     with torch.inference_mode():
         probs = torch.softmax(model.eval()(torch.from_numpy(x)), 1).numpy()
-    return images, labels, probs
+    return images, labels, probs, f"models:/{name}@champion"
 
 
 def invoke(base: str, payload: dict) -> tuple[int, dict]:
@@ -101,21 +102,33 @@ def invoke(base: str, payload: dict) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("form", ["uint8 (N, 28, 28)", "0..1 floats (N, 784)"])
 def test_the_served_champion_gives_the_masked_models_probabilities(served, reference, form):
-    images, labels, probs = reference
+    images, labels, probs, _ = reference
     x = images.tolist() if form.startswith("uint8") else (images.reshape(N, 784) / 255).tolist()
     status, body = invoke(served, {"inputs": x})
     assert status == 200
     got = np.asarray(body["predictions"])
     assert got.shape == (N, 10)
-    np.testing.assert_allclose(got, probs, atol=1e-5)
-    assert (got.argmax(1) == probs.argmax(1)).all()
+    if served_route(reference) in INEXACT:  # int8 where it measured fastest: gated, not exact
+        assert np.linalg.norm(got - probs) / np.linalg.norm(probs) <= INEXACT_RTOL
+        assert (got.argmax(1) == probs.argmax(1)).mean() >= INEXACT_AGREEMENT
+    else:
+        np.testing.assert_allclose(got, probs, atol=1e-5)
+        assert (got.argmax(1) == probs.argmax(1)).all()
     assert (got.argmax(1) == labels).mean() > 0.7  # a trained network, not a constant
 
 
+def served_route(reference, n: int = N) -> str:
+    """The route the champion's plan serves a batch of n with (the plan is its artifact)."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference[3]))
+    return load_plan(next(local.rglob(PLAN)).parent).route_for(n)
+
+
 def test_labels_and_the_masked_dense_format_are_asked_for_by_params(served, reference):
-    images, _, probs = reference
+    images, _, probs, _ = reference
     status, body = invoke(served, {"inputs": images.tolist(), "params": {"output": "labels"}})
-    assert status == 200 and body["predictions"] == probs.argmax(1).tolist()
+    assert status == 200
+    agree = (np.asarray(body["predictions"]) == probs.argmax(1)).mean()
+    assert agree >= (INEXACT_AGREEMENT if served_route(reference) in INEXACT else 1.0)
     status, body = invoke(served, {"inputs": images.tolist(),
                                    "params": {"format": "masked_dense"}})
     assert status == 200
@@ -124,7 +137,7 @@ def test_labels_and_the_masked_dense_format_are_asked_for_by_params(served, refe
 
 def test_a_wrong_sized_request_is_an_error_naming_the_input_and_the_server_keeps_serving(
         served, reference):
-    images, _, probs = reference
+    images, _, probs, _ = reference
     status, body = invoke(served, {"inputs": images[:2, :27, :27].tolist()})
     assert 400 <= status < 600
     # MLflow's scoring server puts the model's own message last in the trace it returns.
@@ -134,7 +147,8 @@ def test_a_wrong_sized_request_is_an_error_naming_the_input_and_the_server_keeps
         assert resp.status == 200
     status, body = invoke(served, {"inputs": images[:3].tolist()})
     assert status == 200
-    np.testing.assert_allclose(np.asarray(body["predictions"]), probs[:3], atol=1e-5)
+    atol = 0.05 if served_route(reference, 3) in INEXACT else 1e-5
+    np.testing.assert_allclose(np.asarray(body["predictions"]), probs[:3], atol=atol)
 
 
 def run_benchmark(*argv: str) -> tuple[int, str, str]:
