@@ -459,7 +459,8 @@ def build_plan(model, meta: dict[str, Any], folder: str | Path, *,
     try:
         (tmp / ONNX).write_bytes(onnx_bytes(net, tuple(shape)))
         routes: dict[str, Any] = {"onnxruntime": {"needs": NEEDS["onnxruntime"]}}
-        if compact_units and _quantize(tmp / ONNX, tmp / ONNX_INT8):
+        # int8 serves only where a benchmark measured it, so an unmeasured plan has none
+        if compact_units and timer is not None and _quantize(tmp / ONNX, tmp / ONNX_INT8):
             routes["onnxruntime_int8"] = {"needs": NEEDS["onnxruntime"], "exact": False}
         steps, arrays, why = [], {}, {}
         if isinstance(net, Chain) and all(isinstance(m, (torch.nn.Linear, torch.nn.ReLU,
