@@ -267,8 +267,10 @@ def test_answer_and_scorecard_say_what_the_champion_serves(experiment):
     _, mv = champion_version(cfg, client)
     tags, text = mv.tags, md.read_text()
     first = answer_line(text)
+    # 1 thread when a noisy machine made the pipeline measure again at one thread
+    threads = f"{tags['serving.threads']} thread" + ("" if tags["serving.threads"] == "1" else "s")
     assert (f"The registered champion (v{mv.version}, level {tags['level']}) serves its checked "
-            f"plan ({tags['serving.format']}; {tags['serving.threads']} threads) and measured "
+            f"plan ({tags['serving.format']}; {threads}) and measured "
             f"{float(tags['serving.speedup_bs1']):.2f}× at batch 1 and "
             f"{float(tags['serving.speedup_bs256']):.2f}× at batch 256 vs dense in-process"
             in first), first
@@ -278,7 +280,7 @@ def test_answer_and_scorecard_say_what_the_champion_serves(experiment):
     assert f"Deployed: v{mv.version}'s serving plan, checked against the masked model on " \
            f"{tags['serving.checked']}." in answer and measure in answer
     card = section_of(text, "Serving scorecard").split("### What is deployed", 1)[1]
-    assert f"{tags['serving.threads']} threads" in card and tags["serving.checked"] in card
+    assert threads in card and tags["serving.checked"] in card
     rows = table_rows(card, "Figure")
     assert rows == [["speedup in-process", tags["serving.format"],
                      f"{float(tags['serving.speedup_bs1']):.2f}×",
