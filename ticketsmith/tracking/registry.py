@@ -190,9 +190,11 @@ def serving_description(name: str, version: str, tags: dict[str, str]) -> str:
     """What the version serves, how fast, how checked, and how to call it, for its description."""
     if "serving.format" not in tags:
         return ""
-    speed = ", ".join(f"{tags.get(f'serving.speedup_bs{b}', 'not measured')}"
-                      f"{'x' if tags.get(f'serving.speedup_bs{b}', 'n').replace('.', '').isdigit() else ''}"
-                      f" at batch {b}" for b in ("1", "256"))
+    def at(bs: str) -> str:  # "2.11x at batch 1", or "not measured at batch 1"
+        value = tags.get(f"serving.speedup_bs{bs}", "not measured")
+        return f"{value}{'x' if value.replace('.', '').isdigit() else ''} at batch {bs}"
+
+    speed = ", ".join(at(b) for b in ("1", "256"))
     return "\n".join([
         f"**Serving:** {tags['serving.format']} ({tags.get('serving.threads')} threads); speedup "
         f"against the dense model, side by side: {speed}. Plan: {tags.get('serving.plan')}. "
