@@ -61,7 +61,7 @@ def summary(runs: dict[int, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ticketsmith.serving.benchmark import benchmark_checkpoint, format_scorecard, write_benchmark
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
     from ticketsmith.engine.lottery import run_experiment
     from ticketsmith.engine.store import RunStore
 

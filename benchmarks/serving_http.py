@@ -395,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mlflow import MlflowClient
     from threadpoolctl import threadpool_limits
 
-    from ticketsmith.environment import cpu_model
+    from ticketsmith.base.environment import cpu_model
     from ticketsmith.serving.plan import default_threads
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]

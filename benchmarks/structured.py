@@ -68,7 +68,7 @@ def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
     from ticketsmith.engine.lottery import run_experiment
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

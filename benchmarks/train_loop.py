@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ticketsmith.config import TrainConfig
+from ticketsmith.base.config import TrainConfig
 from ticketsmith.engine.data import Dataset, load_dataset
 from ticketsmith.engine.masks import prune_to_density
 from ticketsmith.engine.models import build_model, prunable_weights

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     from ticketsmith.report import build as report
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
     from ticketsmith.pipeline import run_prune
     from ticketsmith.tracking.tracker import MlflowTracker, environment
 

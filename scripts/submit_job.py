@@ -145,7 +145,7 @@ def build_plan(cfg: Any, *, image: str, template: dict[str, Any], namespace: str
                levels: tuple[int, int] | None = None, variants: list[str] | None = None,
                name: str | None = None) -> Plan:
     """Render the ConfigMap and Job for `cfg` (a validated ticketsmith Config) from `template`."""
-    from ticketsmith.config import dump_config
+    from ticketsmith.base.config import dump_config
 
     if "{replaced" in image or not image.strip():
         raise SubmitError(f"--image {image!r}: expected an image reference, e.g. REGISTRY/ticketsmith:TAG")
@@ -190,7 +190,7 @@ def build_plan(cfg: Any, *, image: str, template: dict[str, Any], namespace: str
 def pod_config(cfg: Any, flavor: str | None) -> Any:
     """The config as the pod must see it: local paths reset to the image's scratch directories
     (neither field is part of the experiment hash); a GPU Job must not train on the CPU."""
-    from ticketsmith.config import config_from_dict
+    from ticketsmith.base.config import config_from_dict
 
     raw = cfg.model_dump(mode="json")
     raw["experiment"]["output_dir"] = "runs"
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_args(args: argparse.Namespace, *, submitting: bool = True) -> Plan:
     """The plan for the arguments; `submitting=False` (--cancel/--attach) only needs the name."""
-    from ticketsmith.config import ConfigError, load_config
+    from ticketsmith.base.config import ConfigError, load_config
 
     try:
         cfg = pod_config(load_config(args.config, args.overrides),

@@ -66,7 +66,7 @@ def run_experiment(url: str, config: str, overrides: list[str], workdir: Path) -
     """Run the experiment against the server; (MLflow experiment id, replicate-0 parent run)."""
     from mlflow import MlflowClient
 
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
     from ticketsmith.pipeline import run_prune
 
     cfg = load_config(config, [f"experiment.output_dir={workdir / 'runs'}", *overrides])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ticketsmith.config import GateConfig
+from ticketsmith.base.config import GateConfig
 from ticketsmith.gates import GateError, champion_level, evaluate_gates, format_table, release_check
 
 

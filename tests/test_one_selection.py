@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.gates import evaluate_gates, format_table
 from ticketsmith.pipeline import gate_experiment, run_prune
 from ticketsmith.report.sources import from_local, from_mlflow

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from statistics import mean
 from typing import Any, Iterable
 
-from ticketsmith.config import Config, GateConfig
-from ticketsmith.errors import GateError  # noqa: F401 (re-exported)
+from ticketsmith.base.config import Config, GateConfig
+from ticketsmith.base.errors import GateError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

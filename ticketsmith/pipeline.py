@@ -13,7 +13,7 @@ from typing import Callable
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from ticketsmith.config import Config
+from ticketsmith.base.config import Config
 from ticketsmith.gates import LevelVerdict, described, evaluate_gates, format_table, release_check
 from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
 from ticketsmith.engine.events import Tracker

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from ticketsmith.config import (BUILTIN_DATASETS, Config, ConfigError, TrainConfig,
+from ticketsmith.base.config import (BUILTIN_DATASETS, Config, ConfigError, TrainConfig,
                                 apply_overrides, config_from_dict, load_config, parse_override)
 from ticketsmith.engine.data import DATASETS
 from ticketsmith.engine.lottery import layer_fractions

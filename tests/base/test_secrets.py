@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from ticketsmith.secrets import redact
+from ticketsmith.base.secrets import redact
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nS3CRETPEMBODY\n-----END PRIVATE KEY-----\n"
 

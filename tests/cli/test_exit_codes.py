@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -123,7 +123,7 @@ def test_benchmark_entry_point(project, workdir):
 
 
 def test_report_entry_point(project, workdir):
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
 
     out = run_rendered(project, "report", {"experiment": "tiny",
                                            "output_dir": str(workdir / "reports")}, workdir)

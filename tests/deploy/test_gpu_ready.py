@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from ticketsmith.config import ConfigError, load_config
+from ticketsmith.base.config import ConfigError, load_config
 from ticketsmith.engine.execution import determinism
 from ticketsmith.engine.lottery import run_experiment
 from ticketsmith.engine.masks import (Mask, prune_magnitude, prune_n_m, semi_structured_plan)

@@ -210,7 +210,7 @@ IMAGE = "europe-west4-docker.pkg.dev/p/ticketsmith/ticketsmith:0123abc"
 
 @pytest.mark.parametrize("flavor", ["gpu", "cpu"])
 def test_dry_run_prints_a_valid_job_and_configmap(flavor):
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
 
     code, text = run_main(["--config", TINY, "--flavor", flavor, "--image", IMAGE,
                            "--set", "train.device=auto", "--set", "train.lr=0.02", "--dry-run"])
@@ -229,7 +229,7 @@ def test_dry_run_prints_a_valid_job_and_configmap(flavor):
     # The pod runs exactly the validated config (same hash), from the ConfigMap.
     shipped = yaml.safe_load(configmap["data"]["config.yaml"])
     assert shipped["train"]["lr"] == 0.02 and shipped["experiment"]["output_dir"] == "runs"
-    from ticketsmith.config import config_from_dict
+    from ticketsmith.base.config import config_from_dict
     assert config_from_dict(shipped).hash() == local.hash()
 
     spec = job["spec"]["template"]["spec"]
@@ -363,7 +363,7 @@ def test_submit_creates_configmap_then_job_and_hands_the_configmap_to_the_job():
 
 
 def test_an_existing_job_is_not_submitted_twice():
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
 
     name = sj.job_name("tiny", load_config(TINY).hash(), None, None)
     server = FakeApiServer(existing_jobs=[name])
@@ -455,7 +455,7 @@ def test_a_failed_job_reports_why():
 
 
 def test_cancel_flag_deletes_the_experiments_job():
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
 
     name = sj.job_name("tiny", load_config(TINY).hash(), None, None)
     server = FakeApiServer(existing_jobs=[name])

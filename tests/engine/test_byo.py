@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ticketsmith.engine import checkpoint as ckpt
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.engine.models import ModelError, build_model, output_layer, prunable_weights
 from ticketsmith.engine.store import RunStore
 

@@ -108,7 +108,7 @@ def test_backfilled_run_with_a_planted_factory_is_refused(tmp_path, planted, sql
                                                         repo_root, tiny_overrides):
     """A level finished locally, then uploaded by a tracked rerun (the path that rebuilds the
     model for its sample figure): a factory the config does not name is refused."""
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
     from ticketsmith.engine.lottery import run_experiment
     from ticketsmith.pipeline import run_prune
 

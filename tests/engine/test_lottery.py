@@ -13,7 +13,7 @@ import torch
 
 from ticketsmith.engine import checkpoint as ckpt
 from ticketsmith.engine import lottery
-from ticketsmith.config import Config, ConfigError, load_config
+from ticketsmith.base.config import Config, ConfigError, load_config
 from ticketsmith.engine.data import load_dataset
 from ticketsmith.engine.lottery import derive_seed, run_experiment
 from ticketsmith.engine.masks import Mask, prune_to_density, random_mask_like

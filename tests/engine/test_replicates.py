@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ticketsmith.engine.checkpoint import load_checkpoint
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.engine.data import batches
 from ticketsmith.engine.lottery import run_experiment, seeded_model
 from ticketsmith.engine.store import RunStore

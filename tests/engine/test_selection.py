@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from ticketsmith.cli.experiment import parse_selection
-from ticketsmith.config import ConfigError, load_config
+from ticketsmith.base.config import ConfigError, load_config
 from ticketsmith.engine.lottery import LotteryError, Selection, run_experiment
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]

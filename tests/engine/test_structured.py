@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ticketsmith.serving.compaction import as_chain, compact
-from ticketsmith.config import ConfigError, load_config
+from ticketsmith.base.config import ConfigError, load_config
 from ticketsmith.engine.lottery import check_model, experiment_data, layer_fractions, level_mask
 from ticketsmith.engine.masks import Mask, MaskError
 from ticketsmith.engine.models import build_model, output_layer, prunable_weights

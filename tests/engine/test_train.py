@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketsmith.config import TrainConfig
+from ticketsmith.base.config import TrainConfig
 from ticketsmith.engine.data import load_dataset
 from ticketsmith.engine.masks import Mask, apply_mask_, prune_to_density
 from ticketsmith.engine.models import build_model, prunable_weights

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ticketsmith.cli import main
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.pipeline import run_prune
 from ticketsmith.report.build import build_report
 from ticketsmith.tracking.registry import model_name_for

@@ -14,7 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from ticketsmith.cli import main
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.engine.checkpoint import model_from_checkpoint, save_checkpoint
 from ticketsmith.engine.lottery import run_experiment
 from ticketsmith.engine.models import build_model, count_params

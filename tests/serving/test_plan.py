@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.engine.checkpoint import model_from_checkpoint
 from ticketsmith.engine.data import load_dataset
 from ticketsmith.engine.lottery import run_experiment

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ticketsmith.engine import checkpoint as ckpt
-from ticketsmith.config import GateConfig, load_config
+from ticketsmith.base.config import GateConfig, load_config
 from ticketsmith.gates import evaluate_gates
 from ticketsmith.engine.lottery import run_experiment
 from ticketsmith.serving.formats import is_2_4

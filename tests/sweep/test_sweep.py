@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from ticketsmith.cli import main
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.sweep.config import STORAGE_ENV, load_sweep_config
 
 REPO = Path(__file__).resolve().parents[2]

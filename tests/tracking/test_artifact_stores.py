@@ -185,7 +185,7 @@ def test_missing_object_is_a_clear_error(store, tmp_path):
 # --- TicketSmith level: a real experiment, resumed from the store alone ------------------
 
 def tiny_config(tmp_path: Path, name: str):
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
 
     # configs/tiny.yaml, cut to dense + one pruned level of tickets and shorter training so the
     # two stores together stay within seconds; everything else is the shipped smoke config.

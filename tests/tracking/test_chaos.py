@@ -87,7 +87,7 @@ def test_secret_values_survive_a_variable_removed_while_reading_the_environment(
     while the experiment reads os.environ, which raised KeyError from `redact`."""
     from collections.abc import Mapping
 
-    from ticketsmith.secrets import secret_values
+    from ticketsmith.base.secrets import secret_values
 
     class Racing(Mapping):  # one name vanishes between listing and reading, once
         def __init__(self):

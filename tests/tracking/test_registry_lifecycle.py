@@ -25,7 +25,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ticketsmith.cli import main
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.tracking.registry import CHAMPION, PREVIOUS, model_name_for
 
 # Four prunes with registration: tens of seconds of CPU.

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 
 from conftest import free_port, load_benchmark, wait_for_http
 from ticketsmith.cli import main
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.engine.checkpoint import model_from_checkpoint
 from ticketsmith.engine.data import normalisation
 from ticketsmith.serving.benchmark import resolve_checkpoint

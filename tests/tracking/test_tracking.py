@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from ticketsmith.engine.checkpoint import load_checkpoint
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.engine.models import build_model
 from ticketsmith.pipeline import run_prune
 from ticketsmith.tracking.registry import model_name_for
@@ -297,7 +297,7 @@ def test_system_metrics_on_parent_runs_when_asked(tmp_path, sqlite_uri, repo_roo
 @pytest.mark.parametrize("uri,refused", [("sqlite:///mlflow.db", True), ("file:///tmp/mlruns", True),
                                          ("mlruns", True), ("http://mlflow.ml:5000", False)])
 def test_a_pod_refuses_a_local_tracking_store(uri, refused, monkeypatch):
-    from ticketsmith.config import ConfigError
+    from ticketsmith.base.config import ConfigError
     from ticketsmith.tracking.tracker import check_shared_store
 
     check_shared_store(uri)  # outside a pod: anything goes

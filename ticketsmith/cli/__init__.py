@@ -17,7 +17,7 @@ from typing import Callable
 
 from ticketsmith.cli import benchmark, experiment, export, report, sweep
 from ticketsmith.cli.args import add_config_args
-from ticketsmith.errors import USER_ERRORS, SweepError, TrackingError
+from ticketsmith.base.errors import USER_ERRORS, SweepError, TrackingError
 
 Handler = Callable[[argparse.Namespace], int]
 AddArgs = Callable[[argparse.ArgumentParser], None]

@@ -15,7 +15,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace):
-    from ticketsmith.config import load_config
+    from ticketsmith.base.config import load_config
 
     overrides = list(args.overrides) + shlex.split(args.override_string or "")
     return load_config(args.config, overrides)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ticketsmith.errors import ConfigError
+from ticketsmith.base.errors import ConfigError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def _ints(text: str) -> list[int]:
 def _log_mlflow(result: dict, checkpoint: str, requested: bool) -> None:
     import mlflow
 
-    from ticketsmith.secrets import redact
+    from ticketsmith.base.secrets import redact
     from ticketsmith.serving.benchmark import log_mlflow
 
     if mlflow.active_run() is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ticketsmith.cli.args import add_config_args, load
-from ticketsmith.errors import ConfigError
+from ticketsmith.base.errors import ConfigError
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ import argparse
 import os
 import shlex
 
-from ticketsmith.errors import ConfigError
+from ticketsmith.base.errors import ConfigError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from ticketsmith.engine.masks import Mask, MaskError, apply_mask_
-from ticketsmith.files import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
-from ticketsmith.errors import CheckpointError  # noqa: F401 (re-exported)
+from ticketsmith.base.files import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import CheckpointError  # noqa: F401 (re-exported)
 
 FORMAT = "ticketsmith-checkpoint/1"
 

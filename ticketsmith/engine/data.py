@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import IO, Iterator
 
 import torch
-from ticketsmith.errors import DataError  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import DataError  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ticketsmith.data")
 

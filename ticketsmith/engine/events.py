@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Protocol
-from ticketsmith.errors import TrackingError, UnknownExperiment  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import TrackingError, UnknownExperiment  # noqa: F401 (re-exported)
 
 
 class Tracker(Protocol):

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ticketsmith.config import ConfigError
+from ticketsmith.base.config import ConfigError
 
 # cuBLAS picks its reduction order per call unless its workspace is fixed; torch refuses
 # deterministic matmuls on CUDA without this (read when the first cuBLAS handle is made).

@@ -16,18 +16,18 @@ import torch
 from torch import nn
 
 from ticketsmith.engine import checkpoint as ckpt
-from ticketsmith.config import Config, ConfigError, dump_config
+from ticketsmith.base.config import Config, ConfigError, dump_config
 from ticketsmith.engine.data import Dataset, load_dataset
 from ticketsmith.engine.execution import check_resume, determinism, execution_facts
 from ticketsmith.engine.masks import (Mask, describe_plan, prune_magnitude, prune_n_m, random_mask_like,
                                       semi_structured_plan)
 from ticketsmith.engine.models import build_model, count_params, output_layer, prunable_weights
 from ticketsmith.engine.events import NullTracker, Tracker
-from ticketsmith.secrets import redact
+from ticketsmith.base.secrets import redact
 from ticketsmith.engine.structured import check_structured, level_units_mask, random_units_like
 from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.train import TrainResult, resolve_device, total_iterations, train
-from ticketsmith.errors import LotteryError  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import LotteryError  # noqa: F401 (re-exported)
 
 def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts (same on every machine and Python run)."""

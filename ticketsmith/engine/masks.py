@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
-from ticketsmith.errors import MaskError  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import MaskError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

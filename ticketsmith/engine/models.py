@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 import torch.nn.functional as F
-from ticketsmith.errors import ModelError  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import ModelError  # noqa: F401 (re-exported)
 
 
 def _flat_features(input_shape: tuple[int, ...]) -> int:

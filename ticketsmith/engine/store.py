@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ticketsmith.files import atomic_write_text
+from ticketsmith.base.files import atomic_write_text
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ticketsmith.config import ConfigError
+from ticketsmith.base.config import ConfigError
 from ticketsmith.engine.masks import Mask, MaskError, _prune_count, _smallest
 
 GRANULARITIES = ("weight", "neuron", "channel")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ticketsmith.config import ConfigError, TrainConfig
+from ticketsmith.base.config import ConfigError, TrainConfig
 from ticketsmith.engine.data import batches
 from ticketsmith.engine.masks import Mask
 

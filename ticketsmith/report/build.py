@@ -17,8 +17,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ticketsmith.files import atomic_write_text
-from ticketsmith.config import ConfigError
+from ticketsmith.base.files import atomic_write_text
+from ticketsmith.base.config import ConfigError
 from ticketsmith.report.evidence import evidence, registry_section, scorecard
 from ticketsmith.report.figures import (accuracy_vs_weights, early_stop_vs_weights, speedup_vs_sparsity,
                                         training_curves)

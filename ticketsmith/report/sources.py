@@ -17,10 +17,10 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ticketsmith.config import Config, ConfigError, load_config
+from ticketsmith.base.config import Config, ConfigError, load_config
 from ticketsmith.gates import described
 from ticketsmith.tracking.registry import model_name_for
-from ticketsmith.secrets import redact
+from ticketsmith.base.secrets import redact
 from ticketsmith.engine.store import RunStore
 from ticketsmith.tracking.tracker import TAG, TrackingError, load_records, parent_runs, resolve_experiment, retry
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from statistics import mean, stdev
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ticketsmith.config import GateConfig
+from ticketsmith.base.config import GateConfig
 from ticketsmith.gates import GateError, LevelVerdict, champion_level, evaluate_gates
 from ticketsmith.report.deployed import Deployed, champion_deployed
 

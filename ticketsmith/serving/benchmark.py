@@ -26,12 +26,12 @@ from ticketsmith.engine.checkpoint import (CheckpointError, atomic_write_text, l
                                            model_from_checkpoint)
 from ticketsmith.engine.models import count_params, prunable_weights
 from ticketsmith.engine.store import RunStore
-from ticketsmith.secrets import redact
+from ticketsmith.base.secrets import redact
 from ticketsmith.serving.measure import (clock_for, timing_environment, median, peak_memory, percentile,
                                          time_side_by_side, traffic)
 from ticketsmith.serving.formats import (BuildContext, FormatUnavailable, Served, build_format, default_formats,
                                          weight_bytes)
-from ticketsmith.errors import BenchmarkError  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import BenchmarkError  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ticketsmith.benchmark")
 EXACT_RTOL = 1e-4  # exact formats: max |error| <= EXACT_RTOL * max(1, max |dense output|)

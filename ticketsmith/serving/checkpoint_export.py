@@ -18,9 +18,9 @@ from torch import nn
 from ticketsmith.engine.checkpoint import model_from_checkpoint
 from ticketsmith.engine.data import DATASETS, normalisation
 from ticketsmith.engine.models import count_params
-from ticketsmith.errors import DataError
-from ticketsmith.files import atomic_write, atomic_write_text
-from ticketsmith.secrets import redact
+from ticketsmith.base.errors import DataError
+from ticketsmith.base.files import atomic_write, atomic_write_text
+from ticketsmith.base.secrets import redact
 # _load_data: how the benchmark finds a checkpoint's test data; one rule for both.
 from ticketsmith.serving.benchmark import _load_data, format_bytes, resolve_checkpoint
 from ticketsmith.serving.compaction import CompactionError, as_chain, compact

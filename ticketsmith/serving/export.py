@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ticketsmith.errors import ExportError  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import ExportError  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from torch import nn

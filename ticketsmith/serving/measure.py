@@ -20,12 +20,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ticketsmith.environment import environment
+from ticketsmith.base.environment import environment
 from ticketsmith.serving.formats import weight_bytes, weighted_layers
 
 
 def timing_environment(device: torch.device) -> dict[str, Any]:
-    """`ticketsmith.environment.environment` plus what a timing depends on."""
+    """`ticketsmith.base.environment.environment` plus what a timing depends on."""
     cuda = device.type == "cuda"
     return {**environment(device), "interop_threads": torch.get_num_interop_threads(),
             "quantized_engine": torch.backends.quantized.engine,

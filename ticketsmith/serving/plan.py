@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ticketsmith.errors import BenchmarkError
+from ticketsmith.base.errors import BenchmarkError
 
 log = logging.getLogger("ticketsmith.serving")
 KIND, VERSION = "ticketsmith-serving-plan", 1

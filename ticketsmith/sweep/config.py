@@ -22,8 +22,8 @@ import sqlalchemy
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ticketsmith.config import Config, ConfigError, _format_error, load_config
-from ticketsmith.secrets import redact
+from ticketsmith.base.config import Config, ConfigError, _format_error, load_config
+from ticketsmith.base.secrets import redact
 
 STORAGE_ENV = "TICKETSMITH_SWEEP_STORAGE"   # overrides study.storage; how pods get a Secret's URL
 OBJECTIVE_DIRECTIONS = {"accuracy": "maximize", "density": "minimize", "sparsity": "maximize",

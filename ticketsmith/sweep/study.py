@@ -21,18 +21,18 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from ticketsmith.config import Config, ConfigError
+from ticketsmith.base.config import Config, ConfigError
 from ticketsmith.gates import champion_level, evaluate_gates
 from ticketsmith.engine.lottery import derive_seed
 from ticketsmith.pipeline import run_prune
-from ticketsmith.secrets import redact
+from ticketsmith.base.secrets import redact
 from ticketsmith.sweep.config import (STORAGE_ENV, StudyLock, SweepConfig, make_sampler,
                                       make_trial_pruner, open_storage)
 from ticketsmith.sweep.tracking import (end_run, ensure_sweep_run, run_exists, start_trial_run,
                                         summarize)
 from ticketsmith.tracking.tracker import (TAG, MlflowTracker, check_shared_store, prepare_store,
                                          retry)
-from ticketsmith.errors import SweepError  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import SweepError  # noqa: F401 (re-exported)
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 

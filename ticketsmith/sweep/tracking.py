@@ -32,8 +32,8 @@ from mlflow.entities import Metric  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from ticketsmith.config import dump_config  # noqa: E402
-from ticketsmith.secrets import redact  # noqa: E402
+from ticketsmith.base.config import dump_config  # noqa: E402
+from ticketsmith.base.secrets import redact  # noqa: E402
 from ticketsmith.tracking.tracker import TAG, experiment_id, retry  # noqa: E402
 
 STATE_TAG = TAG + "sweep.state"

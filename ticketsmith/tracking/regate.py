@@ -9,7 +9,7 @@ from typing import Callable
 import mlflow
 from mlflow import MlflowClient
 
-from ticketsmith.config import load_config
+from ticketsmith.base.config import load_config
 from ticketsmith.gates import described, evaluate_gates, format_table, release_check
 from ticketsmith.tracking.registry import model_name_for, promote, ticket_runs
 from ticketsmith.tracking.tracker import load_records, parent_runs, resolve_experiment, retry

@@ -18,7 +18,7 @@ from mlflow.models import ModelSignature
 
 from ticketsmith.engine.store import RunStore
 from ticketsmith.gates import LevelVerdict, champion_level
-from ticketsmith.interrupts import interrupts_deferred
+from ticketsmith.base.interrupts import interrupts_deferred
 from ticketsmith.tracking.tracker import TAG, retry
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"

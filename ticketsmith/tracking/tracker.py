@@ -22,14 +22,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from ticketsmith.config import Config, ConfigError
-from ticketsmith.interrupts import interrupts_deferred, raise_if_interrupted
-from ticketsmith.environment import environment as base_environment, git_commit
+from ticketsmith.base.config import Config, ConfigError
+from ticketsmith.base.interrupts import interrupts_deferred, raise_if_interrupted
+from ticketsmith.base.environment import environment as base_environment, git_commit
 from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.events import TrackingError, UnknownExperiment
 from ticketsmith.tracking.run_summary import (EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, experiment_description,
                                               level_metrics, replicate_description)
-from ticketsmith.secrets import redact
+from ticketsmith.base.secrets import redact
 
 TAG = "ticketsmith."
 CHILD_METRICS = ("test_accuracy", "test_loss", "best_val_accuracy", "early_stop_iteration",
@@ -88,7 +88,7 @@ def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay_s: flo
 
 
 def environment(device: str = "cpu") -> dict[str, str]:
-    """`ticketsmith.environment.environment` as logged with every experiment: strings, plus
+    """`ticketsmith.base.environment.environment` as logged with every experiment: strings, plus
     MLflow's version and the git commit."""
     env = base_environment(device)
     return {"ticketsmith": env["ticketsmith"], "torch": env["torch"], "mlflow": mlflow.__version__,

@@ -17,7 +17,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 from pydantic_core import InitErrorDetails
-from ticketsmith.errors import ConfigError  # noqa: F401 (re-exported)
+from ticketsmith.base.errors import ConfigError  # noqa: F401 (re-exported)
 
 # Fields that name where things go or how they are shown, not what is computed.
 _NOT_HASHED = {"json_schema_extra": {"hashed": False}}
