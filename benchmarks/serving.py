@@ -26,6 +26,8 @@ TARGETS = {1: 2.5, 256: 5.0}  # the best checked in-process format against dense
 
 
 def summary(runs: dict[int, dict]) -> str:
+    from ticketsmith.serving.plan.layout import shipped
+
     first = next(iter(runs.values()))
     m, env = first["model"], first["environment"]
     sizes = sorted({r["batch_size"] for r in first["results"]})
@@ -49,7 +51,7 @@ def summary(runs: dict[int, dict]) -> str:
         serving = result.get("serving")
         if serving:
             lines.append(f"{'':<16}{threads:>8}  serving plan (ships): " + ", ".join(
-                f"batch {b}: {serving['ranking'][b][0]} {s:.2f}x (target {TARGETS.get(int(b), '-')}x"
+                f"batch {b}: {shipped(serving)[int(b)]} {s:.2f}x (target {TARGETS.get(int(b), '-')}x"
                 f"{'' if s is None or int(b) not in TARGETS else (', met' if s >= TARGETS[int(b)] else ', missed')})"
                 for b, s in serving["speedup"].items() if s is not None))
         floor = result["environment"]["noise_floor"]
@@ -79,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     experiment = run_experiment(cfg, progress=False)
     ckpt = RunStore(experiment.run_root).checkpoint_path(0, cfg.prune.levels, "ticket")
     runs = {}
-    from ticketsmith.serving.plan import default_threads
+    from ticketsmith.serving.plan.layout import HEADLINE_BATCH_SIZES, default_threads
 
     for threads in (int(t) for t in (args.threads or str(default_threads())).split(",")):
-        result = benchmark_checkpoint(ckpt, batch_sizes=(1, 256), threads=threads,
+        result = benchmark_checkpoint(ckpt, batch_sizes=HEADLINE_BATCH_SIZES, threads=threads,
                                       trials=args.trials, data_root=args.data_root)
         write_benchmark(result, ckpt.with_name(f"benchmark_serving_t{threads}.json"))
         print(f"\n{format_scorecard(result)}")

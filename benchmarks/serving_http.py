@@ -107,7 +107,7 @@ def dense_model_uri(client, tracking_uri: str, run_id: str, allow_factory: str |
     experiment of its own, so no experiment's runs or report see it) and reused after."""
     import mlflow
 
-    from ticketsmith.serving.benchmark import resolve_checkpoint
+    from ticketsmith.tracking.benchmarks import resolve_checkpoint
     from ticketsmith.tracking.registry import log_ticket_model
     from ticketsmith.tracking.tracker import TAG
 
@@ -396,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from threadpoolctl import threadpool_limits
 
     from ticketsmith.base.environment import cpu_model
-    from ticketsmith.serving.plan import default_threads
+    from ticketsmith.serving.plan.layout import default_threads
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     threads = args.threads or default_threads()

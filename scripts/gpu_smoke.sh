@@ -166,7 +166,9 @@ serving() {
 import sys
 import torch
 from ticketsmith.checkpoint import model_from_checkpoint
-from ticketsmith.serving.plan import build_plan, check_plan, load_plan
+from ticketsmith.serving.plan.build import build_plan
+from ticketsmith.serving.plan.check import check_plan
+from ticketsmith.serving.plan.runtime import load_plan
 path, device, plan_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 model = model_from_checkpoint(path, device)[0]
 reference = model_from_checkpoint(path, "cpu")[0]

@@ -12,6 +12,8 @@ from typing import Any, Iterable
 from ticketsmith.base.config import Config, GateConfig
 from ticketsmith.base.errors import GateError  # noqa: F401 (re-exported)
 
+PASS, FAIL, NOT_APPLICABLE = "PASS", "FAIL", "n/a"  # see `label`
+
 
 @dataclass(frozen=True)
 class GateResult:
@@ -106,18 +108,20 @@ def release_check(verdicts: list[LevelVerdict], cfg: GateConfig) -> tuple[bool, 
     return True, f"level {best.level} passes at {best.sparsity:.1%} sparsity"
 
 
+def label(passed: bool | None) -> str:
+    """PASS, FAIL or n/a: how every table, tag, description and report writes a decision."""
+    return {True: PASS, False: FAIL, None: NOT_APPLICABLE}[passed]
+
+
 def format_table(verdicts: list[LevelVerdict]) -> str:
     """Plain-text gate table: one line per level with every gate's number and decision."""
-    def mark(g: GateResult) -> str:
-        return {True: "PASS", False: "FAIL", None: "n/a"}[g.passed]
-
     lines = [f"{'level':>5} {'sparsity':>9} {'ticket acc':>10}  verdict  gates"]
     for v in verdicts:
         gates = "; ".join(
             f"{g.name} {g.value:+.3f}" + (f" (≤ {g.threshold})" if g.name != "beats_random"
                                           and g.threshold is not None else "")
-            + f" {mark(g)}" if g.value is not None else f"{g.name} {mark(g)}: {g.detail}"
+            + f" {label(g.passed)}" if g.value is not None else f"{g.name} {label(g.passed)}: {g.detail}"
             for g in v.gates)
         lines.append(f"{v.level:>5} {v.sparsity:>9.2%} {v.ticket_accuracy:>9.2f}%  "
-                     f"{'PASS' if v.passed else 'FAIL':<7}  {gates}")
+                     f"{label(v.passed):<7}  {gates}")
     return "\n".join(lines)

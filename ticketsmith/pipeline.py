@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from ticketsmith.base.config import Config
-from ticketsmith.gates import LevelVerdict, described, evaluate_gates, format_table, release_check
+from ticketsmith.gates import (LevelVerdict, described, evaluate_gates, format_table, label,
+                               release_check)
 from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
 from ticketsmith.engine.events import Tracker
 from ticketsmith.tracking.registry import Promotion, model_name_for, promote, ticket_runs
@@ -39,7 +40,7 @@ def log_gates(client: MlflowClient, tracker: MlflowTracker, verdicts: list[Level
         if variant != "ticket" or v is None:
             continue
         for g in v.gates:
-            decision = {True: "PASS", False: "FAIL", None: "n/a"}[g.passed]
+            decision = label(g.passed)
             retry(lambda: client.set_tag(run.info.run_id, f"gate.{g.name}", decision), "tag gate")
             if g.value is not None:
                 retry(lambda: client.log_metric(run.info.run_id, f"gate_{g.name}", g.value),
@@ -83,7 +84,7 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
                             allow_factory=cfg.model.factory,
                             probe=result.data.test_x[:1000].cpu())  # real inputs for the check
     ok, reason = release_check(verdicts, cfg.gate)
-    echo(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
+    echo(f"release check: {label(ok)} ({reason})")
     if report_dir is not None:
         from ticketsmith.report.build import build_report
 
@@ -96,7 +97,8 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
 def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                      result: ExperimentResult, echo: Callable[[str], None]) -> None:
     """Serving benchmark of every level's ticket (replicate 0), logged to its child run."""
-    from ticketsmith.serving.benchmark import benchmark_experiment, metric_key
+    from ticketsmith.serving.benchmark import benchmark_experiment
+    from ticketsmith.tracking.benchmarks import BENCHMARK_DIR, metric_key
 
     logged = 0
     for bench in benchmark_experiment(result.run_root, result.records, quick=True,
@@ -107,7 +109,7 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
         if run is None or not path.is_file():
             continue
         run_id = run.info.run_id
-        retry(lambda: client.log_artifact(run_id, str(path), "benchmark"), "upload benchmark")
+        retry(lambda: client.log_artifact(run_id, str(path), BENCHMARK_DIR), "upload benchmark")
         now = int(time.time() * 1000)
         metrics = [Metric(f"speedup_{metric_key(row['format'])}_bs{row['batch_size']}",
                           row["speedup"], now, 0)

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from ticketsmith.serving import formats as serving
 from ticketsmith.serving.benchmark import (RESULT_KEYS, BenchmarkError, benchmark_checkpoint,
                                            benchmark_experiment, format_scorecard, load_ticket,
-                                           resolve_checkpoint, write_benchmark)
+                                           write_benchmark)
+from ticketsmith.tracking.benchmarks import resolve_checkpoint
 from ticketsmith.engine.checkpoint import CheckpointError, save_checkpoint
 from ticketsmith.cli import main
 from ticketsmith.engine.data import load_dataset

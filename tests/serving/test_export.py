@@ -140,6 +140,7 @@ def test_a_registered_ticket_exports_from_its_models_uri(tmp_path, tickets, sqli
     import mlflow
     from mlflow import MlflowClient
 
+    from ticketsmith.tracking.benchmarks import resolve_checkpoint
     from ticketsmith.tracking.registry import register_ticket
 
     client = MlflowClient(sqlite_uri)
@@ -147,7 +148,8 @@ def test_a_registered_ticket_exports_from_its_models_uri(tmp_path, tickets, sqli
         pass
     version = register_ticket(client, "tiny_ticket", run.info.run_id, tickets["mlp"])
     client.set_registered_model_alias("tiny_ticket", "champion", version)
-    summary = export_checkpoint("models:/tiny_ticket@champion", data_root=None)
+    uri = "models:/tiny_ticket@champion"
+    summary = export_checkpoint(resolve_checkpoint(uri), data_root=None, source=uri)
     assert summary["path"] == "tiny_ticket.onnx" and summary["compacted"]
     assert summary["checkpoint"] == "models:/tiny_ticket@champion"
     assert Path("tiny_ticket.onnx").is_file()  # the fixture's working directory: tmp_path

@@ -21,8 +21,10 @@ from ticketsmith.engine.data import load_dataset
 from ticketsmith.engine.lottery import run_experiment
 from ticketsmith.engine.store import RunStore
 from ticketsmith.serving.benchmark import benchmark_checkpoint
-from ticketsmith.serving.plan import (INEXACT, PLAN, WEIGHTS, PlanError, check_plan, load_plan,
-                                      read_plan, to_model_input, verify)
+from ticketsmith.serving.plan.check import check_plan, verify
+from ticketsmith.serving.plan.inputs import to_model_input
+from ticketsmith.serving.plan.layout import INEXACT, PLAN, WEIGHTS, PlanError, read_plan
+from ticketsmith.serving.plan.runtime import load_plan
 from ticketsmith.tracking.registry import register_ticket
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,7 +192,7 @@ def test_a_plan_for_what_the_host_lacks_falls_back_and_says_so(mnist, tmp_path):
     script = f"""
 import sys, numpy as np
 sys.modules["torch"] = None
-from ticketsmith.serving.plan import load_plan
+from ticketsmith.serving.plan.runtime import load_plan
 runner = load_plan({str(folder)!r})
 print("\\n".join(runner.fallbacks))
 np.save({str(tmp_path / 'labels.npy')!r}, runner.predict(np.load({str(tmp_path / 'x.npy')!r}),
@@ -237,7 +239,7 @@ def test_a_structured_ticket_ships_as_a_smaller_dense_network(tmp_path, granular
     ckpt = RunStore(result.run_root).checkpoint_path(0, 1, "ticket")
     model, _, meta = model_from_checkpoint(ckpt)
     folder = tmp_path / "plan"
-    from ticketsmith.serving.plan import build_plan
+    from ticketsmith.serving.plan.build import build_plan
 
     build_plan(model, meta, folder)
     plan = read_plan(folder)

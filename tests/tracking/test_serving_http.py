@@ -31,8 +31,10 @@ from ticketsmith.cli import main
 from ticketsmith.base.config import load_config
 from ticketsmith.engine.checkpoint import model_from_checkpoint
 from ticketsmith.engine.data import normalisation
-from ticketsmith.serving.benchmark import resolve_checkpoint
-from ticketsmith.serving.plan import INEXACT, INEXACT_AGREEMENT, INEXACT_RTOL, PLAN, load_plan
+from ticketsmith.serving.agreement import INEXACT_AGREEMENT, INEXACT_RTOL
+from ticketsmith.serving.plan.layout import INEXACT, PLAN
+from ticketsmith.serving.plan.runtime import load_plan
+from ticketsmith.tracking.benchmarks import resolve_checkpoint
 from ticketsmith.tracking.registry import model_name_for
 
 # A prune of real MNIST with its serving benchmark, then three `mlflow models serve` starts.

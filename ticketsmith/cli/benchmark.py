@@ -6,13 +6,17 @@ import argparse
 import os
 
 from ticketsmith.base.errors import ConfigError
+from ticketsmith.engine.store import BENCHMARK_FILE
+from ticketsmith.serving.plan.layout import HEADLINE_BATCH_SIZES
+
+HEADLINE = ",".join(map(str, HEADLINE_BATCH_SIZES))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint.safetensors path, runs:/<run id>/<path>, "
                         "models:/<name>@<alias> or any MLflow artifact URI")
-    p.add_argument("--batch-sizes", default="1,256", help="comma-separated (default 1,256)")
+    p.add_argument("--batch-sizes", default=HEADLINE, help=f"comma-separated (default {HEADLINE})")
     p.add_argument("--formats", default=None,
                    help="comma-separated serving formats (default: all that run on the device)")
     p.add_argument("--threads", type=int, default=None,
@@ -21,7 +25,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--quick", action="store_true", help="few, short rounds (seconds per model)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--output", default="benchmark.json", help="where to write the JSON")
+    p.add_argument("--output", default=BENCHMARK_FILE, help="where to write the JSON")
     p.add_argument("--plan-dir", default=None,
                    help="also write the checked serving plan (a folder) there")
     p.add_argument("--data-root", default="data", help="data folder for test accuracies")
@@ -38,30 +42,32 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--batch-sizes: expected integers like 1,256, got {text!r}") from None
+        raise ConfigError(f"--batch-sizes: expected integers like {HEADLINE}, got {text!r}") from None
 
 
 def _log_mlflow(result: dict, checkpoint: str, requested: bool) -> None:
     import mlflow
 
     from ticketsmith.base.secrets import redact
-    from ticketsmith.serving.benchmark import log_mlflow
+    from ticketsmith.tracking.benchmarks import log_benchmark
 
     if mlflow.active_run() is not None:
-        log_mlflow(result)
+        log_benchmark(result)
     elif requested or os.environ.get("MLFLOW_RUN_ID"):
         # Under `mlflow run -e benchmark`, start_run resumes the run MLflow created for us.
         with mlflow.start_run(run_name="benchmark",
                               tags={"ticketsmith.checkpoint": redact(checkpoint)}):
-            log_mlflow(result)
+            log_benchmark(result)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Benchmark a ticket's serving formats against its dense baseline and print the scorecard."""
     from ticketsmith.serving.benchmark import benchmark_checkpoint, format_scorecard, write_benchmark
+    from ticketsmith.tracking.benchmarks import resolve_checkpoint
 
     result = benchmark_checkpoint(
-        args.checkpoint, batch_sizes=_ints(args.batch_sizes),
+        resolve_checkpoint(args.checkpoint), source=args.checkpoint,
+        batch_sizes=_ints(args.batch_sizes),
         formats=args.formats.split(",") if args.formats else None, threads=args.threads,
         trials=args.trials, quick=args.quick, device=args.device,
         data_root=None if args.no_data else args.data_root,

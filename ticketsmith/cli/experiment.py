@@ -93,6 +93,7 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     """Print the quality-gate table of a tracked experiment; exit 1 if the release check fails."""
+    from ticketsmith.gates import label
     from ticketsmith.tracking.regate import gate_experiment
 
     registry: list[str] = []
@@ -103,5 +104,5 @@ def cmd_gate(args: argparse.Namespace) -> int:
     print(table)
     for line in registry or (["registry: unchanged"] if args.update_registry else []):
         print(line)
-    print(f"release check: {'PASS' if ok else 'FAIL'} ({reason})")
+    print(f"release check: {label(ok)} ({reason})")
     return 0 if ok else 1

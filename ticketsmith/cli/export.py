@@ -25,8 +25,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a ticket's compacted network as ONNX, checked with ONNX Runtime against the
     masked model's outputs before it is written."""
     from ticketsmith.serving.checkpoint_export import export_checkpoint, format_summary
+    from ticketsmith.tracking.benchmarks import resolve_checkpoint
 
-    summary = export_checkpoint(args.checkpoint, args.output, data_root=args.data_root,
-                                allow_factory=args.allow_factory)
+    summary = export_checkpoint(resolve_checkpoint(args.checkpoint), args.output,
+                                data_root=args.data_root, allow_factory=args.allow_factory,
+                                source=args.checkpoint)
     print(format_summary(summary))
     return 0

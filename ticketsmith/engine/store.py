@@ -24,6 +24,8 @@ from typing import Any
 
 from ticketsmith.base.files import atomic_write_text
 
+BENCHMARK_FILE = "benchmark.json"  # a checkpoint's serving benchmark, and its MLflow artifact
+
 
 @dataclass(frozen=True)
 class RunStore:
@@ -52,7 +54,7 @@ class RunStore:
 
     def benchmark_path(self, replicate: int, level: int, variant: str) -> Path:
         """The serving benchmark of a checkpoint, written next to it."""
-        return self.run_dir(replicate, level, variant) / "benchmark.json"
+        return self.run_dir(replicate, level, variant) / BENCHMARK_FILE
 
     def serving_path(self, replicate: int, level: int, variant: str) -> Path:
         """The deployable serving plan the benchmark chose (a folder), next to the checkpoint."""

@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ticketsmith.report.render import Block, Code, Heading, Table, para
+from ticketsmith.serving.plan.layout import HEADLINE_BATCH_SIZES
+from ticketsmith.tracking.serving_tags import (CHECKED, FORMAT, PATHS, PLAN, PREFIX, SPEEDUP,
+                                               THREADS, speedup_key)
 
 if TYPE_CHECKING:
     from ticketsmith.report.sources import RegistryOutcome
 
-PREFIX = "serving."
 MEASURE = "python benchmarks/serving_http.py --record"
-# (tag infix, what the reader calls that path): in-process first, then end to end.
-PATHS = (("", "in-process"), ("pyfunc.", "through pyfunc.predict"), ("http.", "over HTTP"))
-_SPEEDUP = re.compile(r"serving\.(?:\w+\.)?speedup_bs(\d+)")
 _NOTE = re.compile(r"(.+?)(?:_(ms))?_bs(\d+)")   # a per-batch-size figure and its unit
 
 
@@ -35,11 +34,11 @@ class Deployed:
 
     @property
     def batch_sizes(self) -> list[str]:
-        found = {m.group(1) for k in self.tags if (m := _SPEEDUP.fullmatch(k))}
-        return sorted(found or {"1", "256"}, key=int)
+        found = {m.group(1) for k in self.tags if (m := SPEEDUP.fullmatch(k))}
+        return sorted(found or {str(b) for b in HEADLINE_BATCH_SIZES}, key=int)
 
     def speedup(self, bs: str, path: str = "") -> str | None:
-        return self.tags.get(f"{PREFIX}{path}speedup_bs{bs}")
+        return self.tags.get(speedup_key(bs, path))
 
     def measured(self, path: str = "") -> list[float]:
         """The numeric speedups of one path (tags may say 'not measured')."""
@@ -65,7 +64,7 @@ def times(text: str | None) -> str:
 
 
 def threads(d: Deployed) -> str:
-    n = d.tags.get(PREFIX + "threads", "?")
+    n = d.tags.get(THREADS, "?")
     return f"{n} thread" + ("" if n == "1" else "s")
 
 
@@ -73,7 +72,7 @@ def champion_deployed(reg: RegistryOutcome | None) -> Deployed | None:
     """The `champion` version when it comes from this experiment and carries a serving plan."""
     champ = reg.aliases.get("champion") if reg is not None else None
     v = next((v for v in reg.versions if v.version == champ), None) if champ else None
-    if v is None or PREFIX + "format" not in v.serving:
+    if v is None or FORMAT not in v.serving:
         return None
     return Deployed(reg.model_name, v.version, v.level, dict(v.serving))
 
@@ -90,7 +89,7 @@ def headline(d: Deployed) -> str:
                " — about the same as dense on this hardware" if best < 1.1 else "")
     where = f"v{d.version}" + (f", level {d.level}" if d.level is not None else "")
     return (f"The registered champion ({where}) serves its checked plan "
-            f"({d.tags[PREFIX + 'format']}; {threads(d)}) and "
+            f"({d.tags[FORMAT]}; {threads(d)}) and "
             "measured " + "; ".join(parts) + verdict + ".")
 
 
@@ -101,7 +100,7 @@ def how_to_measure() -> tuple:
 
 def detail(d: Deployed) -> tuple:
     """The answer's bullet: the plan's check, and the end-to-end figures or how to get them."""
-    checked = d.tags.get(PREFIX + "checked", "no check recorded")
+    checked = d.tags.get(CHECKED, "no check recorded")
     said = (f"Deployed: v{d.version}'s serving plan, checked against the masked model on "
             f"{checked}.",)
     return said + ((" ", *how_to_measure()) if not d.end_to_end else ())
@@ -113,7 +112,7 @@ def section(d: Deployed | None) -> list[Block]:
     if d is None:
         return []
     sizes = d.batch_sizes
-    rows = [("speedup in-process", d.tags[PREFIX + "format"],
+    rows = [("speedup in-process", d.tags[FORMAT],
              *(times(d.speedup(bs)) for bs in sizes))]
     rows += [(f"speedup {name}", "the champion's pyfunc" if p == "pyfunc." else
               "mlflow models serve, JSON /invocations", *(times(d.speedup(bs, p)) for bs in sizes))
@@ -123,8 +122,8 @@ def section(d: Deployed | None) -> list[Block]:
         Heading("What is deployed", 3),
         para("Registered model ", Code(d.model_name), f" v{d.version} (", Code("champion"),
              f"), {threads(d)}, speedups vs the dense model side by side; plan ",
-             Code(d.tags.get(PREFIX + "plan", "?")), "; checked on ",
-             d.tags.get(PREFIX + "checked", "no check recorded"), "."),
+             Code(d.tags.get(PLAN, "?")), "; checked on ",
+             d.tags.get(CHECKED, "no check recorded"), "."),
         Table(("Figure", "Route", *(f"Batch {bs}" for bs in sizes)), tuple(rows + figures),
               numeric=tuple(range(2, 2 + len(sizes))))]
     if not d.end_to_end:
@@ -139,7 +138,7 @@ def end_to_end_figures(tags: dict[str, Any], sizes: list[str]) -> tuple[list[tup
     other = []
     for key, value in sorted(tags.items()):
         path, _, name = key[len(PREFIX):].partition(".")
-        if path not in ("http", "pyfunc") or _SPEEDUP.fullmatch(key):
+        if path not in ("http", "pyfunc") or SPEEDUP.fullmatch(key):
             continue
         label = "HTTP" if path == "http" else "pyfunc"
         m = _NOTE.fullmatch(name)

@@ -6,8 +6,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ticketsmith import __version__
+from ticketsmith.gates import FAIL, label
 from ticketsmith.serving.benchmark import format_bytes
 from ticketsmith.report import deployed
+from ticketsmith.tracking import serving_tags
 from ticketsmith.report.render import Block, Bullets, Code, Heading, Link, Strong, Table, para
 from ticketsmith.report.stats import ALPHA, Facts
 
@@ -60,7 +62,7 @@ def measured(facts: Facts) -> list[Block]:
                          _bytes(r.get("weight_bytes")), _bytes(r.get("peak_memory_bytes")),
                          f"{100 * acc:.2f}%" if acc is not None else "—"))
         else:
-            rows.append((r["format"], str(r["batch_size"]), "FAIL", "", "", "", "", "", "", "",
+            rows.append((r["format"], str(r["batch_size"]), FAIL, "", "", "", "", "", "", "",
                          str(r.get("error") or "failed its correctness check")[:120]))
     out.append(Table(("Format", "Batch", "p50 ms", "p95 ms", "p99 ms", "Throughput (samples/s)",
                       "Speedup", "Ideal", "Weights", "Peak memory", "Accuracy"), tuple(rows),
@@ -96,9 +98,10 @@ def registry_section(facts: Facts, inputs: ReportInputs) -> list[Block]:
                 " is ", Code("champion"),
                 f" (level {v.level}, {100 * (v.sparsity or 0):.1f}% sparse, run ",
                 Link(v.run_id, inputs.run_link(v.run_id)), ")."]
-        if v.serving.get("serving.format"):
-            line += [" It ships its checked serving plan: ", Code(v.serving["serving.format"]),
-                     " (version tags ", Code("serving.*"), "; see the serving scorecard)."]
+        if v.serving.get(serving_tags.FORMAT):
+            line += [" It ships its checked serving plan: ", Code(v.serving[serving_tags.FORMAT]),
+                     " (version tags ", Code(serving_tags.PREFIX + "*"),
+                     "; see the serving scorecard)."]
     elif champ:
         line = ["Registered model ", Code(reg.model_name), ": ", Code("champion"),
                 f" is v{champ}, which does not come from this config hash."]
@@ -111,12 +114,12 @@ def registry_section(facts: Facts, inputs: ReportInputs) -> list[Block]:
     out.append(para(*line))
     rows = []
     for v in reg.versions:
-        failed = [f"{k} {s}" for k, s in v.gates.items() if s.startswith("FAIL")]
+        failed = [f"{k} {s}" for k, s in v.gates.items() if s.startswith(FAIL)]
         why = ("; ".join(failed) if failed else "every gate passed" if v.quality_gate == "passed"
                else "—")
         rows.append((f"v{v.version}", "—" if v.level is None else str(v.level),
                      "—" if v.sparsity is None else f"{100 * v.sparsity:.1f}%",
-                     "PASS" if v.quality_gate == "passed" else f"FAIL ({v.quality_gate})",
+                     label(True) if v.quality_gate == "passed" else f"{FAIL} ({v.quality_gate})",
                      ", ".join(v.aliases) or "—", why, Link(v.run_id, inputs.run_link(v.run_id))))
     out.append(Table(("Version", "Level", "Sparsity", "Quality gate", "Aliases", "Why",
                       "Source run"), tuple(rows), numeric=(1, 2)))

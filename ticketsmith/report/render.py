@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+from ticketsmith.gates import FAIL, PASS
+
 
 @dataclass(frozen=True)
 class Strong:
@@ -146,9 +148,9 @@ def _html_inline(x: Inline) -> str:
 def _cell_class(i: int, cell: Inline, numeric: tuple[int, ...]) -> str:
     text = _md_inline(cell)
     classes = ["num"] if i in numeric else []
-    if text.startswith("PASS"):
+    if text.startswith(PASS):
         classes.append("pass")
-    elif text.startswith("FAIL"):
+    elif text.startswith(FAIL):
         classes.append("fail")
     return f' class="{" ".join(classes)}"' if classes else ""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ticketsmith.gates import FAIL, label
 from ticketsmith.report import deployed
 from ticketsmith.report.render import Block, Bullets, Code, Heading, Strong, Table, para
 from ticketsmith.report.stats import (ALPHA, Facts, batch_sizes, best_format, min_rejecting_n,
@@ -150,7 +151,7 @@ def results_table(facts: Facts) -> list[Block]:
                  else f"{s.accuracy.mean - facts.dense.accuracy.mean:+.2f} pts")
         if s.variant == "ticket" and s.level in verdict_by_level:
             v = verdict_by_level[s.level]
-            gate = "PASS" if v.passed else "FAIL (" + ", ".join(
+            gate = label(True) if v.passed else f"{FAIL} (" + ", ".join(
                 g.name for g in v.gates if g.passed is False) + ")"
         elif s.variant == "dense":
             gate = "baseline"

@@ -19,6 +19,8 @@ from mlflow.exceptions import MlflowException
 
 from ticketsmith.base.config import Config, ConfigError, load_config
 from ticketsmith.gates import described
+from ticketsmith.tracking import serving_tags
+from ticketsmith.tracking.benchmarks import BENCHMARK_ARTIFACT
 from ticketsmith.tracking.registry import model_name_for
 from ticketsmith.base.secrets import redact
 from ticketsmith.engine.store import RunStore
@@ -128,14 +130,14 @@ def _mlflow_config(client: MlflowClient, parents: dict[int, Any], notes: list[st
 
 def _mlflow_benchmarks(client: MlflowClient, records: list[dict[str, Any]],
                        notes: list[str]) -> dict[Key, dict[str, Any]]:
-    """benchmark/benchmark.json of every run that logged speedup metrics."""
+    """The benchmark JSON (`BENCHMARK_ARTIFACT`) of every run that logged speedup metrics."""
     out = {}
     for r in records:
         if not any(k.startswith("speedup_") for k in r):
             continue
         try:
             out[(r["replicate"], r["level"], r["variant"])] = _download_json(
-                client, r["run_id"], "benchmark/benchmark.json")
+                client, r["run_id"], BENCHMARK_ARTIFACT)
         except (TrackingError, json.JSONDecodeError) as exc:
             notes.append(f"Run {r['run_id']} logged speedups but its benchmark.json could not be "
                          f"read ({str(exc).splitlines()[0]}).")
@@ -177,7 +179,7 @@ def _registry(client: MlflowClient, name: str, run_ids: set[str],
             tags.get("quality_gate", "unknown"),
             {k[len("gate."):]: v for k, v in sorted(tags.items()) if k.startswith("gate.")},
             tuple(sorted(by_version.get(str(mv.version), []))), mv.run_id,
-            {k: v for k, v in tags.items() if k.startswith("serving.")}))
+            {k: v for k, v in tags.items() if k.startswith(serving_tags.PREFIX)}))
     mine.sort(key=lambda v: int(v.version))
     return RegistryOutcome(name, mine, {a: str(v) for a, v in aliases.items()})
 

@@ -22,53 +22,26 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ticketsmith.engine.checkpoint import (CheckpointError, atomic_write_text, load_checkpoint,
-                                           model_from_checkpoint)
+from ticketsmith.engine.checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint
 from ticketsmith.engine.models import count_params, prunable_weights
 from ticketsmith.engine.store import RunStore
 from ticketsmith.base.secrets import redact
+from ticketsmith.serving import agreement
 from ticketsmith.serving.measure import (clock_for, timing_environment, median, peak_memory, percentile,
                                          time_side_by_side, traffic)
 from ticketsmith.serving.formats import (BuildContext, FormatUnavailable, Served, build_format, default_formats,
                                          weight_bytes)
 from ticketsmith.base.errors import BenchmarkError  # noqa: F401 (re-exported)
+from ticketsmith.serving.plan.layout import (HEADLINE_BATCH_SIZES, PLAN, ROUTES, default_threads,
+                                             shipped)
 
 log = logging.getLogger("ticketsmith.benchmark")
-EXACT_RTOL = 1e-4  # exact formats: max |error| <= EXACT_RTOL * max(1, max |dense output|)
 # Many short turns: the finer the interleaving, the more alike the noise each format sees.
 QUICK = {"trials": 20, "warmup": 3, "block_s": 0.003}
 FULL = {"trials": 40, "warmup": 10, "block_s": 0.01}
 _AA = "dense (again)"
 RESULT_KEYS = ("format", "batch_size", "correct", "latency_ms", "throughput", "speedup",
                "ideal_speedup", "weight_bytes", "peak_memory_bytes", "accuracy")
-
-
-# --- inputs: checkpoints and URIs ------------------------------------------------------------
-
-def resolve_checkpoint(uri: str | Path) -> Path:
-    """A local path as is; `runs:/`, `models:/` or any other MLflow URI downloaded first.
-
-    A downloaded directory (e.g. a logged pyfunc model) must hold exactly one
-    `checkpoint.safetensors`, found recursively.
-    """
-    text = str(uri)
-    if "://" not in text and not text.startswith(("runs:/", "models:/")):
-        return Path(text)
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
-    except (MlflowException, OSError) as exc:
-        raise CheckpointError(f"{redact(text)}: cannot download "
-                              f"({redact(str(exc).splitlines()[0])})") from None
-    if local.is_file():
-        return local
-    found = sorted(local.rglob("checkpoint.safetensors"))
-    if len(found) != 1:
-        raise CheckpointError(f"{text}: expected one checkpoint.safetensors in the artifacts, "
-                              f"found {len(found)}")
-    return found[0]
 
 
 def load_ticket(path: str | Path, device: str | torch.device = "cpu",
@@ -112,16 +85,12 @@ def _accuracy_fn(data, device: torch.device) -> Callable[[nn.Module], float]:
 
 def _compare(served: Served, out: torch.Tensor, ref: torch.Tensor) -> tuple[float, str | None]:
     """(max |error|, None when the outputs pass the format's check else why not)."""
-    out = out.float()
-    err = float((out - ref).abs().max()) if out.shape == ref.shape else math.inf
-    if not bool(torch.isfinite(out).all()) or out.shape != ref.shape:
-        return err, f"outputs are not finite or have shape {tuple(out.shape)}"
+    got, want = out.float().cpu().numpy(), ref.float().cpu().numpy()
     if served.exact:
-        tol = EXACT_RTOL * max(1.0, float(ref.abs().max()))
-        return err, None if err <= tol else f"max |error| {err:.3g} > tolerance {tol:.3g}"
-    rel = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
-    return err, None if rel <= served.tolerance else \
-        f"relative error {rel:.3g} > tolerance {served.tolerance:.3g}"
+        record, why = agreement.exact(got, want)
+    else:  # inexact formats are gated on their re-measured accuracy, not on labels here
+        record, why = agreement.inexact(got, want, served.tolerance, min_agreement=0.0)
+    return record["max_abs_error"], why
 
 
 def _prepare(name: str, model: nn.Module, mask, ctx: BuildContext, checks: dict,
@@ -170,7 +139,7 @@ def _stats(samples: list[list[float]], dense: list[list[float]], bs: int) -> dic
                        "rounds": len(samples), "calls": len(calls)}}
 
 
-def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=(1, 256),
+def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=HEADLINE_BATCH_SIZES,
                     formats: list[str] | None = None, trials: int | None = None,
                     quick: bool = False, data=None, device: str | torch.device = "cpu",
                     max_accuracy_drop: float = 1.0, plan_dir: str | Path | None = None
@@ -283,7 +252,8 @@ def _serving_plan(ctx: BuildContext, model: nn.Module, probe: torch.Tensor, resu
                   warning: str | None = None) -> dict[str, Any] | None:
     """Rank the plan's routes by this run's speedups, check it, and ship it to `plan_dir`.
     same_runtime: route → batch size → speedup over the dense network in that runtime."""
-    from ticketsmith.serving import plan as plans
+    from ticketsmith.serving.plan.check import check_plan
+    from ticketsmith.serving.plan.rank import describe, rank_routes, shipped_speedups
 
     if ctx.baseline_folder is not None:
         shutil.rmtree(ctx.baseline_folder.parent, ignore_errors=True)
@@ -291,10 +261,10 @@ def _serving_plan(ctx: BuildContext, model: nn.Module, probe: torch.Tensor, resu
         return None
     speedups: dict[str, dict[int, float | None]] = {}
     for r in results:
-        if r["format"] in plans.ROUTES:
+        if r["format"] in ROUTES:
             speedups.setdefault(r["format"], {})[r["batch_size"]] = r["speedup"]
-    check = plans.check_plan(ctx.plan_folder, model, probe)
-    plan = plans.rank_routes(ctx.plan_folder, speedups, check, ctx.threads, warning)
+    check = check_plan(ctx.plan_folder, model, probe)
+    plan = rank_routes(ctx.plan_folder, speedups, check, ctx.threads, warning)
     folder = ctx.plan_folder
     if plan_dir is not None:
         folder = Path(plan_dir)
@@ -304,12 +274,12 @@ def _serving_plan(ctx: BuildContext, model: nn.Module, probe: torch.Tensor, resu
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     shutil.rmtree(ctx.plan_folder.parent, ignore_errors=True)
-    best = {b: order[0] for b, order in plan["ranking"].items() if order}
-    return {**plans.describe(plan), "path": str(folder) if plan_dir is not None else None,
+    best = shipped_speedups(plan)
+    return {**describe(plan), "path": str(folder) if plan_dir is not None else None,
             "ranking": plan["ranking"], "threads": plan["threads"], "check": check,
-            "speedup": {b: (speedups.get(r) or {}).get(int(b)) for b, r in best.items()},
-            "same_runtime_speedup": {b: (same_runtime.get(r) or {}).get(int(b))
-                                     for b, r in best.items()},
+            "speedup": {str(b): s for b, (_, s) in best.items()},
+            "same_runtime_speedup": {str(b): (same_runtime.get(r) or {}).get(b)
+                                     for b, (r, _) in best.items()},
             "same_runtime": {r: {str(b): x for b, x in v.items()} for r, v in same_runtime.items()},
             "kernels_why": plan["kernels_why"]}
 
@@ -338,28 +308,27 @@ def _load_data(meta: dict, data_root: str | Path, device: torch.device):
     return replace(data, train_x=none_x, train_y=none_y, val_x=none_x, val_y=none_y)
 
 
-def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
+def benchmark_checkpoint(path: str | Path, *, batch_sizes=HEADLINE_BATCH_SIZES,
                          formats: list[str] | None = None, threads: int | None = None,
                          trials: int | None = None, quick: bool = False, data=None,
                          data_root: str | Path | None = "data", device: str = "cpu",
                          allow_factory: bool | str | None = False, max_accuracy_drop: float = 1.0,
-                         plan_dir: str | Path | None = None) -> dict[str, Any]:
-    """Benchmark one ticket checkpoint (path or MLflow URI) against its dense baseline.
+                         plan_dir: str | Path | None = None, source: str | None = None
+                         ) -> dict[str, Any]:
+    """Benchmark one ticket checkpoint (a local file) against its dense baseline.
 
     data: a `ticketsmith.data.Dataset` for accuracies; else the checkpoint's data set is
     loaded from `data_root` (None: no accuracies). threads: for torch and ONNX Runtime alike,
     fixed for the run and recorded (restored afterwards); default all cores
     (`plan.default_threads`), as a deployment would use. numpy's BLAS runs on one thread, as
-    in the served plan. plan_dir: where to write the checked serving plan.
+    in the served plan. plan_dir: where to write the checked serving plan. source: what to
+    record as the checkpoint (e.g. the MLflow URI it was downloaded from; default `path`).
     """
     from threadpoolctl import threadpool_limits
-
-    from ticketsmith.serving.plan import default_threads
 
     from ticketsmith.engine.train import resolve_device
 
     dev = resolve_device(device)  # the experiments' rule: 'auto' follows $TICKETSMITH_DEVICE
-    path = resolve_checkpoint(path_or_uri)
     model, mask, meta = load_ticket(path, dev, allow_factory)
     if data is None and data_root is not None:
         data = _load_data(meta, data_root, dev)
@@ -375,7 +344,7 @@ def benchmark_checkpoint(path_or_uri: str | Path, *, batch_sizes=(1, 256),
                                      max_accuracy_drop=max_accuracy_drop, plan_dir=plan_dir)
     finally:
         torch.set_num_threads(before)
-    result["model"]["checkpoint"] = redact(str(path_or_uri))
+    result["model"]["checkpoint"] = redact(str(source or path))
     return result
 
 
@@ -434,6 +403,20 @@ def busy_warning(env: dict[str, Any]) -> str | None:
             "rerun on an idle machine, or with --threads 1")
 
 
+def level_line(level: int, variant: str, result: dict[str, Any]) -> str:
+    """One short line per benchmarked level: the route that ships and its speedup against
+    dense at each measured batch size, and the noise warning (a second line) when it fired.
+    Every format's figures stay in the scorecard and benchmark.json."""
+    serving = result.get("serving")
+    ships = shipped(serving) if serving else {}
+    said = ", ".join(f"{ships[int(b)]} {s:.2f}x at batch {b}" if s else
+                     f"{ships[int(b)]} (not measured) at batch {b}"
+                     for b, s in (serving or {}).get("speedup", {}).items())
+    line = f"level {level} {variant}: " + (f"ships {said}" if said else "no serving plan")
+    warning = result["environment"].get("warning")
+    return line + (f"\n  {warning}" if warning else "")
+
+
 def format_scorecard(result: dict[str, Any]) -> str:
     """A readable table of the scorecard, with the model, the environment and the plan."""
     m, env = result["model"], result["environment"]
@@ -474,9 +457,9 @@ def format_scorecard(result: dict[str, Any]) -> str:
                      f" -> {speed or 'not timed'}")
     serving = result.get("serving")
     if serving:
-        speed = ", ".join(f"batch {b}: {serving['ranking'][b][0]} {s:.2f}x" if s else
-                          f"batch {b}: {serving['ranking'][b][0]}"
-                          for b, s in serving["speedup"].items())
+        ships = shipped(serving)  # serving["ranking"] is the plan's
+        speed = ", ".join(f"batch {b}: {ships[int(b)]} {s:.2f}x" if s else
+                          f"batch {b}: {ships[int(b)]}" for b, s in serving["speedup"].items())
         chk = serving["check"]
         same = ", ".join(f"batch {b}: {s:.2f}x" for b, s in
                          (serving.get("same_runtime_speedup") or {}).items() if s)
@@ -488,31 +471,6 @@ def format_scorecard(result: dict[str, Any]) -> str:
     notes = {r["format"]: r["note"] for r in result["results"] if r.get("note")}
     lines += [f"  {f}: {n}" for f, n in notes.items()]
     return "\n".join(lines)
-
-
-def metric_key(text: str) -> str:
-    """`text` with characters MLflow refuses in metric names replaced by '_'."""
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in text)
-
-
-def log_mlflow(result: dict[str, Any], artifact_file: str = "benchmark/benchmark.json") -> None:
-    """Log speedups, latencies, accuracies and the JSON to the active MLflow run."""
-    import mlflow
-
-    metrics = {}
-    for r in result["results"]:
-        key = metric_key(f"{r['format']}_bs{r['batch_size']}")
-        if r["correct"]:
-            metrics.update({f"speedup_{key}": r["speedup"],
-                            f"ideal_speedup_{key}": r["ideal_speedup"],
-                            f"latency_p50_ms_{key}": r["latency_ms"]["p50"],
-                            f"throughput_{key}": r["throughput"]})
-        if r["accuracy"] is not None:
-            metrics[f"accuracy_{metric_key(r['format'])}"] = r["accuracy"]
-    metrics.update({f"plan_speedup_bs{b}": s for b, s in result["plan"]["speedup"].items()
-                    if s is not None})
-    mlflow.log_metrics(metrics)
-    mlflow.log_dict(result, artifact_file)
 
 
 def benchmark_experiment(run_root: str | Path, records: list[dict], *, levels=None,
@@ -528,8 +486,6 @@ def benchmark_experiment(run_root: str | Path, records: list[dict], *, levels=No
     next to its checkpoint (`RunStore.serving_path`), for the registry to ship.
     kw: passed to `benchmark_checkpoint` (batch_sizes, formats, trials, device, ...).
     """
-    from ticketsmith.serving.plan import default_threads
-
     threads = threads or default_threads()
     store = RunStore(Path(run_root))
     found = sorted({r["level"] for r in records if r.get("replicate", 0) == 0
@@ -547,7 +503,7 @@ def benchmark_experiment(run_root: str | Path, records: list[dict], *, levels=No
         if target.is_file() and not force:
             old = json.loads(target.read_text())
             if (old.get("settings", {}).get("request") == json.loads(json.dumps(request))
-                    and (plan_dir is None or (plan_dir / "plan.json").is_file())):
+                    and (plan_dir is None or (plan_dir / PLAN).is_file())):
                 out.append({**old, **where})
                 continue
         if data is None and kw.get("data_root", "data") is not None:
@@ -565,8 +521,6 @@ def benchmark_experiment(run_root: str | Path, records: list[dict], *, levels=No
             result["environment"]["first_attempt"] = {"threads": threads, "warning": first}
         result["settings"]["request"] = request
         write_benchmark(result, target)
-        log.info("level %d: %s", level, ", ".join(
-            f"{r['format']}@{r['batch_size']} {r['speedup']:.2f}x" for r in result["results"]
-            if r["correct"] and r["format"] != "dense"))
+        log.info("%s", level_line(level, variant, result))
         out.append({**result, **where})
     return out

@@ -22,7 +22,7 @@ from ticketsmith.base.errors import DataError
 from ticketsmith.base.files import atomic_write, atomic_write_text
 from ticketsmith.base.secrets import redact
 # _load_data: how the benchmark finds a checkpoint's test data; one rule for both.
-from ticketsmith.serving.benchmark import _load_data, format_bytes, resolve_checkpoint
+from ticketsmith.serving.benchmark import _load_data, format_bytes
 from ticketsmith.serving.compaction import CompactionError, as_chain, compact
 from ticketsmith.serving.export import (OPSET, check_outputs, onnx_bytes, onnx_weights,
                                         run_onnx)
@@ -87,23 +87,27 @@ def input_spec(meta: dict) -> dict[str, Any]:
             "output": {"name": "y", "shape": ["batch", meta["num_classes"]], "is": "logits"}}
 
 
-def export_checkpoint(path_or_uri: str | Path, output: str | Path | None = None, *,
+def export_checkpoint(path: str | Path, output: str | Path | None = None, *,
                       data_root: str | Path | None = "data",
-                      allow_factory: bool | str | None = False) -> dict[str, Any]:
-    """Export a ticket checkpoint (path or MLflow URI) as ONNX: its compacted network, checked
+                      allow_factory: bool | str | None = False,
+                      source: str | None = None) -> dict[str, Any]:
+    """Export a ticket checkpoint (a local file) as ONNX: its compacted network, checked
     with ONNX Runtime against the masked model on `probe_batch` before it is written.
+    source: what the checkpoint was named by (an MLflow URI it was downloaded from; default
+    `path`), recorded and used for the default output name.
 
     Writes `output` (default `default_output`) and `<output>.json` (`input_spec`, the check)
     atomically; returns the summary. ExportError when the export fails or does not match."""
-    model, _, meta = model_from_checkpoint(resolve_checkpoint(path_or_uri), "cpu", allow_factory)
+    source = str(source or path)
+    model, _, meta = model_from_checkpoint(path, "cpu", allow_factory)
     network, compaction, done = compacted(model)
     blob = onnx_bytes(network, tuple(meta["input_shape"]))
     x, probe = probe_batch(meta, data_root)
     with torch.inference_mode():
         ref = model(x).float().numpy()
     check = check_outputs(run_onnx(blob, x.numpy()), ref)
-    out = Path(output) if output is not None else default_output(path_or_uri)
-    summary = {"checkpoint": redact(str(path_or_uri)), "model": meta["model"], "format": "onnx",
+    out = Path(output) if output is not None else default_output(source)
+    summary = {"checkpoint": redact(source), "model": meta["model"], "format": "onnx",
                "opset": OPSET, "compacted": done, "compaction": compaction,
                "onnx_weights": onnx_weights(blob), "dense_weights": count_params(model),
                "onnx_bytes": len(blob), "dense_bytes": weight_bytes(model),

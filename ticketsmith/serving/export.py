@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ticketsmith.base.errors import ExportError  # noqa: F401 (re-exported)
+from ticketsmith.serving import agreement
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,21 +60,13 @@ def ort_session(model: bytes | str, threads: int):
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def check_outputs(got: np.ndarray, ref: np.ndarray, rtol: float = 1e-4) -> dict[str, float]:
-    """{'max_abs_error', 'argmax_agreement', 'tolerance'} of `got` against reference logits;
-    ExportError when shapes differ, outputs are not finite or the error exceeds the tolerance
-    (`rtol` x max(1, max |ref|))."""
-    if got.shape != ref.shape:
-        raise ExportError(f"output shape {got.shape} differs from the masked model's {ref.shape}")
-    if not np.isfinite(got).all():
-        raise ExportError("outputs are not finite")
-    err = float(np.abs(got.astype(np.float64) - ref).max())
-    tol = rtol * max(1.0, float(np.abs(ref).max()))
-    agree = float((got.argmax(1) == ref.argmax(1)).mean())
-    if err > tol:
-        raise ExportError(f"max |output difference| {err:.3g} exceeds {tol:.3g} "
-                          f"(argmax agreement {agree:.2%})")
-    return {"max_abs_error": err, "argmax_agreement": agree, "tolerance": tol}
+def check_outputs(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """{'max_abs_error', 'argmax_agreement', 'tolerance'} of `got` against reference logits
+    (`agreement.exact`); ExportError when they do not agree to float rounding."""
+    record, why = agreement.exact(got, ref)
+    if why is not None:
+        raise ExportError(why)
+    return record
 
 
 def run_onnx(model: bytes | str, x: np.ndarray) -> np.ndarray:

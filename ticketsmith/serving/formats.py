@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ticketsmith.serving.agreement import INEXACT_RTOL
 from ticketsmith.serving.compaction import Chain, CompactionError, Select, as_chain, compact
 from ticketsmith.engine.masks import Mask, semi_structured_skip
 
@@ -183,7 +184,7 @@ def _compacted_int8(model: nn.Module, mask: Mask | None, ctx: BuildContext) -> S
     names = _source_names(base)
     layers = {n: prefix + ("int8" if isinstance(base.get_submodule(k), nn.Linear) else "fp32")
               for k, n in names.items()}
-    return Served(_int8(base), layers, exact=False, tolerance=0.1, note=summary)
+    return Served(_int8(base), layers, exact=False, tolerance=INEXACT_RTOL, note=summary)
 
 
 def _capture_inputs(module: nn.Module, names: list[str], example: dict[int, torch.Tensor]):
@@ -269,7 +270,8 @@ def _apply_plan(base, ranked, src, prefix, select_name, summary, ctx) -> Served:
             plan, layers = build(allow_int8=False)
             note += f"; int8 layers dropped: accuracy {got:.2%} vs {ref:.2%}"
     exact = not any(v.endswith("int8") for v in layers.values())
-    return Served(plan, layers, exact=exact, tolerance=0.0 if exact else 0.1, note=note)
+    return Served(plan, layers, exact=exact, tolerance=0.0 if exact else INEXACT_RTOL,
+                  note=note)
 
 
 class RouteModule(nn.Module):
@@ -292,7 +294,9 @@ def _plan_route(name: str, baseline: bool = False) -> "Builder":
     """A route of the ticket's serving plan; `baseline`: the same runtime running the network
     uncompacted with dense kernels (what a same-runtime speedup is measured against)."""
     def build(model: nn.Module, mask: Mask | None, ctx: BuildContext) -> Served:
-        from ticketsmith.serving import plan as plans
+        from ticketsmith.serving.plan import build as plans
+        from ticketsmith.serving.plan.layout import INEXACT, ONNX_INT8, WEIGHTS, read_plan
+        from ticketsmith.serving.plan.runtime import load_plan
 
         if ctx.device.type != "cpu":
             raise FormatUnavailable("the serving plan's runtimes run on CPU")
@@ -304,23 +308,23 @@ def _plan_route(name: str, baseline: bool = False) -> "Builder":
                 model, ctx.meta, folder, examples=examples, threads=ctx.threads,
                 timer=None if baseline else ctx.timer, compact_units=not baseline))
         folder = getattr(ctx, attr)
-        plan = plans.read_plan(folder)
+        plan = read_plan(folder)
         if name not in plan["routes"]:
             raise FormatUnavailable(f"the serving plan has no {name} route "
                                     f"({plan['compaction']})")
-        runner = plans.load_plan(folder, ctx.threads, route=name)
+        runner = load_plan(folder, ctx.threads, route=name)
         if name not in runner.routes:
             raise FormatUnavailable("; ".join(runner.fallbacks))
         from safetensors.numpy import load_file
 
-        arrays = load_file(str(folder / plans.WEIGHTS)) if name == "numpy" else {}
+        arrays = load_file(str(folder / WEIGHTS)) if name == "numpy" else {}
         proxy = copy.deepcopy(model) if baseline else _compacted_or_copy(model)[0]
         if name == "onnxruntime":  # the graph holds the compacted weights
             arrays = {k: v.detach().numpy() for k, v in proxy.state_dict().items()}
-        elif name in plans.INEXACT:  # int8 weights and their scales: the graph file's bytes
+        elif name in INEXACT:  # int8 weights and their scales: the graph file's bytes
             import numpy as np
 
-            arrays = {"graph": np.frombuffer(bytearray((folder / plans.ONNX_INT8).read_bytes()),
+            arrays = {"graph": np.frombuffer(bytearray((folder / ONNX_INT8).read_bytes()),
                                             np.uint8)}
         kernels = {s["name"]: "+".join(sorted(set(s["kernel"].values())) or ["dense"])
                    for s in plan["steps"] if s["op"] == "linear"}
@@ -328,9 +332,9 @@ def _plan_route(name: str, baseline: bool = False) -> "Builder":
                   + (f":{kernels[n]}" if n in kernels and not baseline else "")
                   for n in _source_names(proxy).values()}
         note = plan["compaction"] + "".join(f"; {m}" for m in runner.fallbacks)
-        exact = name not in plans.INEXACT  # int8: gated on its accuracy by the benchmark
+        exact = name not in INEXACT  # int8: gated on its accuracy by the benchmark
         return Served(RouteModule(runner.routes[name], arrays, proxy), layers, exact=exact,
-                      tolerance=0.0 if exact else plans.INEXACT_RTOL, note=note)
+                      tolerance=0.0 if exact else INEXACT_RTOL, note=note)
     return build
 
 

@@ -17,8 +17,9 @@ from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 
 from ticketsmith.engine.store import RunStore
-from ticketsmith.gates import LevelVerdict, champion_level
+from ticketsmith.gates import LevelVerdict, champion_level, label
 from ticketsmith.base.interrupts import interrupts_deferred
+from ticketsmith.tracking.serving_tags import serving_description, serving_tags
 from ticketsmith.tracking.tracker import TAG, retry
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"
@@ -49,7 +50,7 @@ def _find_version(client: MlflowClient, name: str, run_id: str):
 
 
 def serving_signature(meta: dict) -> ModelSignature:
-    """Outputs (class probabilities) and params (`output`, `format`). No input schema: an
+    """Outputs (class probabilities) and params (`output`, `format`, `input`). No input schema: an
     MLflow tensor spec fixes one dtype and rank, and would refuse the natural forms the model
     accepts (uint8 or 0..1 floats, flat or shaped) before the model sees them; the input
     example and the version's description show the input instead."""
@@ -58,12 +59,13 @@ def serving_signature(meta: dict) -> ModelSignature:
     return ModelSignature(
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]),
         params=ParamSchema([ParamSpec("output", "string", "probabilities"),
-                            ParamSpec("format", "string", "serving")]))
+                            ParamSpec("format", "string", "serving"),
+                            ParamSpec("input", "string", "pixels")]))
 
 
 def input_example(meta: dict) -> np.ndarray:
     """Two inputs as a user has them: uint8 images, or float features for non-image data."""
-    from ticketsmith.serving.plan import input_spec
+    from ticketsmith.serving.plan.inputs import input_spec
 
     spec = input_spec(meta)
     shape = spec["shape"][1:] if spec["mean"] is not None and spec["shape"][0] == 1 \
@@ -89,7 +91,8 @@ def log_ticket_model(checkpoint: Path, serving: Path | None, *,
     # "threads": 0 serves at the plan's measured thread count (all cores for masked_dense);
     # present so that load_model(..., model_config={"threads": N}) can override it (MLflow
     # only overrides keys the logged config has).
-    config = {"format": fmt, "threads": 0,
+    # "input": "pixels" is likewise there to be overridden ("normalized": see pyfunc_model).
+    config = {"format": fmt, "threads": 0, "input": "pixels",
               **({"allow_factory": allow_factory} if allow_factory else {})}
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                     f"safetensors=={safetensors.__version__}", f"scipy=={scipy.__version__}",
@@ -109,33 +112,6 @@ def log_ticket_model(checkpoint: Path, serving: Path | None, *,
         pip_requirements=requirements)
 
 
-def serving_tags(plan_folder: Path, check: dict[str, Any]) -> dict[str, str]:
-    """The version's `serving.*` tags: what ships, how fast it measured, how it was checked."""
-    from ticketsmith.serving.plan import describe, read_plan
-
-    plan = read_plan(plan_folder)
-    said = describe(plan)
-    tags = {"serving.format": said["format"], "serving.plan": said["plan"][:4900],
-            "serving.threads": str(plan["threads"])}
-    for bs in ("1", "256"):
-        order = plan["ranking"].get(bs) or []
-        got = (plan.get("measured", {}).get(order[0], {}) if order else {}).get(bs)
-        tags[f"serving.speedup_bs{bs}"] = f"{got:.2f}" if got else "not measured"
-    if plan.get("warning"):
-        tags["serving.warning"] = plan["warning"][:4900]
-    bench = plan.get("check")
-    inexact = "".join(f"; {r}: relative error {v['relative_error']:.2g}, argmax agreement "
-                      f"{v['argmax_agreement']:.2%}" for r, v in check.get("inexact", {}).items())
-    tags["serving.checked"] = (
-        f"{check['probe']} probe inputs at registration: max |diff| {check['max_abs_error']:.2g}, "
-        f"argmax agreement {check['argmax_agreement']:.2%} ({', '.join(check['routes'])}"
-        f"{inexact})"
-        + (f"; {bench['probe']} test inputs at benchmark: max |diff| "
-           f"{bench['max_abs_error']:.2g}, argmax agreement {bench['argmax_agreement']:.2%}"
-           if bench else ""))
-    return tags
-
-
 def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Path,
                     allow_factory: str | None = None, probe=None) -> str:
     """Log the ticket as a pyfunc model in its run and register it; idempotent per run.
@@ -148,7 +124,8 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
     existing = _find_version(client, name, run_id)
     if existing is not None:
         return existing.version
-    from ticketsmith.serving.plan import ensure_plan, verify
+    from ticketsmith.serving.plan.build import ensure_plan
+    from ticketsmith.serving.plan.check import verify
 
     plan = ensure_plan(RunStore.serving_next_to(checkpoint), checkpoint, allow_factory)
     check = verify(plan, checkpoint, probe, allow_factory)
@@ -178,33 +155,12 @@ def version_description(verdict: LevelVerdict, serving: str | None = None) -> st
     lines = [f"Level {verdict.level} ticket, {verdict.sparsity:.1%} sparse, mean test accuracy "
              f"{verdict.ticket_accuracy:.2f}% over {verdict.replicates} replicate(s): quality gate "
              f"**{'PASSED' if verdict.passed else 'FAILED'}**."]
-    lines += [f"- {g.name}: {'n/a' if g.passed is None else ('PASS' if g.passed else 'FAIL')} "
+    lines += [f"- {g.name}: {label(g.passed)} "
               f"— {g.detail}" + (f" (threshold {g.threshold})" if g.threshold is not None else "")
               for g in verdict.gates]
     if serving:
         lines += ["", serving]
     return "\n".join(lines)
-
-
-def serving_description(name: str, version: str, tags: dict[str, str]) -> str:
-    """What the version serves, how fast, how checked, and how to call it, for its description."""
-    if "serving.format" not in tags:
-        return ""
-    def at(bs: str) -> str:  # "2.11x at batch 1", or "not measured at batch 1"
-        value = tags.get(f"serving.speedup_bs{bs}", "not measured")
-        return f"{value}{'x' if value.replace('.', '').isdigit() else ''} at batch {bs}"
-
-    speed = ", ".join(at(b) for b in ("1", "256"))
-    return "\n".join([
-        f"**Serving:** {tags['serving.format']} ({tags.get('serving.threads')} threads); speedup "
-        f"against the dense model, side by side: {speed}. Plan: {tags.get('serving.plan')}. "
-        f"Checked: {tags.get('serving.checked')}.", "",
-        "```python",
-        "import mlflow",
-        f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
-        'model.predict(images)  # uint8 0..255 or float 0..1, flat or shaped -> class '
-        'probabilities; params={"output": "labels"} for labels',
-        "```"])
 
 
 def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, Path]],
@@ -233,8 +189,7 @@ def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, P
                                 "source_run": run_id,
                                 "quality_gate": "passed" if v.passed else "rejected"}
         for g in v.gates:
-            tags[f"gate.{g.name}"] = ("n/a" if g.passed is None else
-                                      ("PASS" if g.passed else "FAIL")) + (
+            tags[f"gate.{g.name}"] = label(g.passed) + (
                 f" {g.value:.4f}" if g.value is not None else "")
         for k, val in tags.items():
             retry(lambda: client.set_model_version_tag(name, version, k, str(val)), "tag version")
