@@ -42,7 +42,7 @@ def exact(got: np.ndarray, ref: np.ndarray, rtol: float = EXACT_RTOL
         return record, why
     record["max_abs_error"] = err = float(np.abs(got.astype(np.float64) - ref).max(initial=0))
     if err > tol:
-        return record, (f"max |output difference| {err:.3g} exceeds {tol:.3g} "
+        return record, (f"max |output difference| {err:.3g} exceeds the tolerance {tol:.3g} "
                         f"(argmax agreement {record['argmax_agreement']:.2%})")
     return record, None
 
@@ -60,6 +60,6 @@ def inexact(got: np.ndarray, ref: np.ndarray, rtol: float = INEXACT_RTOL,
     record["relative_error"] = rel = float(np.linalg.norm(diff)
                                            / max(float(np.linalg.norm(ref)), 1e-12))
     if rel > rtol or record["argmax_agreement"] < min_agreement:
-        return record, (f"relative error {rel:.3g} (at most {rtol:.3g}), argmax agreement "
+        return record, (f"relative error {rel:.3g} (tolerance {rtol:.3g}), argmax agreement "
                         f"{record['argmax_agreement']:.2%} (at least {min_agreement:.0%})")
     return record, None
