@@ -60,7 +60,9 @@ def serving_signature(meta: dict) -> ModelSignature:
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]),
         params=ParamSchema([ParamSpec("output", "string", "probabilities"),
                             ParamSpec("format", "string", "serving"),
-                            ParamSpec("input", "string", "pixels")]))
+                            # "": as the model's config says (MLflow fills every
+                            # param's default in, which would override model_config)
+                            ParamSpec("input", "string", "")]))
 
 
 def input_example(meta: dict) -> np.ndarray:
