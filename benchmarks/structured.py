@@ -70,6 +70,7 @@ def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root
 def main(argv: list[str] | None = None) -> int:
     from ticketsmith.base.config import load_config
     from ticketsmith.engine.lottery import run_experiment
+    from ticketsmith.serving.plan.layout import shipped
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default=str(REPO / "runs"), help="experiment run directory")
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         serving = result.get("serving") or {}
         if serving:
             print(f"{'':>5} shipped plan against torch dense: " + ", ".join(
-                f"batch {b}: {serving['ranking'][b][0]} {s:.2f}x"
+                f"batch {b}: {shipped(serving)[int(b)]} {s:.2f}x"
                 for b, s in serving["speedup"].items() if s))
     print(f"dense test accuracy {dense['test_accuracy']:.2%}; {env.get('cpu')}, torch "
           f"{env.get('torch')}, threads {env.get('threads')} (all cores), load average "

@@ -6,6 +6,7 @@ from typing import Any
 
 from ticketsmith.gates import FAIL, label
 from ticketsmith.report import deployed
+from ticketsmith.serving.plan.layout import HEADLINE_BATCH_SIZES
 from ticketsmith.report.render import Block, Bullets, Code, Heading, Strong, Table, para
 from ticketsmith.report.stats import (ALPHA, Facts, batch_sizes, best_format, min_rejecting_n,
                                       speedup_text)
@@ -142,7 +143,7 @@ def serving_detail(facts: Facts) -> Any:
 def results_table(facts: Facts) -> list[Block]:
     """One row per (level, variant): accuracy, Δ vs dense, gate, speedups, best format."""
     sizes = batch_sizes(facts)
-    small, large = (sizes[0], sizes[-1]) if sizes else (1, 256)
+    small, large = (sizes[0], sizes[-1]) if sizes else HEADLINE_BATCH_SIZES
     verdict_by_level = {v.level: v for v in facts.verdicts}
     thr = facts.gate.max_accuracy_drop
     rows = []

@@ -320,7 +320,7 @@ def benchmark_checkpoint(path: str | Path, *, batch_sizes=HEADLINE_BATCH_SIZES,
     data: a `ticketsmith.data.Dataset` for accuracies; else the checkpoint's data set is
     loaded from `data_root` (None: no accuracies). threads: for torch and ONNX Runtime alike,
     fixed for the run and recorded (restored afterwards); default all cores
-    (`plan.default_threads`), as a deployment would use. numpy's BLAS runs on one thread, as
+    (`plan.layout.default_threads`), as a deployment would use. numpy's BLAS runs on one thread, as
     in the served plan. plan_dir: where to write the checked serving plan. source: what to
     record as the checkpoint (e.g. the MLflow URI it was downloaded from; default `path`).
     """

@@ -294,7 +294,7 @@ def _plan_route(name: str, baseline: bool = False) -> "Builder":
     """A route of the ticket's serving plan; `baseline`: the same runtime running the network
     uncompacted with dense kernels (what a same-runtime speedup is measured against)."""
     def build(model: nn.Module, mask: Mask | None, ctx: BuildContext) -> Served:
-        from ticketsmith.serving.plan import build as plans
+        from ticketsmith.serving.plan.build import build_plan
         from ticketsmith.serving.plan.layout import INEXACT, ONNX_INT8, WEIGHTS, read_plan
         from ticketsmith.serving.plan.runtime import load_plan
 
@@ -304,7 +304,7 @@ def _plan_route(name: str, baseline: bool = False) -> "Builder":
         if getattr(ctx, attr) is None:
             examples = {bs: x.cpu().numpy() for bs, x in ctx.example.items()}
             folder = Path(tempfile.mkdtemp(prefix="ticketsmith-plan-")) / "serving"
-            setattr(ctx, attr, plans.build_plan(
+            setattr(ctx, attr, build_plan(
                 model, ctx.meta, folder, examples=examples, threads=ctx.threads,
                 timer=None if baseline else ctx.timer, compact_units=not baseline))
         folder = getattr(ctx, attr)
