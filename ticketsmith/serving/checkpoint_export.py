@@ -1,9 +1,9 @@
 """`ticketsmith export`: a ticket checkpoint as a portable ONNX file, checked before it is written.
 
 Checkpoint (a local file; the CLI resolves MLflow URIs) → the masked model → its exact
-compaction (`compaction`) → ONNX (`export.onnx_bytes`) → ONNX Runtime's outputs on a probe batch against the masked
-model's (`agreement.exact`) → the file and a small JSON beside it saying what input the
-network expects. Kept apart from `export`, whose ONNX primitives the serving plan uses, so
+compaction (`compaction`) → ONNX (`export.onnx_bytes`) → ONNX Runtime's outputs on a probe
+batch against the masked model's (`agreement.exact`) → the file and a small JSON beside it
+saying what input the network expects. Kept apart from `export`, whose ONNX primitives the serving plan uses, so
 that those need nothing from the benchmark (which uses the plan).
 """
 from __future__ import annotations
