@@ -4,13 +4,13 @@ tiny ticket trained for real, with a real int8 graph (ONNX Runtime's dynamic qua
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from ticketsmith.base.config import load_config
@@ -20,7 +20,7 @@ from ticketsmith.engine.store import RunStore
 from ticketsmith.serving import agreement
 from ticketsmith.serving.plan.build import build_plan
 from ticketsmith.serving.plan.check import check_plan, verify
-from ticketsmith.serving.plan.layout import (ONNX_INT8, PlanError, read_plan, shipped,
+from ticketsmith.serving.plan.layout import (ONNX_INT8, PLAN, PlanError, read_plan, shipped,
                                              write_plan)
 from ticketsmith.serving.plan.rank import describe, rank_routes, shipped_speedups
 from ticketsmith.serving.plan.runtime import load_plan
@@ -122,13 +122,7 @@ def wrong_int8_graph(folder: Path) -> None:
     arr[0] += 50.0
     outputs.CopyFrom(numpy_helper.from_array(arr, outputs.name))
     onnx.save(graph, str(path))
-    write_plan(folder, read_plan_unchecked(folder))
-
-
-def read_plan_unchecked(folder: Path) -> dict:
-    import json
-
-    return json.loads((folder / "plan.json").read_text())
+    write_plan(folder, json.loads((folder / PLAN).read_text()))  # digests of the new graph
 
 
 def test_an_int8_route_that_disagrees_ships_nowhere(ticket, plan):

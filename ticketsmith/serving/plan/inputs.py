@@ -46,7 +46,7 @@ def to_model_input(data: Any, spec: dict[str, Any], feature_major: bool = False,
     factor = _pixel_factor(flat)
     scale, shift = _affine(shape, tuple(spec["mean"]), tuple(spec["std"]))
     if factor is not None:
-        scale = scale * 255.0  # the factor brings each sample to 0..1; back to 0..255
+        scale = scale * 255.0  # the scale maps 0..255 pixels; the factor gives 0..1
     if feature_major:
         out = _transposed_f32(flat)
         if factor is not None:
@@ -85,9 +85,10 @@ def _check_finite(flat: np.ndarray) -> None:
 
 
 def _pixel_factor(flat: np.ndarray) -> np.ndarray | None:
-    """Per sample, what turns its pixels into 0..1 once scaled by 1/255: None for integers
-    (0..255 by type), else float32 1/255 (0..255 floats: any value above 1) or 1 (0..1 floats).
-    PlanError for pixels outside 0..255: negative (normalised input), above 255, not finite."""
+    """Per sample, the factor that brings its pixels to 0..1 (float32): 1/255 for 0..255 floats
+    (any value above 1), 1 for 0..1 floats; None for integers (0..255 by type, folded into the
+    scale). PlanError for pixels outside 0..255: negative (normalised input), above 255, NaN
+    or infinite."""
     if flat.dtype == np.uint8 or flat.dtype == bool:
         return None  # no pixel can fall outside 0..255
     top = flat.max(1, initial=0)
