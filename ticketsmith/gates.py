@@ -120,7 +120,8 @@ def format_table(verdicts: list[LevelVerdict]) -> str:
         gates = "; ".join(
             f"{g.name} {g.value:+.3f}" + (f" (≤ {g.threshold})" if g.name != "beats_random"
                                           and g.threshold is not None else "")
-            + f" {label(g.passed)}" if g.value is not None else f"{g.name} {label(g.passed)}: {g.detail}"
+            + f" {label(g.passed)}" if g.value is not None
+            else f"{g.name} {label(g.passed)}: {g.detail}"
             for g in v.gates)
         lines.append(f"{v.level:>5} {v.sparsity:>9.2%} {v.ticket_accuracy:>9.2f}%  "
                      f"{label(v.passed):<7}  {gates}")

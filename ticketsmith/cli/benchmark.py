@@ -42,7 +42,8 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--batch-sizes: expected integers like {HEADLINE}, got {text!r}") from None
+        raise ConfigError(f"--batch-sizes: expected integers like {HEADLINE}, got {text!r}"
+                          ) from None
 
 
 def _log_mlflow(result: dict, checkpoint: str, requested: bool) -> None:

@@ -50,8 +50,8 @@ def _find_version(client: MlflowClient, name: str, run_id: str):
 
 
 def serving_signature(meta: dict) -> ModelSignature:
-    """Outputs (class probabilities) and params (`output`, `format`, `input`). No input schema: an
-    MLflow tensor spec fixes one dtype and rank, and would refuse the natural forms the model
+    """Outputs (class probabilities) and params (`output`, `format`, `input`). No input
+    schema: an MLflow tensor spec fixes one dtype and rank, and would refuse the natural forms the model
     accepts (uint8 or 0..1 floats, flat or shaped) before the model sees them; the input
     example and the version's description show the input instead."""
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
