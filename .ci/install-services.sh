@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs from outside pip: headless Chromium and the Azurite
-# blob-storage emulator
-# (npm package, pinned) into .ci/node. Idempotent: a second run with the pinned version already
-# present returns at once. The GCS emulator (gcp-storage-emulator) and the other test-only
+# Installs what the test suite needs from outside pip: headless Chromium, PostgreSQL's server
+# binaries (Debian packages) and the Azurite blob-storage emulator (npm package, pinned) into
+# .ci/node. Idempotent: a second run with everything present returns at once. The GCS emulator (gcp-storage-emulator) and the other test-only
 # Python packages come from pip with the project's `test` extra.
 #
 #   bash .ci/install-services.sh          # then: tests/emulators.py finds .ci/node/node_modules/.bin/azurite-blob
@@ -14,6 +13,30 @@ set -euo pipefail
 # by the `playwright` package from the `test` extra: never a downloaded browser). Debian
 # package; returns at once if present.
 bash "$(dirname "${BASH_SOURCE[0]}")/install-chromium.sh"
+
+# PostgreSQL server binaries (initdb, postgres) for the shared-setup tests: `mlflow server` on a
+# PostgreSQL backend store, an Optuna study on PostgreSQL, a database restart during a run
+# (tests/postgres.py starts a throwaway server; in CI a missing one fails those tests).
+# Debian puts them in /usr/lib/postgresql/<major>/bin, outside PATH.
+postgres_binaries() {
+  command -v initdb >/dev/null 2>&1 && return 0
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+if postgres_binaries; then
+  echo "postgresql server binaries already installed"
+elif command -v apt-get >/dev/null 2>&1; then
+  sudo=""
+  if [[ "$(id -u)" != "0" ]]; then
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
+  postgres_binaries || { echo "error: postgresql installed but no initdb found" >&2; exit 1; }
+  echo "installed postgresql: $(compgen -G '/usr/lib/postgresql/*/bin/initdb' | head -n 1)"
+else
+  echo "error: no PostgreSQL server binaries and no apt-get to install them" >&2
+  exit 1
+fi
 
 # 3.35.0 is the newest release whose engines accept Node 20 (the Node these machines ship);
 # 3.36+ require Node >= 21.
