@@ -164,3 +164,16 @@ def test_postgresql_restarted_during_a_run_loses_nothing(postgres, pg_server, tm
     print(f"postgresql restart: down {outage_s:.1f}s, {failed} request(s) refused by the server, "
           f"experiment exit {rc}, {time.monotonic() - started:.0f}s in all")
     assert_complete(postgres, database, uri, "pg-restart", tmp_path, runs=3)
+
+
+@pytest.mark.parametrize("ci,outcome", [("true", pytest.fail.Exception),
+                                        ("", pytest.skip.Exception)])
+def test_missing_postgresql_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    import postgres as pg
+
+    monkeypatch.setattr(pg, "server_binaries", lambda: None)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception),
+                       match="install-services.sh") as raised:
+        pg.start_postgres(free_port())
+    assert raised.type is outcome  # a skip in CI would hide the missing server
