@@ -525,6 +525,17 @@ def test_cpu_backend_config_renders_a_cpu_job(mlflow_k8s_run):
     assert job["spec"]["template"]["spec"]["nodeSelector"] == {"ticketsmith.io/pool": "cpu"}
 
 
+def test_spot_backend_config_renders_a_spot_job(mlflow_k8s_run):
+    job, *_ = mlflow_k8s_run("kubernetes_config.spot.json",
+                             {"config": "configs/tiny.yaml", "overrides": "train.device=auto"})
+    validate(job)
+    spot = load_template("gpu-spot")
+    spec = job["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "affinity", "tolerations"):
+        assert spec[key] == spot["spec"]["template"]["spec"][key]
+    assert job["spec"]["podFailurePolicy"] == spot["spec"]["podFailurePolicy"]
+
+
 def test_mlflow_cancel_orphans_pods_so_the_docs_say_how_to_stop_a_job(mlflow_k8s_run):
     """MLflow's KubernetesSubmittedRun.cancel() deletes the Job with default options, which for
     batch/v1 Jobs orphans the pods (they keep their GPUs). Pinned here so that the advice in
