@@ -741,9 +741,9 @@ def job_action(spec: dict[str, Any], exit_code: int, disrupted: bool) -> str:
 
 
 def jobs_running_ticketsmith() -> dict[str, dict[str, Any]]:
-    found = {f"{f}:{doc['metadata']['name']}": doc for f, doc in
-             ((ident, d) for ident, d in all_docs()) if doc["kind"] == "Job"
-             and doc["metadata"]["name"] != "gpu-smoke-test"}
+    """Every Job that runs the ticketsmith CLI: the templates and the sweep Jobs."""
+    found = {ident: doc for ident, doc in all_docs()
+             if doc["kind"] == "Job" and doc["metadata"]["name"] != "gpu-smoke-test"}
     found.update({f"template:{flavor}": load_template(flavor) for flavor in TEMPLATES})
     return found
 
