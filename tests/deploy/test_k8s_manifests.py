@@ -363,7 +363,8 @@ def test_tracking_server_args_really_enforce_auth_and_hosts(tmp_path):
     cmd = [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--artifacts-destination", str(tmp_path / "artifacts")]
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # stop() ends its forked children too
     base = f"http://127.0.0.1:{port}"
 
     def get(path: str, host: str, auth: tuple[str, str] | None = None) -> int:
