@@ -22,6 +22,8 @@ sudo=""
 if [[ "$(id -u)" != "0" ]]; then
   sudo="sudo"
 fi
-$sudo apt-get update -qq
+if [[ "${TICKETSMITH_APT_UPDATED:-0}" != 1 ]]; then  # install-services.sh may have just run it
+  $sudo apt-get update -qq
+fi
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 echo "installed: $(chromium --version)"

@@ -3,6 +3,7 @@
 
     scripts/submit_job.py --config configs/imp_mnist.yaml --image REGISTRY/ticketsmith:TAG
     scripts/submit_job.py --config configs/tiny.yaml --flavor cpu --image ... --dry-run
+    scripts/submit_job.py --config configs/imp_mnist.yaml --image ... --flavor gpu-spot --gpu t4
     scripts/submit_job.py --config configs/imp_mnist.yaml --image ... --levels 3:5 --variants ticket
     scripts/submit_job.py --config configs/imp_mnist.yaml --cancel
     scripts/submit_job.py --name ticketsmith-2026-05-04-10-11-12-123456 --cancel   # any Job,
@@ -11,8 +12,9 @@
 The config is loaded and validated here; the resolved config travels to the pod in a ConfigMap
 owned by the Job (deleted with it), so the pod runs exactly what was validated, whatever the
 image ships. The Job comes from the same template MLflow's Kubernetes backend uses
-(k8s_backend/job-template-{gpu,cpu}.yaml): deadline, retries, TTL, GPU pool, non-root user and
-Secrets by reference are all the template's. The Job's name is derived from the experiment (and
+(k8s_backend/job-template-{gpu,gpu-spot,cpu}.yaml): deadline, retries, TTL, GPU pool, non-root
+user and Secrets by reference are all the template's. `--gpu TYPE` pins the Job to the pools of
+that GPU type and sizes its CPU and memory request for their nodes (k8s_backend/gpu/node-types.txt). The Job's name is derived from the experiment (and
 the selected levels/variants), so submitting the same work twice is refused while it exists.
 
 After submission the script waits (up to --timeout), streams the pod's log, and fails fast on
@@ -42,7 +44,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = {"gpu": REPO / "k8s_backend" / "job-template-gpu.yaml",
+             "gpu-spot": REPO / "k8s_backend" / "job-template-gpu-spot.yaml",
              "cpu": REPO / "k8s_backend" / "job-template-cpu.yaml"}
+NODE_TYPES = REPO / "k8s_backend" / "gpu" / "node-types.txt"
+LABEL_GPU = "ticketsmith.io/gpu"  # the GPU type label scripts/gpu_pools.sh puts on GPU pools
 CONFIG_MOUNT = "/etc/ticketsmith"
 TRACKING_SECRET = "ticketsmith-tracking"
 LABEL_HASH = "ticketsmith.io/hash"
@@ -187,6 +192,39 @@ def build_plan(cfg: Any, *, image: str, template: dict[str, Any], namespace: str
     return Plan(name, namespace, exp_hash, configmap, job)
 
 
+def gpu_sizes(path: Path = NODE_TYPES) -> dict[str, tuple[str, str]]:
+    """GPU type → (CPU, memory) request of a Job on that type's nodes: the smallest over the
+    clouds' rows of the table, so the pod fits the node on either cloud."""
+    sizes: dict[str, tuple[str, str]] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        _cloud, kind, _machine, _vcpus, _gib, gpus, _acc, cpu, memory = line.split()
+        if int(gpus) == 0:
+            continue
+        old = sizes.get(kind)
+        if old is None or (float(cpu), int(memory.removesuffix("Gi"))) < (
+                float(old[0]), int(old[1].removesuffix("Gi"))):
+            sizes[kind] = (cpu, memory)
+    return sizes
+
+
+def pin_gpu_type(job: dict[str, Any], gpu_type: str) -> None:
+    """Only nodes of `gpu_type` (their pool label), with the request sized for them."""
+    sizes = gpu_sizes()
+    if gpu_type not in sizes:
+        raise SubmitError(f"--gpu {gpu_type!r}: expected one of {', '.join(sorted(sizes))} "
+                          f"({NODE_TYPES.relative_to(REPO)})")
+    spec = job["spec"]["template"]["spec"]
+    if "nvidia.com/gpu" not in spec["containers"][0].get("resources", {}).get("requests", {}):
+        raise SubmitError("--gpu needs a GPU flavor (--flavor gpu or gpu-spot)")
+    spec.setdefault("nodeSelector", {})[LABEL_GPU] = gpu_type
+    cpu, memory = sizes[gpu_type]
+    res = spec["containers"][0]["resources"]
+    res["requests"].update(cpu=cpu, memory=memory)
+    res.setdefault("limits", {})["memory"] = memory  # request = limit: no memory overcommit
+
+
 def pod_config(cfg: Any, flavor: str | None) -> Any:
     """The config as the pod must see it: local paths reset to the image's scratch directories
     (neither field is part of the experiment hash); a GPU Job must not train on the CPU."""
@@ -195,10 +233,11 @@ def pod_config(cfg: Any, flavor: str | None) -> Any:
     raw = cfg.model_dump(mode="json")
     raw["experiment"]["output_dir"] = "runs"
     raw["data"]["root"] = "data"
-    if flavor == "gpu" and raw["train"]["device"] == "cpu":
-        raise SubmitError("--flavor gpu but train.device is 'cpu': the GPU would sit idle; "
+    gpu = flavor is not None and flavor.startswith("gpu")
+    if gpu and raw["train"]["device"] == "cpu":
+        raise SubmitError(f"--flavor {flavor} but train.device is 'cpu': the GPU would sit idle; "
                           "add --set train.device=cuda (or use --flavor cpu)")
-    if flavor == "gpu":
+    if gpu:
         # Never 'auto' on a GPU node: without a usable driver it would train on the CPU for
         # hours while holding the GPU; 'cuda' fails at once (exit 2, no retry).
         raw["train"]["device"] = "cuda"
@@ -429,7 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image reference, e.g. REGISTRY/ticketsmith:TAG "
                    "(required unless --cancel/--attach)")
     p.add_argument("--flavor", choices=sorted(TEMPLATES), default="gpu",
-                   help="which Job template (node pool) to use (default: gpu)")
+                   help="which Job template (node pool) to use: gpu (on-demand), gpu-spot "
+                   "(preemptible, cheaper) or cpu (default: gpu)")
+    p.add_argument("--gpu", metavar="TYPE", help="only GPU pools of this type (t4, l4, a10, a100, "
+                   "h100, h200), with the CPU and memory request sized for their nodes "
+                   "(default: any GPU pool, at a size that fits the smallest)")
     p.add_argument("--template", type=Path, help="a Job template other than the flavor's")
     p.add_argument("--namespace", "-n", help="namespace (default: the template's)")
     p.add_argument("--context", help="kube-context (default: current context, else in-cluster)")
@@ -472,6 +515,8 @@ def plan_from_args(args: argparse.Namespace, *, submitting: bool = True) -> Plan
     if submitting and (levels is not None or variants):
         check_cli_supports(prune_args(levels, variants))
     template = load_template(args.template or TEMPLATES[args.flavor])
+    if args.gpu:
+        pin_gpu_type(template, args.gpu)
     return build_plan(cfg, image=args.image or "(existing job)", template=template,
                       namespace=args.namespace, levels=levels, variants=variants, name=args.name)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,12 +53,25 @@ def load_benchmark(name: str):
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Terminate a server process, killing it if it does not exit within 20 s."""
+    """Terminate a server process, killing it if it does not exit within 20 s. A server started
+    in its own process group (`start_new_session=True`) is ended as a group: `mlflow server`
+    runs its web server as a child process, which would otherwise be orphaned."""
+    try:
+        group = os.getpgid(proc.pid) if proc.poll() is None else None
+    except ProcessLookupError:
+        group = None
+    own_group = group == proc.pid
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait(timeout=20)
+    if own_group:
+        try:
+            os.killpg(group, signal.SIGKILL)  # whatever of the group outlived its leader
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")
@@ -96,21 +110,43 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         stop(proc)
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` on `port` with its store in `root` (SQLite + proxied artifacts), once
-    it answers. Starting it again on the same root and port serves the same store."""
+def start_mlflow_server(root: Path, port: int, backend_store_uri: str | None = None
+                        ) -> subprocess.Popen:
+    """`mlflow server` on `port` with its store in `root` (SQLite, or `backend_store_uri`, +
+    proxied artifacts), once it answers. Starting it again on the same root and port serves the
+    same store. Its own process group: `stop()` ends the web server it forks too."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+           "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
     with open(root / "server.log", "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+                                env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+                                start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc)
     except RuntimeError:
         stop(proc)
         raise
     return proc
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server per test session (initdb once, seconds): tests/postgres.py.
+    Skipped without PostgreSQL's server binaries, except in CI (CI=true), where it fails."""
+    from postgres import start_postgres
+
+    server = start_postgres(free_port())
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture()
+def postgres_url(postgres) -> str:
+    """A fresh, empty database on the session's PostgreSQL server (SQLAlchemy URL)."""
+    return postgres.url(postgres.create_database())
 
 
 @pytest.fixture(scope="session", autouse=True)

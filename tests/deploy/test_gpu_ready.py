@@ -195,50 +195,105 @@ def gke_reserved_mcpu(vcpus: int) -> int:
     return math.ceil(total)
 
 
-# DaemonSets on every node (kube-proxy, CNI, CSI, logging/metrics agents, the NVIDIA device
-# plugin and DCGM exporter) request CPU too; 1 vCPU covers both clouds' defaults with room.
-DAEMONSETS_MCPU = 1000
+# DaemonSets on every node request CPU and memory too: kube-proxy, CNI, CSI, logging and metrics
+# agents, the NVIDIA device plugin. Their defaults sum to about 0.5 vCPU and 0.5 GiB on either
+# cloud; 0.8 vCPU and 1 GiB are kept free for them.
+DAEMONSETS_MCPU = 800
+DAEMONSETS_MIB = 1024
 RESERVED = {"aks": aks_reserved_mcpu, "gke": gke_reserved_mcpu}
+
+
+def reserved_memory_mib(cloud: str, gib: int) -> int:
+    """Memory the cloud keeps from pods. GKE (plan-node-sizes): 25% of the first 4 GiB, 20% of
+    the next 4, 10% of the next 8, 6% of the next 112, 2% above 128 GiB, plus a 100 MiB eviction
+    threshold. AKS (node-resource-reservations): the same regressive rule with a 750 MiB
+    threshold (before 1.29), or 20 MiB per pod (250 at most) + 50 MiB and 100 MiB (1.29+): the
+    larger of the two."""
+    shares = [(4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06), (math.inf, 0.02)]
+    left, regressive = gib, 0.0
+    for size, share in shares:
+        used = min(left, size)
+        regressive, left = regressive + used * share * 1024, left - used
+    if cloud == "gke":
+        return math.ceil(regressive + 100)
+    return math.ceil(max(regressive + 750, 20 * 250 + 50 + 100))
 
 
 def test_reservation_rules_match_the_published_tables():
     assert [aks_reserved_mcpu(c) for c in (1, 2, 4, 8, 16, 32, 64)] == \
         [60, 100, 140, 180, 260, 420, 740]
     assert [gke_reserved_mcpu(c) for c in (1, 2, 4, 8)] == [60, 70, 80, 90]
+    # GKE's published examples: 1.8 GiB of 7.5 GiB, 2.6 GiB of 15 GiB reserved (with eviction)
+    assert reserved_memory_mib("gke", 15) == math.ceil(2.5 * 1024 + 100)
+    assert reserved_memory_mib("aks", 28) == 5150  # 1.29+: 250 pods at 20 MiB + 150 MiB
 
 
 def mcpu(text: str) -> int:
     return int(text[:-1]) if str(text).endswith("m") else int(float(text) * 1000)
 
 
+def mib(text: str) -> int:
+    units = {"Gi": 1024, "Mi": 1}
+    assert str(text)[-2:] in units, text
+    return int(text[:-2]) * units[text[-2:]]
+
+
 def gpu_pods() -> dict[str, dict]:
     k8s = REPO / "k8s_backend"
     out = {}
-    for path in (k8s / "job-template-gpu.yaml", k8s / "sweep" / "worker-job.yaml",
-                 k8s / "gpu" / "gpu-smoke-test.yaml", k8s / "job-template-cpu.yaml"):
+    for path in (k8s / "job-template-gpu.yaml", k8s / "job-template-gpu-spot.yaml",
+                 k8s / "sweep" / "worker-job.yaml", k8s / "gpu" / "gpu-smoke-test.yaml",
+                 k8s / "job-template-cpu.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "Job":
                 out[path.name] = doc["spec"]["template"]["spec"]
     return out
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_job_templates_cpu_requests_fit_the_pools_allocatable_cpu():
+def node_types() -> list[list[str]]:
     out = subprocess.run(["bash", str(REPO / "scripts" / "gpu_pools.sh"), "machines"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
-    machines = [line.split() for line in out.splitlines() if line.strip()]
-    assert {m[1] for m in machines} >= {"cpu", "a100", "h100", "h200"}
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+def fits(cloud: str, vcpus: str, gib: str, cpu: str, memory: str) -> bool:
+    free_mcpu = int(vcpus) * 1000 - RESERVED[cloud](int(vcpus)) - DAEMONSETS_MCPU
+    free_mib = int(gib) * 1024 - reserved_memory_mib(cloud, int(gib)) - DAEMONSETS_MIB
+    return mcpu(cpu) <= free_mcpu and (memory is None or mib(memory) <= free_mib)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_job_templates_requests_fit_every_pools_allocatable_cpu_and_memory():
+    machines = node_types()
+    assert {m[1] for m in machines} >= {"cpu", "t4", "l4", "a10", "a100", "h100", "h200"}
     checked = 0
     for name, pod in gpu_pods().items():
-        request = mcpu(pod["containers"][0]["resources"]["requests"]["cpu"])
-        wants_gpu = "nvidia.com/gpu" in pod["containers"][0]["resources"]["requests"]
-        for cloud, kind, machine, vcpus, _mem, gpus, _acc in machines:
+        req = pod["containers"][0]["resources"]["requests"]
+        wants_gpu = "nvidia.com/gpu" in req
+        for cloud, _kind, machine, vcpus, gib, gpus, *_ in machines:
             if (int(gpus) > 0) != wants_gpu:
                 continue
-            allocatable = int(vcpus) * 1000 - RESERVED[cloud](int(vcpus))
-            assert request <= allocatable - DAEMONSETS_MCPU, (name, machine, request, allocatable)
+            assert fits(cloud, vcpus, gib, req["cpu"], req.get("memory")), (name, machine, req)
             checked += 1
-    assert checked == 3 * 6 + 1  # three GPU pods on six GPU machines, the CPU Job on its pool
+    assert checked == 4 * 10 + 1  # four GPU pods on ten GPU machines, the CPU Job on its pool
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_each_node_types_job_size_fits_it_and_submit_job_uses_the_smallest():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import submit_job
+    finally:
+        sys.path.pop(0)
+    machines = node_types()
+    for cloud, kind, machine, vcpus, gib, gpus, _acc, cpu, memory in machines:
+        assert fits(cloud, vcpus, gib, cpu, memory), (cloud, machine, cpu, memory)
+    sizes = submit_job.gpu_sizes()
+    assert sizes["t4"] == sizes["l4"] == ("3", "10Gi")  # 4 vCPUs: ~3.8 allocatable
+    for kind, (cpu, memory) in sizes.items():
+        rows = [m for m in machines if m[1] == kind]
+        assert all(mcpu(cpu) <= mcpu(m[7]) and mib(memory) <= mib(m[8]) for m in rows), kind
+    assert "cpu" not in sizes
 
 
 # --- the smoke script -------------------------------------------------------------------------

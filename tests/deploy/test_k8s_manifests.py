@@ -31,7 +31,8 @@ K8S = REPO / "k8s_backend"
 K8S_VERSIONS = ["1.31", kv.utils.latest_version()]
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-TEMPLATES = {"gpu": K8S / "job-template-gpu.yaml", "cpu": K8S / "job-template-cpu.yaml"}
+TEMPLATES = {"gpu": K8S / "job-template-gpu.yaml", "gpu-spot": K8S / "job-template-gpu-spot.yaml",
+             "cpu": K8S / "job-template-cpu.yaml"}
 SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|KEY|CONNECTION_STRING|CREDENTIAL|BACKEND_STORE_URI",
                        re.I)
 DOCKERFILE_UID = 10001
@@ -133,7 +134,7 @@ def test_kustomizations_render_and_validate(directory):
 
 # --- Job templates: cost guardrails -------------------------------------------------------
 
-@pytest.mark.parametrize("flavor", ["gpu", "cpu"])
+@pytest.mark.parametrize("flavor", sorted(TEMPLATES))
 def test_job_template_cost_guardrails(flavor):
     job = load_template(flavor)
     spec = job["spec"]
@@ -154,10 +155,10 @@ def test_job_template_cost_guardrails(flavor):
     res = c["resources"]
     assert res["requests"]["memory"] == res["limits"]["memory"]  # no memory overcommit/OOM surprises
     assert "cpu" in res["requests"]
-    if flavor == "gpu":
+    if flavor.startswith("gpu"):
         # Extended resources: on the container, request == limit, exactly one GPU.
         assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
-        assert pod["nodeSelector"] == {"ticketsmith.io/pool": "gpu"}
+        assert pod["nodeSelector"] == {"ticketsmith.io/pool": flavor}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     else:
         assert "nvidia.com/gpu" not in json.dumps(res)
@@ -166,7 +167,7 @@ def test_job_template_cost_guardrails(flavor):
                    for t in pod["tolerations"])
 
 
-@pytest.mark.parametrize("flavor", ["gpu", "cpu"])
+@pytest.mark.parametrize("flavor", sorted(TEMPLATES))
 def test_job_template_secrets_by_reference_and_non_root(flavor):
     pod = load_template(flavor)["spec"]["template"]["spec"]
     (c,) = pod["containers"]
@@ -243,8 +244,9 @@ def test_pods_meet_the_restricted_pod_security_standard():
 def test_gpu_pool_helpers():
     (plugin,) = docs(K8S / "gpu" / "nvidia-device-plugin.yaml")
     spec = plugin["spec"]["template"]["spec"]
-    assert spec["nodeSelector"] == {"ticketsmith.io/pool": "gpu"}
-    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    for node in (AKS_GPU_NODE, AKS_SPOT_NODE):  # every AKS GPU node, never a CPU node
+        assert schedulable(plugin_pod(), *node)
+    assert not schedulable(plugin_pod(), *AKS_CPU_NODE)
     assert re.search(r":v\d+\.\d+\.\d+$", spec["containers"][0]["image"])  # pinned
     (smoke,) = docs(K8S / "gpu" / "gpu-smoke-test.yaml")
     assert smoke["spec"]["activeDeadlineSeconds"] <= 3600 and smoke["spec"]["backoffLimit"] == 0
@@ -361,7 +363,8 @@ def test_tracking_server_args_really_enforce_auth_and_hosts(tmp_path):
     cmd = [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--artifacts-destination", str(tmp_path / "artifacts")]
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # stop() ends its forked children too
     base = f"http://127.0.0.1:{port}"
 
     def get(path: str, host: str, auth: tuple[str, str] | None = None) -> int:
@@ -395,7 +398,8 @@ def test_tracking_server_args_really_enforce_auth_and_hosts(tmp_path):
 
 # --- the MLflow Kubernetes backend --------------------------------------------------------
 
-@pytest.mark.parametrize("config_file", ["kubernetes_config.json", "kubernetes_config.aks-cpu.json"])
+@pytest.mark.parametrize("config_file", ["kubernetes_config.json", "kubernetes_config.aks-cpu.json",
+                                         "kubernetes_config.spot.json"])
 def test_backend_configs_parse_with_mlflows_own_code(config_file, monkeypatch):
     from mlflow.projects import _parse_kubernetes_config
 
@@ -522,6 +526,17 @@ def test_cpu_backend_config_renders_a_cpu_job(mlflow_k8s_run):
     assert job["spec"]["template"]["spec"]["nodeSelector"] == {"ticketsmith.io/pool": "cpu"}
 
 
+def test_spot_backend_config_renders_a_spot_job(mlflow_k8s_run):
+    job, *_ = mlflow_k8s_run("kubernetes_config.spot.json",
+                             {"config": "configs/tiny.yaml", "overrides": "train.device=auto"})
+    validate(job)
+    spot = load_template("gpu-spot")
+    spec = job["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "affinity", "tolerations"):
+        assert spec[key] == spot["spec"]["template"]["spec"][key]
+    assert job["spec"]["podFailurePolicy"] == spot["spec"]["podFailurePolicy"]
+
+
 def test_mlflow_cancel_orphans_pods_so_the_docs_say_how_to_stop_a_job(mlflow_k8s_run):
     """MLflow's KubernetesSubmittedRun.cancel() deletes the Job with default options, which for
     batch/v1 Jobs orphans the pods (they keep their GPUs). Pinned here so that the advice in
@@ -572,37 +587,190 @@ def selects(label: str, pod: dict[str, Any]) -> bool:
     return pod["nodeSelector"] == {key: value}
 
 
+def flag_values(cmd: list[str], name: str) -> list[str]:
+    """Every value after `name` up to the next option (az takes `--labels a=b c=d`)."""
+    if name not in cmd:
+        return []
+    rest = cmd[cmd.index(name) + 1:]
+    return list(next(iter([rest[:i] for i, a in enumerate(rest) if a.startswith("--")]), rest))
+
+
+def schedulable(pod: dict[str, Any], labels: dict[str, str], taints: list[str]) -> bool:
+    """Could the scheduler place `pod` on a node with these labels and taints? nodeSelector,
+    required node affinity (In), and every NoSchedule/NoExecute taint tolerated."""
+    if any(labels.get(k) != v for k, v in pod.get("nodeSelector", {}).items()):
+        return False
+    terms = (pod.get("affinity", {}).get("nodeAffinity", {})
+             .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms"))
+    if terms and not any(all(e["operator"] == "In" and labels.get(e["key"]) in e["values"]
+                             for e in term["matchExpressions"]) for term in terms):
+        return False
+    return all(tolerated(t, pod) for t in taints if not t.endswith(":PreferNoSchedule"))
+
+
+def labels_of(values: list[str]) -> dict[str, str]:
+    return dict(v.split("=", 1) for value in values for v in value.split(","))
+
+
+def pool_nodes() -> dict[str, tuple[dict[str, str], list[str]]]:
+    """The nodes each pool of scripts/gpu_pools.sh gets: the labels and taints it asks for, plus
+    what the cloud adds by itself (AKS: the spot label and taint on spot pools; GKE: the GPU
+    taint on GPU nodes, the gke-spot label on spot nodes)."""
+    nodes = {}
+    for c in pool_commands("aks", AKS_WITH_GPU="1", GPU_TYPE="t4"):
+        if c[:4] == ["az", "aks", "nodepool", "add"]:
+            labels = labels_of(flag_values(c, "--labels"))
+            taints = flag_values(c, "--node-taints")
+            if flag(c, "--priority") == "Spot":
+                labels["kubernetes.azure.com/scalesetpriority"] = "spot"
+                taints.append("kubernetes.azure.com/scalesetpriority=spot:NoSchedule")
+            nodes[f"aks/{flag(c, '--name')}"] = (labels, taints)
+    for c in pool_commands("gke", GPU_TYPE="l4"):
+        if c[:4] == ["gcloud", "container", "node-pools", "create"]:
+            labels = labels_of(flag_values(c, "--node-labels"))
+            taints = flag_values(c, "--node-taints") + ["nvidia.com/gpu=present:NoSchedule"]
+            if "--spot" in c:
+                labels["cloud.google.com/gke-spot"] = "true"
+            nodes[f"gke/{c[4]}"] = (labels, taints)
+    return nodes
+
+
+AKS_GPU_NODE = ({"ticketsmith.io/pool": "gpu"}, ["nvidia.com/gpu=present:NoSchedule"])
+AKS_SPOT_NODE = ({"ticketsmith.io/pool": "gpu-spot", "kubernetes.azure.com/scalesetpriority": "spot"},
+                 ["nvidia.com/gpu=present:NoSchedule",
+                  "kubernetes.azure.com/scalesetpriority=spot:NoSchedule"])
+AKS_CPU_NODE = ({"ticketsmith.io/pool": "cpu"}, ["ticketsmith.io/batch=true:NoSchedule"])
+
+
+def plugin_pod() -> dict[str, Any]:
+    (plugin,) = docs(K8S / "gpu" / "nvidia-device-plugin.yaml")
+    return plugin["spec"]["template"]["spec"]
+
+
 def test_aks_pools_scale_to_zero_and_match_the_job_templates():
     cmds = pool_commands("aks", AKS_WITH_GPU="1")
     pools = {flag(c, "--name"): c for c in cmds if c[:4] == ["az", "aks", "nodepool", "add"]}
-    for pool, flavor in (("cpubatch", "cpu"), ("gpupool", "gpu")):
-        c = pools[pool]
+    assert set(pools) == {"cpubatch", "gpupool", "gpuspot"}
+    for c in pools.values():
         assert "--enable-cluster-autoscaler" in c
         assert flag(c, "--min-count") == "0" and flag(c, "--node-count") == "0"
         assert int(flag(c, "--max-count")) >= 1 and flag(c, "--mode") == "User"
-        pod = load_template(flavor)["spec"]["template"]["spec"]
-        assert selects(flag(c, "--labels"), pod), (pool, flavor)
-        assert tolerated(flag(c, "--node-taints"), pod), (pool, flavor)
-        other = load_template("cpu" if flavor == "gpu" else "gpu")["spec"]["template"]["spec"]
-        assert not (selects(flag(c, "--labels"), other) and tolerated(flag(c, "--node-taints"), other))
     assert "Standard_NC" in flag(pools["gpupool"], "--node-vm-size")  # an NVIDIA GPU SKU
+    assert flag(pools["gpuspot"], "--node-vm-size") == flag(pools["gpupool"], "--node-vm-size")
+    assert flag(pools["gpuspot"], "--priority") == "Spot" and "--priority" not in pools["gpupool"]
+    assert flag(pools["gpuspot"], "--eviction-policy") == "Delete"  # nothing left to pay for
     assert ["kubectl", "apply", "-f", str(K8S / "gpu" / "nvidia-device-plugin.yaml")] in cmds
     # Without AKS_WITH_GPU, AKS is the CPU validation cluster: no GPU pool, no plugin.
-    assert not any("gpupool" in c for c in pool_commands("aks"))
+    assert not any("gpupool" in c or "gpuspot" in c for c in pool_commands("aks"))
+    assert not any("gpuspot" in c for c in pool_commands("aks", AKS_WITH_GPU="1", GPU_SPOT="0"))
 
 
-def test_gke_gpu_pool_scales_to_zero_and_matches_the_gpu_template():
+def test_gke_gpu_pools_scale_to_zero_and_one_of_them_is_spot():
     cmds = pool_commands("gke")
-    (c,) = [c for c in cmds if c[:4] == ["gcloud", "container", "node-pools", "create"]]
-    assert "--enable-autoscaling" in c and flag(c, "--min-nodes") == "0"
-    assert flag(c, "--num-nodes") == "0" and int(flag(c, "--max-nodes")) >= 1
-    accel = dict(kv_.split("=") for kv_ in flag(c, "--accelerator").split(","))
-    assert accel["type"].startswith("nvidia-") and accel["count"] == "1"
-    assert accel["gpu-driver-version"] == "latest"  # GKE installs driver + device plugin
-    pod = load_template("gpu")["spec"]["template"]["spec"]
-    assert selects(flag(c, "--node-labels"), pod)
-    assert tolerated("nvidia.com/gpu=present:NoSchedule", pod)  # GKE's own GPU-node taint
+    pools = {c[4]: c for c in cmds if c[:4] == ["gcloud", "container", "node-pools", "create"]}
+    assert set(pools) == {"gpu-pool", "gpu-spot-pool"}
+    for c in pools.values():
+        assert "--enable-autoscaling" in c and flag(c, "--min-nodes") == "0"
+        assert flag(c, "--num-nodes") == "0" and int(flag(c, "--max-nodes")) >= 1
+        accel = dict(kv_.split("=") for kv_ in flag(c, "--accelerator").split(","))
+        assert accel["type"].startswith("nvidia-") and accel["count"] == "1"
+        assert accel["gpu-driver-version"] == "latest"  # GKE installs driver + device plugin
+    assert "--spot" in pools["gpu-spot-pool"] and "--spot" not in pools["gpu-pool"]
+    assert flag(pools["gpu-spot-pool"], "--node-taints") == "cloud.google.com/gke-spot=true:NoSchedule"
     assert not any("nvidia-device-plugin" in " ".join(x) for x in cmds)
+
+
+def test_each_job_lands_only_on_its_own_pool_and_on_demand_never_on_spot():
+    """Every pool's nodes (as the script and the cloud label and taint them) against every Job
+    template, the sweep workers and the device plugin: the scheduler's own matching rules."""
+    nodes = pool_nodes()
+    assert set(nodes) == {"aks/cpubatch", "aks/gpupool", "aks/gpuspot", "gke/gpu-pool",
+                          "gke/gpu-spot-pool"}
+    expected = {"cpu": {"aks/cpubatch"}, "gpu": {"aks/gpupool", "gke/gpu-pool"},
+                "gpu-spot": {"aks/gpuspot", "gke/gpu-spot-pool"}}
+    for flavor, where in expected.items():
+        pod = load_template(flavor)["spec"]["template"]["spec"]
+        assert {n for n, node in nodes.items() if schedulable(pod, *node)} == where, flavor
+    (workers,) = docs(K8S / "sweep" / "worker-job.yaml")
+    assert {n for n, node in nodes.items()
+            if schedulable(workers["spec"]["template"]["spec"], *node)} == expected["gpu"]
+    assert {n for n, node in nodes.items() if schedulable(plugin_pod(), *node)} >= {
+        "aks/gpupool", "aks/gpuspot"}
+    # The spot template's toleration matters: without it, no spot node takes the Job.
+    spot = load_template("gpu-spot")["spec"]["template"]["spec"]
+    spot["tolerations"] = [t for t in spot["tolerations"]
+                           if t["key"] != "kubernetes.azure.com/scalesetpriority"]
+    assert not schedulable(spot, *nodes["aks/gpuspot"])
+
+
+def test_a_spot_gpu_type_pool_is_chosen_by_its_label():
+    nodes = pool_nodes()
+    assert nodes["aks/gpuspot"][0]["ticketsmith.io/gpu"] == "t4"
+    assert nodes["gke/gpu-spot-pool"][0]["ticketsmith.io/gpu"] == "l4"
+    pod = load_template("gpu-spot")["spec"]["template"]["spec"]
+    pod["nodeSelector"]["ticketsmith.io/gpu"] = "l4"   # what submit_job.py --gpu l4 renders
+    assert [n for n, node in nodes.items() if schedulable(pod, *node)] == ["gke/gpu-spot-pool"]
+
+
+def test_the_spot_template_is_the_gpu_template_but_where_it_runs():
+    def without_placement(job):
+        job = copy.deepcopy(job)
+        for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+            meta["labels"].pop("ticketsmith.io/flavor")
+        for key in ("nodeSelector", "affinity", "tolerations"):
+            job["spec"]["template"]["spec"].pop(key, None)
+        return job
+
+    assert without_placement(load_template("gpu-spot")) == without_placement(load_template("gpu"))
+
+
+# --- preemption: podFailurePolicy and the grace period ------------------------------------
+
+def job_action(spec: dict[str, Any], exit_code: int, disrupted: bool) -> str:
+    """What the Job controller does with a failed pod: the first matching podFailurePolicy
+    rule's action, else Count (the default, as without a policy)."""
+    for rule in spec.get("podFailurePolicy", {}).get("rules", []):
+        codes = rule.get("onExitCodes")
+        if codes is not None:
+            hit = exit_code in codes["values"]
+            if (codes["operator"] == "In") == hit:
+                return rule["action"]
+        for cond in rule.get("onPodConditions", []):
+            if cond["type"] == "DisruptionTarget" and disrupted and cond.get("status", "True") == "True":
+                return rule["action"]
+    return "Count"
+
+
+def jobs_running_ticketsmith() -> dict[str, dict[str, Any]]:
+    """Every Job that runs the ticketsmith CLI: the templates and the sweep Jobs."""
+    found = {ident: doc for ident, doc in all_docs()
+             if doc["kind"] == "Job" and doc["metadata"]["name"] != "gpu-smoke-test"}
+    assert len(found) == len(TEMPLATES) + 2
+    return found
+
+
+@pytest.mark.parametrize("ident", sorted(jobs_running_ticketsmith()))
+def test_preemption_is_ignored_bad_input_fails_and_a_clean_stop_is_retried(ident):
+    job = jobs_running_ticketsmith()[ident]
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy needs it
+    assert job_action(spec, 143, disrupted=True) == "Ignore"   # spot preemption, drain
+    assert job_action(spec, 137, disrupted=True) == "Ignore"   # ... killed after the grace period
+    assert job_action(spec, 2, disrupted=False) == "FailJob"   # bad input: never retried
+    assert job_action(spec, 143, disrupted=False) == "Count"   # SIGTERM otherwise: retried
+    assert job_action(spec, 1, disrupted=False) == "Count"
+    assert any(r["action"] == "Count" and 143 in r.get("onExitCodes", {}).get("values", [])
+               for r in spec["podFailurePolicy"]["rules"])  # said, not left to the default
+    # The clean stop takes seconds; the grace period leaves room and stays short.
+    assert 30 <= spec["template"]["spec"]["terminationGracePeriodSeconds"] <= 120
+
+
+def test_the_policy_evaluation_can_tell_a_wrong_order():
+    """Counting 143 before ignoring disruptions would charge every preemption to backoffLimit."""
+    spec = copy.deepcopy(load_template("gpu")["spec"])
+    rules = spec["podFailurePolicy"]["rules"]
+    spec["podFailurePolicy"]["rules"] = [rules[0], rules[2], rules[1]]
+    assert job_action(spec, 143, disrupted=True) == "Count"
 
 
 def test_cluster_scripts_pass_shellcheck():

@@ -208,7 +208,7 @@ IMAGE = "europe-west4-docker.pkg.dev/p/ticketsmith/ticketsmith:0123abc"
 
 # --- manifests ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flavor", ["gpu", "cpu"])
+@pytest.mark.parametrize("flavor", ["gpu", "gpu-spot", "cpu"])
 def test_dry_run_prints_a_valid_job_and_configmap(flavor):
     from ticketsmith.base.config import load_config
 
@@ -250,7 +250,42 @@ def test_dry_run_prints_a_valid_job_and_configmap(flavor):
     assert job["spec"]["activeDeadlineSeconds"] > 0 and job["spec"]["backoffLimit"] <= 2
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
     gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
-    assert gpus == ("1" if flavor == "gpu" else None)
+    assert gpus == ("1" if flavor.startswith("gpu") else None)
+
+
+@pytest.mark.parametrize("flavor,gpu,pool,size", [
+    ("gpu-spot", "t4", "gpu-spot", ("3", "10Gi")),
+    ("gpu", "a100", "gpu", ("8", "48Gi")),
+    ("gpu-spot", None, "gpu-spot", ("3", "10Gi")),
+])
+def test_spot_and_gpu_type_choose_the_pool_and_size_the_job(flavor, gpu, pool, size):
+    argv = ["--config", TINY, "--flavor", flavor, "--image", IMAGE, "--set", "train.device=cuda",
+            "--dry-run"] + (["--gpu", gpu] if gpu else [])
+    code, text = run_main(argv)
+    assert code == 0
+    job = list(yaml.safe_load_all(text))[1]
+    validate(job)
+    spec = job["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"ticketsmith.io/pool": pool,
+                                    **({"ticketsmith.io/gpu": gpu} if gpu else {})}
+    res = spec["containers"][0]["resources"]
+    assert (res["requests"]["cpu"], res["requests"]["memory"]) == size
+    assert res["limits"]["memory"] == size[1] and res["limits"]["nvidia.com/gpu"] == "1"
+    spot = any(t["key"] == "kubernetes.azure.com/scalesetpriority" for t in spec["tolerations"])
+    assert spot == (flavor == "gpu-spot")
+    assert job["spec"]["podFailurePolicy"]["rules"][-1] == {
+        "action": "Count", "onExitCodes": {"operator": "In", "values": [143]}}
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["--flavor", "gpu", "--gpu", "v100"], "--gpu 'v100': expected one of a10, a100, h100, h200, l4, t4"),
+    (["--flavor", "cpu", "--gpu", "t4"], "--gpu needs a GPU flavor"),
+])
+def test_a_bad_gpu_type_is_a_one_line_error(argv, error, capsys):
+    code, _ = run_main(["--config", TINY, "--image", IMAGE, "--set", "train.device=cuda",
+                        "--dry-run", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and error in err[0], err
 
 
 def test_dry_run_needs_no_cluster_and_no_credentials(monkeypatch):

@@ -180,57 +180,6 @@ def test_pareto_on_measured_speedup_uses_the_benchmark_of_the_champion(tmp_path,
     assert measured and trial.values == [trial.user_attrs["accuracy"], max(measured)]
 
 
-@pytest.fixture
-def postgres_url(tmp_path):
-    """A throwaway PostgreSQL server (as user `postgres` when the tests run as root)."""
-    import glob
-    import pwd
-    import shutil
-    import tempfile
-
-    pytest.importorskip("psycopg2")
-    bins = [shutil.which("initdb")] + sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = next((b for b in bins if b), None)
-    if initdb is None:
-        pytest.skip("PostgreSQL server binaries not installed")
-    postgres = str(Path(initdb).with_name("postgres"))
-    user = None
-    root = Path(tempfile.mkdtemp(prefix="sweep-pg-"))
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user")
-        os.chown(root, pw.pw_uid, pw.pw_gid)
-        user = "postgres"
-    from conftest import free_port
-
-    port = free_port()
-    subprocess.run([initdb, "-D", str(root / "data"), "-U", "optuna", "--auth=trust"], user=user,
-                   check=True, capture_output=True, timeout=120)
-    proc = subprocess.Popen([postgres, "-D", str(root / "data"), "-p", str(port), "-k", str(root),
-                             "-h", "127.0.0.1"], user=user, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    import psycopg2
-
-    def ready():
-        try:
-            psycopg2.connect(host="127.0.0.1", port=port, user="optuna", dbname="postgres").close()
-            return True
-        except psycopg2.OperationalError:
-            return False
-
-    try:
-        wait_for(ready, "PostgreSQL to accept connections", proc, timeout_s=60)
-        yield f"postgresql+psycopg2://optuna@127.0.0.1:{port}/postgres"
-    finally:
-        proc.send_signal(signal.SIGINT)  # "fast" shutdown: also ends idle pooled connections
-        try:
-            proc.wait(timeout=60)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.mark.slow
 def test_two_worker_processes_share_a_postgresql_study(tmp_path, sqlite_uri, postgres_url):
     path = write_sweep(tmp_path, "pg", trial_pruning={"pruner": "none"})

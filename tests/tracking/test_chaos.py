@@ -3,6 +3,8 @@ show that the resumed experiment lost and duplicated nothing (benchmarks/chaos.p
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def test_a_tracking_server_outage_is_waited_out_or_fails_in_one_line(tmp_path):
             for line in proc.stdout:  # level 0 is tracked; level 1 is training now
                 if line.startswith("  r0 level 0"):
                     break
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)  # the server and all it forked
             server.wait()
             server = start_mlflow_server(root, port)
             proc.stdout.read()
