@@ -29,7 +29,6 @@ import datetime
 import http.client
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ticketsmith.base.processes import start_group, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
@@ -147,8 +148,7 @@ def serve(model_uri: str, port: int, tracking_uri: str, threads: int | None,
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        return start_group(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_ready(port: int, proc: subprocess.Popen, log_path: Path,
@@ -174,17 +174,9 @@ def wait_ready(port: int, proc: subprocess.Popen, log_path: Path,
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    """End the server and its uvicorn child (its process group), killing after 20 s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """End the server and its uvicorn child (its process group): SIGTERM, then SIGKILL for
+    whatever is left after 20 s."""
+    stop_group(proc)
 
 
 class Client:

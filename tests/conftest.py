@@ -1,7 +1,9 @@
-"""Shared fixtures: the repo root, tiny configs, and a real `mlflow server` process."""
+"""Shared fixtures: the repo root, tiny configs, a real `mlflow server` process, and the
+default Ctrl-C handling for tests that send SIGINT."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from ticketsmith.base.processes import start_group, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,12 +56,31 @@ def load_benchmark(name: str):
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Terminate a server process, killing it if it does not exit within 20 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """End a server started with `start_group` and every process it started (its group):
+    SIGTERM, then SIGKILL for what is left after 20 s."""
+    stop_group(proc)
+
+
+# A background job of a non-interactive shell starts with SIGINT ignored, and children inherit
+# that (POSIX): Python then installs no KeyboardInterrupt handler. A test that sends SIGINT runs
+# its child through this one-line exec wrapper, which gives back the default handling.
+_SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def with_default_sigint(cmd: list[str]) -> list[str]:
+    """`cmd` started with SIGINT at its default, however this test process was started."""
+    return [sys.executable, "-S", "-c", _SIGINT_DEFAULT, *cmd]
+
+
+@pytest.fixture()
+def default_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) in this process for one test, also when
+    the suite was started with SIGINT ignored; the handling before is put back after."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")
@@ -98,13 +121,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 
 def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     """`mlflow server` on `port` with its store in `root` (SQLite + proxied artifacts), once
-    it answers. Starting it again on the same root and port serves the same store."""
+    it answers, in a process group of its own (`stop` ends it with its uvicorn, job runner and
+    huey consumers). Starting it again on the same root and port serves the same store."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
     with open(root / "server.log", "a") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+        proc = start_group(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc)
     except RuntimeError:

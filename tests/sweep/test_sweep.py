@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from ticketsmith.cli import main
 from ticketsmith.base.config import load_config
 from ticketsmith.sweep.config import STORAGE_ENV, load_sweep_config
+from ticketsmith.base.processes import start_group, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = "ticketsmith."
@@ -208,9 +209,9 @@ def postgres_url(tmp_path):
     port = free_port()
     subprocess.run([initdb, "-D", str(root / "data"), "-U", "optuna", "--auth=trust"], user=user,
                    check=True, capture_output=True, timeout=120)
-    proc = subprocess.Popen([postgres, "-D", str(root / "data"), "-p", str(port), "-k", str(root),
-                             "-h", "127.0.0.1"], user=user, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_group([postgres, "-D", str(root / "data"), "-p", str(port), "-k", str(root),
+                        "-h", "127.0.0.1"], user=user, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     import psycopg2
 
     def ready():
@@ -227,7 +228,10 @@ def postgres_url(tmp_path):
         proc.send_signal(signal.SIGINT)  # "fast" shutdown: also ends idle pooled connections
         try:
             proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
         finally:
+            stop_group(proc)  # whatever of its group is left (a backend it did not end)
             shutil.rmtree(root, ignore_errors=True)
 
 
