@@ -130,7 +130,7 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
         proc = start_group(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
                            env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300)  # a loaded CI box
     except RuntimeError:
         stop(proc)
         raise
