@@ -4,6 +4,7 @@ started would leave them running after the suite."""
 from __future__ import annotations
 
 import psutil
+import pytest
 
 from conftest import free_port, start_mlflow_server, stop
 from ticketsmith.base.processes import group_members
@@ -20,6 +21,7 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.slow  # one real `mlflow server` start: seconds idle, a minute on a loaded machine
 def test_stopping_the_mlflow_server_ends_every_process_it_started(tmp_path):
     proc = start_mlflow_server(tmp_path, free_port())
     try:
