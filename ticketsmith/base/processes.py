@@ -36,11 +36,14 @@ def group_members(pgid: int) -> list[psutil.Process]:
     return found
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """`sig` to the group `proc` leads; to `proc` alone where it leads none (started without
+    `start_group`), so that stopping it still ends it."""
     try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:  # the whole group has already gone
-        pass
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # no such group: gone, or `proc` was not started as a leader
+        if proc.poll() is None:
+            proc.send_signal(sig)
 
 
 def _wait_gone(pgid: int, timeout_s: float) -> list[psutil.Process]:
@@ -54,7 +57,7 @@ def _wait_gone(pgid: int, timeout_s: float) -> list[psutil.Process]:
 
 def kill_group(proc: subprocess.Popen, timeout_s: float = STOP_GRACE_S) -> None:
     """SIGKILL the group that `proc` leads (an outage, not a stop) and wait until it is gone."""
-    _signal_group(proc.pid, signal.SIGKILL)
+    _signal_group(proc, signal.SIGKILL)
     proc.wait()
     _wait_gone(proc.pid, timeout_s)
 
@@ -62,7 +65,7 @@ def kill_group(proc: subprocess.Popen, timeout_s: float = STOP_GRACE_S) -> None:
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """End the group that `proc` leads: SIGTERM to all of it; whatever is still alive after
     `grace_s` seconds (the leader, or a child it left behind) gets SIGKILL."""
-    _signal_group(proc.pid, signal.SIGTERM)
+    _signal_group(proc, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)  # the leader is our child: reaped here
     except subprocess.TimeoutExpired:
