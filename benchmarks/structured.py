@@ -11,8 +11,11 @@ benchmark is repeated `--repeats` times; each repeat is a side-by-side ratio ove
 rounds, and the median over repeats is the figure (a noisy machine shifts single repeats).
 
     python benchmarks/structured.py [--output-dir runs] [--repeats 5] [--trials 30]
+        [--targets 1=1.8,256=4] [--config configs/imp_mnist_structured.yaml] [--set KEY=VALUE]
 
 Targets (issue 14): >= 1.8x at batch 1 and >= 4x at batch 256 for a ticket that removes ~80%.
+Exit code 1 when a benchmarked level misses a target in any runtime (its row says "NOT met"),
+0 when every one is met.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ RUNTIMES = ("torch", "onnxruntime", "numpy")  # compacted against dense, each in
 FORMATS = ["compacted", "onnxruntime", "numpy", "onnxruntime_dense", "numpy_dense"]
 
 
-def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root: str):
-    """Median compacted-vs-dense speedup per runtime and batch size over `repeats` runs.
+def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root: str,
+                batch_sizes: tuple[int, ...] = tuple(TARGETS)):
+    """Per runtime and batch size, the compacted-vs-dense speedups of `repeats` runs.
 
     torch: `compacted` against `dense`; onnxruntime / numpy: the serving plan's route against
     the uncompacted network with dense kernels in the same runtime (`<route>_dense`)."""
@@ -49,11 +53,11 @@ def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root
     from ticketsmith.serving.benchmark import benchmark_checkpoint
 
     ckpt = RunStore(run_root).checkpoint_path(0, level, "ticket")
-    speedups = {(rt, bs): [] for rt in RUNTIMES for bs in TARGETS}
-    floors: dict[int, list[float]] = {bs: [] for bs in TARGETS}
+    speedups = {(rt, bs): [] for rt in RUNTIMES for bs in batch_sizes}
+    floors: dict[int, list[float]] = {bs: [] for bs in batch_sizes}
     result: dict = {}
     for _ in range(repeats):
-        result = benchmark_checkpoint(ckpt, batch_sizes=tuple(TARGETS), formats=FORMATS,
+        result = benchmark_checkpoint(ckpt, batch_sizes=batch_sizes, formats=FORMATS,
                                       trials=trials, data_root=data_root)
         for r in result["results"]:
             if r["format"] == "compacted" and r["correct"]:
@@ -67,7 +71,35 @@ def bench_level(run_root: Path, level: int, repeats: int, trials: int, data_root
     return speedups, floors, result
 
 
+def parse_targets(text: str) -> dict[int, float]:
+    """'1=1.8,256=4' -> {1: 1.8, 256: 4.0}: the speedup each batch size must reach."""
+    try:
+        out = {int(b): float(x) for b, x in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCH=SPEEDUP[,BATCH=SPEEDUP...], got "
+                                         f"{text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return out
+
+
+def print_level(pick: dict, reinit: dict | None, shape: str, speedups: dict, floors: dict,
+                targets: dict[int, float]) -> bool:
+    """One row per runtime and batch size; whether every row met its target."""
+    met = True
+    for (rt, bs), got_all in speedups.items():
+        got = median(got_all) if got_all else float("nan")
+        ok = got >= targets[bs]  # an unmeasured runtime (nan) misses its target
+        met &= ok
+        print(f"{pick['level']:>5}{pick['sparsity']:>9.1%}{pick['test_accuracy']:>8.2%}"
+              f"{reinit['test_accuracy'] if reinit else float('nan'):>9.2%}{shape:>50}"
+              f"{rt:>12}{bs:>6}{got:>17.2f}x{', '.join(f'{s:.2f}' for s in got_all):>40}"
+              f"{median(floors[bs]):>11.2f}x{'met' if ok else 'NOT met':>8}")
+    return met
+
+
 def main(argv: list[str] | None = None) -> int:
+    """0 when every benchmarked level meets every target, 1 when one is missed."""
     from ticketsmith.base.config import load_config
     from ticketsmith.engine.lottery import run_experiment
     from ticketsmith.serving.plan.layout import shipped
@@ -79,11 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=30, help="interleaved rounds per batch size")
     p.add_argument("--low", type=float, default=0.7, help="lowest sparsity benchmarked")
     p.add_argument("--high", type=float, default=0.9, help="highest sparsity benchmarked")
+    p.add_argument("--targets", type=parse_targets, default=dict(TARGETS),
+                   help="speedup to reach per batch size (default: 1=1.8,256=4.0)")
+    p.add_argument("--config", default=str(REPO / "configs" / "imp_mnist_structured.yaml"),
+                   help="the structured experiment")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeatable)")
     args = p.parse_args(argv)
+    targets = args.targets
 
-    cfg = load_config(REPO / "configs" / "imp_mnist_structured.yaml",
-                      ["experiment.benchmark=false", f"experiment.output_dir={args.output_dir}",
-                       f"data.root={args.data_root}"])
+    cfg = load_config(args.config, ["experiment.benchmark=false",
+                                    f"experiment.output_dir={args.output_dir}",
+                                    f"data.root={args.data_root}", *args.set])
     experiment = run_experiment(cfg, progress=False)
     records = experiment.records
     dense = next(r for r in records if r["level"] == 0)
@@ -91,22 +130,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{'runtime':>12}{'batch':>6}{'speedup (median)':>18}{'repeats':>40}"
           f"{'noise floor':>12}{'target':>8}")
     env: dict = {}
+    met = True
     for pick in pick_levels(records, args.low, args.high, cfg.gate.max_accuracy_drop):
         level = pick["level"]
         reinit = next((r for r in records if r["level"] == level
                        and r["variant"] == "random_reinit"), None)
         speedups, floors, result = bench_level(experiment.run_root, level, args.repeats,
-                                               args.trials, args.data_root)
+                                               args.trials, args.data_root, tuple(targets))
         env = result["environment"]
         note = next(r["note"] for r in result["results"] if r["format"] == "compacted")
         shape = note.split(", ", 1)[1] if ", " in note else note
-        for (rt, bs), got_all in speedups.items():
-            target = TARGETS[bs]
-            got = median(got_all) if got_all else float("nan")
-            print(f"{level:>5}{pick['sparsity']:>9.1%}{pick['test_accuracy']:>8.2%}"
-                  f"{reinit['test_accuracy'] if reinit else float('nan'):>9.2%}{shape:>50}"
-                  f"{rt:>12}{bs:>6}{got:>17.2f}x{', '.join(f'{s:.2f}' for s in got_all):>40}"
-                  f"{median(floors[bs]):>11.2f}x{'met' if got >= target else 'NOT met':>8}")
+        met &= print_level(pick, reinit, shape, speedups, floors, targets)
         serving = result.get("serving") or {}
         if serving:
             print(f"{'':>5} shipped plan against torch dense: " + ", ".join(
@@ -115,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense test accuracy {dense['test_accuracy']:.2%}; {env.get('cpu')}, torch "
           f"{env.get('torch')}, threads {env.get('threads')} (all cores), load average "
           f"{env.get('load_average')}; {args.repeats} repeats x {args.trials} interleaved rounds; "
-          f"targets: {', '.join(f'>= {t}x at batch {b}' for b, t in TARGETS.items())}")
-    return 0
+          f"targets: {', '.join(f'>= {t}x at batch {b}' for b, t in targets.items())}: "
+          + ("met" if met else "NOT met"))
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import free_port, stop, wait_for_http  # noqa: E402  (the tests' server helpers)
+from conftest import free_port, start_group, stop, wait_for_http  # noqa: E402  (test helpers)
 
 CHROMIUM = os.environ.get("TICKETSMITH_CHROMIUM", "/usr/bin/chromium")
 TIMEOUT_MS = 60_000   # the UI on a busy 2-core machine: React renders after several API calls
@@ -51,8 +51,8 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    proc = start_group(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", proc)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo root, tiny configs, and a real `mlflow server` process."""
+"""Shared fixtures: the repo root, tiny configs, a real `mlflow server` process, and the
+default Ctrl-C handling for tests that send SIGINT."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from ticketsmith.base.processes import start_group, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,25 +56,31 @@ def load_benchmark(name: str):
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Terminate a server process, killing it if it does not exit within 20 s. A server started
-    in its own process group (`start_new_session=True`) is ended as a group: `mlflow server`
-    runs its web server as a child process, which would otherwise be orphaned."""
-    try:
-        group = os.getpgid(proc.pid) if proc.poll() is None else None
-    except ProcessLookupError:
-        group = None
-    own_group = group == proc.pid
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=20)
-    if own_group:
-        try:
-            os.killpg(group, signal.SIGKILL)  # whatever of the group outlived its leader
-        except ProcessLookupError:
-            pass
+    """End a server started with `start_group` and every process it started (its group):
+    SIGTERM, then SIGKILL for what is left after 20 s."""
+    stop_group(proc)
+
+
+# A background job of a non-interactive shell starts with SIGINT ignored, and children inherit
+# that (POSIX): Python then installs no KeyboardInterrupt handler. A test that sends SIGINT runs
+# its child through this one-line exec wrapper, which gives back the default handling.
+_SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def with_default_sigint(cmd: list[str]) -> list[str]:
+    """`cmd` started with SIGINT at its default, however this test process was started."""
+    return [sys.executable, "-S", "-c", _SIGINT_DEFAULT, *cmd]
+
+
+@pytest.fixture()
+def default_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) in this process for one test, also when
+    the suite was started with SIGINT ignored; the handling before is put back after."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")
@@ -113,17 +122,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 def start_mlflow_server(root: Path, port: int, backend_store_uri: str | None = None
                         ) -> subprocess.Popen:
     """`mlflow server` on `port` with its store in `root` (SQLite, or `backend_store_uri`, +
-    proxied artifacts), once it answers. Starting it again on the same root and port serves the
-    same store. Its own process group: `stop()` ends the web server it forks too."""
+    proxied artifacts), once it answers, in a process group of its own (`stop` ends it with its
+    uvicorn, job runner and huey consumers). Starting it again on the same root and port serves
+    the same store."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
     with open(root / "server.log", "a") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-                                start_new_session=True)
+        proc = start_group(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300)  # a loaded CI box
     except RuntimeError:
         stop(proc)
         raise

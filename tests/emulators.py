@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from ticketsmith.base.processes import start_group, stop_group
+
 REPO = Path(__file__).resolve().parents[1]
 NODE_PREFIX = Path(os.environ.get("TICKETSMITH_NODE_PREFIX") or REPO / ".ci" / "node")
 
@@ -63,13 +65,8 @@ class Emulator:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        """End the emulator and whatever it started (its process group)."""
+        stop_group(self.proc, grace_s=10)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -111,8 +108,8 @@ def _start(name: str, argv_for_port: Callable[[int], list[str]], ready_path: str
         port = free_port()
         log_path = log_dir / f"{name}-{attempt}.log"
         log = open(log_path, "wb")
-        proc = subprocess.Popen(argv_for_port(port), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = start_group(argv_for_port(port), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL)
         log.close()  # the child holds its own handle
         emu = Emulator(name, proc, "127.0.0.1", port, log_path)
         try:

@@ -2,6 +2,8 @@
 
 Each interrupt is sent when the process reports a moment on stdout (no sleeping on time):
 during start-up, training, the re-logging of finished runs on resume, and gating/registry.
+Children and this process get the default SIGINT handling first, so the tests hold however
+the suite was started (a background job of a shell starts with SIGINT ignored).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_benchmark
-from ticketsmith import interrupts
+from conftest import load_benchmark, with_default_sigint
+from ticketsmith.base import interrupts
 
 REPO = Path(__file__).resolve().parents[2]
 INTERRUPTED = "interrupted: finished levels are kept; run the same command again to resume"
@@ -28,8 +30,8 @@ chaos = load_benchmark("chaos")
 def interrupt_at(cmd: list[str], cwd: Path, env: dict[str, str], prefix: str) -> list[str]:
     """Run `cmd`, send SIGINT as soon as a stdout line starts with `prefix`; the stderr lines
     written after the signal. Asserts exit code 130."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(with_default_sigint(cmd), cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err: list[tuple[float, str]] = []
     reader = threading.Thread(target=lambda: err.extend((time.monotonic(), line)
                                                         for line in proc.stderr), daemon=True)
@@ -90,7 +92,7 @@ def test_interrupts_while_finished_runs_are_relogged(prune, tmp_path):
     assert len(check_store(uri, name).finished) == 7
 
 
-def test_an_interrupt_inside_a_deferred_block_acts_when_it_ends():
+def test_an_interrupt_inside_a_deferred_block_acts_when_it_ends(default_sigint):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts.interrupts_deferred():
@@ -102,7 +104,7 @@ def test_an_interrupt_inside_a_deferred_block_acts_when_it_ends():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_retry_skips_its_back_off_when_interrupted():
+def test_retry_skips_its_back_off_when_interrupted(default_sigint):
     from ticketsmith.tracking.tracker import retry
 
     sleeps = []

@@ -90,6 +90,27 @@ def test_secret_environment_values_are_masked_in_every_encoding(name, value, sec
     assert secret not in redact(f"key is {secret}.")
 
 
+# A secret given percent-encoded (in a URI, a SAS query string): both the encoded form and the
+# decoded one a library prints after parsing it are secrets.
+ENCODED = [
+    ("MLFLOW_TRACKING_URI", "https://user:ENCp%40ss1@mlflow.example.com", "ENCp%40ss1",
+     "ENCp@ss1"),
+    ("DATABASE_URL", "postgresql://u:ENCp%40ss%2Fword2@db/x", "ENCp%40ss%2Fword2",
+     "ENCp@ss/word2"),
+    ("AZURE_STORAGE_SAS_TOKEN", "sv=2022-11-02&ss=b&sig=ENCabc%2Bdef3%3D", "ENCabc%2Bdef3%3D",
+     "ENCabc+def3="),
+]
+
+
+@pytest.mark.parametrize("name,value,encoded,decoded", ENCODED, ids=[r[0] for r in ENCODED])
+def test_a_percent_encoded_secret_is_masked_encoded_and_decoded(name, value, encoded, decoded,
+                                                                monkeypatch):
+    monkeypatch.setenv(name, value)
+    for form in (encoded, decoded):  # alone: no key= or user: before it to give it away
+        out = redact(f"rejected {form} (retrying)")
+        assert out == "rejected *** (retrying)", (form, out)
+
+
 def test_password_of_the_tracking_uri_is_masked_where_it_appears_alone(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:ALONEPASS1@mlflow.example.com")
     assert "ALONEPASS1" not in redact("auth failed for password ALONEPASS1")

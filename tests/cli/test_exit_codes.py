@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import with_default_sigint
 from ticketsmith.base.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,8 +182,9 @@ def test_interrupt_exits_130_with_one_line(door, tmp_path):
     cmd = [*door_command(door, "prune"), "--config", TINY, "--no-tracking", "-q",
            "--set", f"experiment.output_dir={tmp_path}", "--set", "train.iterations=1000000"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child, also when the suite runs as a background job
+    proc = subprocess.Popen(with_default_sigint(cmd), cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()  # the experiment has started once it prints
         assert first.startswith("experiment tiny"), first + proc.stderr.read()

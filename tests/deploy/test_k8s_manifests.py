@@ -22,6 +22,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from ticketsmith.base.processes import start_group
+
 kv = pytest.importorskip("kubernetes_validate")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -363,8 +365,7 @@ def test_tracking_server_args_really_enforce_auth_and_hosts(tmp_path):
     cmd = [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--artifacts-destination", str(tmp_path / "artifacts")]
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # stop() ends its forked children too
+    proc = start_group(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
     def get(path: str, host: str, auth: tuple[str, str] | None = None) -> int:

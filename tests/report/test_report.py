@@ -11,11 +11,13 @@ from pathlib import Path
 from statistics import mean, stdev
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from ticketsmith.cli import main
 from ticketsmith.base.config import load_config
+from ticketsmith.engine.lottery import run_experiment
 from ticketsmith.pipeline import run_prune
 from ticketsmith.report.build import build_report
 from ticketsmith.tracking.registry import model_name_for
@@ -542,3 +544,78 @@ def test_five_pairs_all_ahead_can_be_significant_one_sided_and_pooled():
     flipped = level_stats([{**r, "test_accuracy": 1.9 - r["test_accuracy"]}
                            if r["variant"] == "ticket" else r for r in recs])
     assert paired_comparison(flipped, 1).verdict == "random re-init ahead: no evidence for the ticket"
+
+
+@pytest.fixture(scope="module")
+def five_replicates(tmp_path_factory):
+    """The default design's n=5 on a tiny real experiment (untracked: two levels at 80% per
+    level, 60 iterations), and its report built from the run folder: (records, report)."""
+    tmp = tmp_path_factory.mktemp("five")
+    cfg = tiny(tmp, "experiment.replicates=5", "prune.levels=2", "prune.fraction=0.8",
+               "train.iterations=60")
+    run_experiment(cfg, progress=False, echo=lambda _: None)
+    md = build_report(None, cfg.hash(), tmp / "reports", runs_prefix=tmp / "runs")
+    records = [json.loads(p.read_text()) for p in (tmp / "runs").rglob("metrics.json")]
+    return {(r["replicate"], r["level"], r["variant"]): r["test_accuracy"] for r in records}, \
+        md.read_text()
+
+
+def one_sided_exact_p(diffs: list[float]) -> float:
+    """scipy's exact sign-flip permutation test of mean > 0 (all 2^n assignments)."""
+    from scipy.stats import permutation_test
+
+    return permutation_test((np.asarray(diffs),), np.mean, permutation_type="samples",
+                            alternative="greater", n_resamples=np.inf).pvalue
+
+
+def verdict_for(mean_diff: float, p: float) -> str:
+    if mean_diff < 0:
+        return "random re-init ahead: no evidence for the ticket"
+    return "ticket better (one-sided p < 0.05)" if p < 0.05 else "ticket ahead, not significant"
+
+
+def test_a_report_at_n5_decides_and_words_from_the_one_sided_exact_test(five_replicates):
+    """Each level's p and verdict, and the pooled line's, are the one-sided exact test's on
+    the recorded accuracies (scipy, computed here); the limits say what n=5 allows."""
+    from scipy.stats import ttest_1samp
+
+    acc, text = five_replicates
+    section = text.split("## Does the initialisation matter?", 1)[1].split("\n## ", 1)[0]
+    rows = table_rows(section, "Level")
+    assert [r[0] for r in rows] == ["1", "2"]
+    per_level = {}
+    for row in rows:
+        level = int(row[0])
+        diffs = [100 * (acc[r, level, "ticket"] - acc[r, level, "random_reinit"])
+                 for r in range(5)]
+        per_level[level] = diffs
+        p = one_sided_exact_p(diffs)
+        assert row[2] == "5"
+        assert float(row[5]) == pytest.approx(ttest_1samp(diffs, 0).pvalue, abs=6e-4)
+        assert float(row[6]) == pytest.approx(p, abs=6e-4), (level, diffs)
+        assert row[7] == verdict_for(mean(diffs), p), (level, diffs)
+    # the story needs a level where all 5 pairs favour the ticket: p = 1/32 one-sided, and a
+    # two-sided test (1/16) could not reject
+    decided = [lv for lv, d in per_level.items() if min(d) > 0]
+    assert decided and rows[decided[0] - 1][7] == "ticket better (one-sided p < 0.05)"
+    pooled = [mean(per_level[lv][r] for lv in (1, 2)) for r in range(5)]
+    p = one_sided_exact_p(pooled)
+    assert (f"one-sided exact sign-flip p = {p:.3f}: "
+            f"{verdict_for(mean(pooled), p)}.") in section
+    assert ("n=5 replicates: the one-sided exact test reaches p < 0.05 only when every pair "
+            "favours the ticket (its smallest p is 1/2^5 = 0.0312)") in text
+    assert "cannot reach" not in text and "n ≥ 6" not in text
+
+
+@pytest.mark.parametrize("n, says", [
+    (2, "n=2 replicates: the one-sided exact test cannot reach p < 0.05 (its smallest p is "
+        "1/2^2 = 0.25; that needs n ≥ 5 pairs)"),
+    (4, "n=4 replicates: the one-sided exact test cannot reach p < 0.05 (its smallest p is "
+        "1/2^4 = 0.0625; that needs n ≥ 5 pairs)"),
+    (5, "n=5 replicates: the one-sided exact test reaches p < 0.05 only when every pair"),
+    (6, None)])
+def test_the_limits_of_few_pairs_follow_the_one_sided_test(n, says):
+    from ticketsmith.report.evidence import few_pairs
+
+    got = few_pairs(n)
+    assert got == says if says is None else got.startswith(says)

@@ -4,6 +4,7 @@ Nothing here asserts on wall-clock speed."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ticketsmith.engine.checkpoint import CheckpointError, save_checkpoint
 from ticketsmith.cli import main
 from ticketsmith.engine.data import load_dataset
 from ticketsmith.engine.masks import Mask, apply_mask_, prune_magnitude
-from ticketsmith.serving.measure import traffic
+from ticketsmith.serving.measure import Clock, traffic
 from ticketsmith.engine.models import build_model, prunable_weights
 from ticketsmith.serving.formats import CSRLinear, Served
 
@@ -275,6 +276,41 @@ def test_benchmark_experiment_writes_one_json_per_level_and_reuses_it(tmp_path, 
                                  trials=2)
     assert len(again) == 1 and files[2].stat().st_mtime_ns == stamp  # reused, not re-run
     assert again[0]["results"] == results[2]["results"]
+
+
+class NoisyClock(Clock):
+    """The wall clock, read as on a machine whose cores other work takes now and then: every
+    other turn of timed calls reads 10x slow. Dense timed against itself then strays far
+    beyond 2x, which is what the benchmark's noise check reacts to."""
+
+    def __init__(self):
+        self.turns = 0
+
+    def seconds(self, marks: list) -> list[float]:
+        self.turns += 1
+        return [m * (10 if self.turns % 2 else 1) for m in marks]
+
+
+def test_a_noisy_measurement_at_several_threads_is_measured_again_at_one(tmp_path, data,
+                                                                        caplog):
+    """The pipeline's noise branch: the noise floor strays, so the level is measured again at
+    one thread; the figures kept are the second measurement's, and the first is recorded."""
+    root = tmp_path / "abc123"
+    make_checkpoint(root / "replicate_0" / "level_1" / "ticket" / "checkpoint.safetensors",
+                    level=1)
+    records = [{"replicate": 0, "level": 1, "variant": "ticket"}]
+    with caplog.at_level(logging.WARNING, logger="ticketsmith.benchmark"):
+        (result,) = benchmark_experiment(root, records, threads=2, data=data,
+                                         formats=["compacted"], clock=NoisyClock(), **FAST)
+    env = result["environment"]
+    assert env["first_attempt"]["threads"] == 2
+    assert env["first_attempt"]["warning"].startswith(
+        "WARNING: noisy machine: dense against itself ranged")
+    assert env["threads"] == 1  # the kept figures were measured at one thread
+    assert json.loads(Path(result["path"]).read_text())["environment"] == env
+    assert "level 1: WARNING: noisy machine" in caplog.text
+    assert "measuring again at 1 thread" in caplog.text
+    assert torch.get_num_threads() == 1  # the test process's thread count is restored
 
 
 def test_traffic_model_counts_weights_indices_and_activations():

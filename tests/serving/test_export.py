@@ -95,6 +95,57 @@ def test_the_check_refuses_an_export_whose_weights_differ(tmp_path, tickets):
     check_outputs(run_onnx(str(out), x.numpy()), ref)  # the untouched file passes
 
 
+# A network the exporter's tracer cannot follow: which sign the output takes depends on the
+# input's values, and the tracer records the branch its all-zero example input took.
+VALUE_GATED = """
+from torch import nn
+
+
+class ValueGated(nn.Module):
+    def __init__(self, features, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        return y if bool((x != 0).any()) else -y
+
+
+def build(input_shape, num_classes):
+    return ValueGated(input_shape[0] * input_shape[1] * input_shape[2], num_classes)
+"""
+
+
+def test_an_export_that_differs_from_the_masked_model_is_refused_and_not_written(
+        tmp_path, monkeypatch):
+    """The export's own check, end to end: the file and its sidecar are written only after
+    ONNX Runtime gave the masked model's outputs on the probe."""
+    (tmp_path / "value_gated.py").write_text(VALUE_GATED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = build_model("gated", (1, 4, 4), 3, factory="value_gated:build")
+    path = save_checkpoint(tmp_path / "gated.safetensors", model.state_dict(), meta={
+        "model": "gated", "factory": "value_gated:build", "options": {},
+        "input_shape": [1, 4, 4], "num_classes": 3, "dataset": "synthetic"})
+    out = tmp_path / "gated.onnx"
+    with pytest.raises(ExportError, match=r"max \|output difference\| .* exceeds"):
+        export_checkpoint(path, out, data_root=None, allow_factory=True)
+    assert not out.exists() and not Path(f"{out}.json").exists()
+
+
+def test_the_export_is_held_to_float_precision_of_the_masked_model(tmp_path, tickets):
+    """The bound the export is checked to: 1e-4 x max(1, max |masked output|) on its probe."""
+    from ticketsmith.serving.checkpoint_export import probe_batch
+
+    summary = export_checkpoint(tickets["mlp"], tmp_path / "m.onnx", data_root=None)
+    model, _, meta = model_from_checkpoint(tickets["mlp"])
+    x, _ = probe_batch(meta, None)
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    assert summary["tolerance"] == pytest.approx(1e-4 * max(1.0, float(np.abs(ref).max())))
+    assert summary["max_abs_error"] <= summary["tolerance"]
+
+
 def test_a_model_that_is_not_a_chain_is_exported_uncompacted_and_says_so(tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet20", (3, 8, 8), 4, options={"width": 4}).eval()

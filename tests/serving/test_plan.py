@@ -67,12 +67,13 @@ def test_the_plan_serves_the_masked_models_labels_from_natural_input(mnist):
     plan = load_plan(bench["serving"]["path"])
     want = masked_labels(ckpt, data.test_x)
     u8 = raw_pixels(data.test_x)  # (N, 1, 28, 28)
+    assert "onnxruntime_int8" in plan.routes  # built with the benchmark: int8 is there
+    runners = {route: load_plan(plan.folder, route=route) for route in plan.routes}
     for name, images in {"uint8 (N,1,28,28)": u8, "uint8 (N,28,28)": u8[:, 0],
                          "uint8 flat": u8.reshape(len(u8), -1),
                          "float 0..1 (N,28,28)": u8[:, 0] / np.float32(255)}.items():
-        assert "onnxruntime_int8" in plan.routes  # built with the benchmark: int8 is there
-    for route in plan.routes:  # every route the plan ships, the whole test set
-            got = load_plan(plan.folder, route=route).predict(images, "labels")
+        for route, runner in runners.items():  # every form on every route, whole test set
+            got = runner.predict(images, "labels")
             agree = (got == want).mean()
             # pixels rounded to uint8; int8 weights are inexact by design (checked and gated)
             assert agree >= (0.98 if route in INEXACT else 0.999), (name, route, agree)
@@ -118,10 +119,7 @@ def test_the_registered_plan_loads_without_torch_load_or_unpickling(mnist, tmp_p
     assert mv.tags["serving.speedup_bs256"] == "not measured"  # measured at 1 and 64 only
     assert mv.tags["serving.checked"].startswith("500 probe inputs at registration")
     assert "argmax agreement 100.00%" in mv.tags["serving.checked"]
-    # the logged config has `threads`, so a deployment can override it at load time
-    loaded = mlflow.pyfunc.load_model(f"models:/plan-ticket/{version}",
-                                      model_config={"threads": 1})
-    assert loaded._model_impl.python_model.plan.threads == 1
+    assert_the_thread_override_takes_effect(f"models:/plan-ticket/{version}")
     images = raw_pixels(data.test_x[:300])
     np.save(tmp_path / "images.npy", images)
     script = f"""
@@ -140,6 +138,30 @@ np.save({str(tmp_path / 'labels.npy')!r}, labels)
     assert out.returncode == 0, out.stderr[-3000:]
     got = np.load(tmp_path / "labels.npy")
     assert (got == masked_labels(ckpt, data.test_x[:300])).mean() >= 0.99
+
+
+def assert_the_thread_override_takes_effect(uri: str, threads: int = 3) -> None:
+    """The plan was measured (and its `threads` recorded) at one thread; a deployment's
+    `model_config={"threads": N}` is what its ONNX Runtime sessions and torch run at. numpy's
+    BLAS stays at one thread whatever N (its idle threads spin: see pyfunc_model)."""
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    try:
+        loaded = mlflow.pyfunc.load_model(uri, model_config={"threads": threads})
+        runner = loaded._model_impl.python_model.plan
+        assert runner.plan["threads"] == 1 and runner.threads == threads
+        onnx = [r for name, r in runner.routes.items() if name.startswith("onnxruntime")]
+        assert len(onnx) == 2 and "numpy" in runner.routes
+        for route in onnx:
+            assert route.session.get_session_options().intra_op_num_threads == threads
+        assert torch.get_num_threads() == threads  # the numpy route's torch CSR kernels
+        assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {1}
+        torch.set_num_threads(before)
+        mlflow.pyfunc.load_model(uri, model_config={"threads": threads, "format": "masked_dense"})
+        assert torch.get_num_threads() == threads  # the masked dense network's torch
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_damaged_plan_fails_loudly(mnist, tmp_path):

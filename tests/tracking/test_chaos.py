@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, load_benchmark, start_mlflow_server, stop
+from ticketsmith.base.processes import kill_group
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -57,8 +58,7 @@ def test_a_tracking_server_outage_is_waited_out_or_fails_in_one_line(tmp_path):
             for line in proc.stdout:  # level 0 is tracked; level 1 is training now
                 if line.startswith("  r0 level 0"):
                     break
-            os.killpg(server.pid, signal.SIGKILL)  # the server and all it forked
-            server.wait()
+            kill_group(server)  # the server with its uvicorn: port and store let go
             server = start_mlflow_server(root, port)
             proc.stdout.read()
             rc = proc.wait(timeout=600)

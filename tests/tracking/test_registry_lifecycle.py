@@ -13,6 +13,9 @@ One story, run once (module fixture), each step's registry state kept for the te
 7. the tiny config with another model under the same experiment name (another hash), and
 8. the same hash under another experiment name: each registers apart, and the first
    experiment's aliases do not move.
+9. `prune` the first experiment again with 2 levels: the champion (level 3, from the longer
+   run) is not among the versions this run gates, and it is sparser than any of them: it
+   keeps `champion`.
 """
 from __future__ import annotations
 
@@ -92,6 +95,7 @@ def story(tmp_path_factory):
         step("reused_name", "prune", *base, *other_model)
         step("other_name", "prune", *base, "--set", "experiment.name=other",
              "--set", "prune.levels=3")
+        step("shorter", "prune", *base, "--set", "prune.levels=2")
         yield client, h, h2, steps
     mlflow.set_tracking_uri(None)
 
@@ -185,3 +189,17 @@ def test_two_experiment_names_keep_their_aliases_apart(story):
     assert {mv.run_id for mv in client.search_model_versions(
         f"name = '{model_name_for('other', h)}'")}.isdisjoint(
         {client.get_model_version(model_name_for("tiny", h), v).run_id for v in ours})
+
+
+def test_a_sparser_champion_from_a_longer_run_keeps_its_alias_when_a_shorter_run_is_gated(
+        story):
+    _, _, _, steps = story
+    before, shorter = steps["other_name"]["state"], steps["shorter"]
+    assert shorter["code"] == 0
+    assert aliases(before) == {CHAMPION: 3}
+    # level 2 passes in this run and would be its champion; level 3 outranks it
+    assert shorter["state"][2]["gate"] == "passed"
+    assert float(shorter["state"][3]["tags"]["sparsity"]) > \
+        float(shorter["state"][2]["tags"]["sparsity"])
+    assert aliases(shorter["state"]) == {CHAMPION: 3}
+    assert f"is now @{CHAMPION}" not in shorter["out"]

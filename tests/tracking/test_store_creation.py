@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 
 from ticketsmith.tracking.tracker import prepare_store
@@ -28,21 +27,36 @@ def test_a_new_store_is_complete_when_it_appears(tmp_path):
     assert client.get_experiment(exp).name == "x"
 
 
+# The creating process stops itself half way, with MLflow's initial tables written and its
+# migrations not yet run, says where it is building, and waits to be killed there.
+HALF_BUILT = """
+import sys
+import mlflow.store.db.utils as db
+from ticketsmith.tracking.tracker import prepare_store
+
+def stop_half_way(engine):
+    print(engine.url.database, flush=True)
+    sys.stdin.read()  # until killed
+
+db._upgrade_db = stop_half_way
+prepare_store(sys.argv[1])
+"""
+
+
 def test_a_kill_during_creation_leaves_no_store_and_the_next_command_works(tmp_path):
-    """SIGKILL the creating process as soon as its temporary file exists (MLflow is then
-    building the tables): no store file, and the next creation gives a working store."""
+    """SIGKILL the creating process while MLflow builds the tables (initial tables written,
+    migrations not run): no store file, and the next creation gives a working store."""
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    code = f"from ticketsmith.tracking.tracker import prepare_store; prepare_store({uri!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    tmp = None
+    proc = subprocess.Popen([sys.executable, "-c", HALF_BUILT, uri], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     try:
-        while proc.poll() is None and tmp is None:
-            tmp = next(iter(tmp_path.glob(".mlflow.db.*.creating")), None)
-        if tmp is None:
-            pytest.skip("the store was created before the kill could land")
+        building = Path(proc.stdout.readline().strip())
+        assert building.parent == tmp_path and building.exists(), building
+        assert building != db, "the tables are built in the store itself, not beside it"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        proc.kill()
         proc.wait(timeout=60)
     assert not db.exists()  # never a half-built store under the real name
     prepare_store(uri)

@@ -11,7 +11,7 @@ from ticketsmith.serving.benchmark import format_bytes
 from ticketsmith.report import deployed
 from ticketsmith.tracking import serving_tags
 from ticketsmith.report.render import Block, Bullets, Code, Heading, Link, Strong, Table, para
-from ticketsmith.report.stats import ALPHA, Facts
+from ticketsmith.report.stats import ALPHA, Facts, min_rejecting_n
 
 if TYPE_CHECKING:
     from ticketsmith.report.sources import ReportInputs
@@ -126,6 +126,22 @@ def registry_section(facts: Facts, inputs: ReportInputs) -> list[Block]:
     return out
 
 
+def few_pairs(n: int) -> str | None:
+    """What n ≥ 2 pairs allow the report's test (the one-sided exact sign-flip test, whose
+    smallest p is 1/2^n): nothing below `min_rejecting_n()`, only a unanimous result just
+    above it; None once that limit no longer binds."""
+    least, smallest = min_rejecting_n(), 1 / 2 ** n
+    if n < least:
+        return (f"n={n} replicates: the one-sided exact test cannot reach p < {ALPHA} (its "
+                f"smallest p is 1/2^{n} = {smallest:.3g}; that needs n ≥ {least} pairs); "
+                "spreads are rough estimates from few samples.")
+    if 2 * smallest >= ALPHA:  # the next most extreme assignment already fails
+        return (f"n={n} replicates: the one-sided exact test reaches p < {ALPHA} only when "
+                f"every pair favours the ticket (its smallest p is 1/2^{n} = {smallest:.3g}); "
+                "spreads are rough estimates from few samples.")
+    return None
+
+
 def limits(facts: Facts, inputs: ReportInputs) -> list[Any]:
     """Plain statements of what the evidence does not support."""
     out: list[Any] = []
@@ -133,9 +149,8 @@ def limits(facts: Facts, inputs: ReportInputs) -> list[Any]:
     if n < 2:
         out.append("n=1: no error bars, and no claim that the ticket beats random re-init is "
                    "statistically supported.")
-    elif n < 6:
-        out.append(f"n={n} replicates: the exact test cannot reach p < {ALPHA} (that needs "
-                   "n ≥ 6 pairs); spreads are rough estimates from few samples.")
+    elif (few := few_pairs(n)) is not None:
+        out.append(few)
     counts = {s.accuracy.n for s in facts.stats}
     if len(counts) > 1:
         out.append(f"Levels have unequal replicate counts ({', '.join(map(str, sorted(counts)))}"

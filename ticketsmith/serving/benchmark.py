@@ -27,7 +27,7 @@ from ticketsmith.engine.models import count_params, prunable_weights
 from ticketsmith.engine.store import RunStore
 from ticketsmith.base.secrets import redact
 from ticketsmith.serving import agreement
-from ticketsmith.serving.measure import (clock_for, timing_environment, median, peak_memory, percentile,
+from ticketsmith.serving.measure import (Clock, clock_for, timing_environment, median, peak_memory, percentile,
                                          time_side_by_side, traffic)
 from ticketsmith.serving.formats import (BuildContext, FormatUnavailable, Served, build_format, default_formats,
                                          weight_bytes)
@@ -142,13 +142,15 @@ def _stats(samples: list[list[float]], dense: list[list[float]], bs: int) -> dic
 def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=HEADLINE_BATCH_SIZES,
                     formats: list[str] | None = None, trials: int | None = None,
                     quick: bool = False, data=None, device: str | torch.device = "cpu",
-                    max_accuracy_drop: float = 1.0, plan_dir: str | Path | None = None
-                    ) -> dict[str, Any]:
+                    max_accuracy_drop: float = 1.0, plan_dir: str | Path | None = None,
+                    clock: Clock | None = None) -> dict[str, Any]:
     """Benchmark a masked model (weights already masked) in every format; the JSON contract.
 
     The serving plan's routes (formats `onnxruntime`, `numpy`) are built once, timed like
     every format, ranked per batch size by their measured speedups, checked against the
-    masked model and, with `plan_dir`, written there: what is timed is what ships."""
+    masked model and, with `plan_dir`, written there: what is timed is what ships.
+    clock: what every timing reads (default: `clock_for(device)`); a test hands in one that
+    reads like a noisy machine."""
     device = torch.device(device)
     batch_sizes = sorted({int(b) for b in batch_sizes})
     if not batch_sizes or batch_sizes[0] < 1:
@@ -158,7 +160,7 @@ def benchmark_model(model: nn.Module, mask, meta: dict, *, batch_sizes=HEADLINE_
     model = model.to(device).eval()
     shape = tuple(meta.get("input_shape") or data.input_shape)
     xs = _inputs(shape, data, batch_sizes, device)
-    clock = clock_for(device)
+    clock = clock or clock_for(device)
     accuracy_fn = _accuracy_fn(data, device) if data is not None else None
 
     def timer(calls):  # the auto plan's per-layer clock: as many rounds, shorter turns
@@ -313,8 +315,8 @@ def benchmark_checkpoint(path: str | Path, *, batch_sizes=HEADLINE_BATCH_SIZES,
                          trials: int | None = None, quick: bool = False, data=None,
                          data_root: str | Path | None = "data", device: str = "cpu",
                          allow_factory: bool | str | None = False, max_accuracy_drop: float = 1.0,
-                         plan_dir: str | Path | None = None, source: str | None = None
-                         ) -> dict[str, Any]:
+                         plan_dir: str | Path | None = None, source: str | None = None,
+                         clock: Clock | None = None) -> dict[str, Any]:
     """Benchmark one ticket checkpoint (a local file) against its dense baseline.
 
     data: a `ticketsmith.data.Dataset` for accuracies; else the checkpoint's data set is
@@ -323,6 +325,7 @@ def benchmark_checkpoint(path: str | Path, *, batch_sizes=HEADLINE_BATCH_SIZES,
     (`plan.layout.default_threads`), as a deployment would use. numpy's BLAS runs on one thread, as
     in the served plan. plan_dir: where to write the checked serving plan. source: what to
     record as the checkpoint (e.g. the MLflow URI it was downloaded from; default `path`).
+    clock: as in `benchmark_model`.
     """
     from threadpoolctl import threadpool_limits
 
@@ -341,7 +344,8 @@ def benchmark_checkpoint(path: str | Path, *, batch_sizes=HEADLINE_BATCH_SIZES,
         with threadpool_limits(limits=1, user_api="blas"):
             result = benchmark_model(model, mask, meta, batch_sizes=batch_sizes, formats=formats,
                                      trials=trials, quick=quick, data=data, device=dev,
-                                     max_accuracy_drop=max_accuracy_drop, plan_dir=plan_dir)
+                                     max_accuracy_drop=max_accuracy_drop, plan_dir=plan_dir,
+                                     clock=clock)
     finally:
         torch.set_num_threads(before)
     result["model"]["checkpoint"] = redact(str(source or path))
