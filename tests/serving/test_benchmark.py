@@ -299,9 +299,17 @@ def test_a_noisy_measurement_at_several_threads_is_measured_again_at_one(tmp_pat
     make_checkpoint(root / "replicate_0" / "level_1" / "ticket" / "checkpoint.safetensors",
                     level=1)
     records = [{"replicate": 0, "level": 1, "variant": "ticket"}]
-    with caplog.at_level(logging.WARNING, logger="ticketsmith.benchmark"):
-        (result,) = benchmark_experiment(root, records, threads=2, data=data,
-                                         formats=["compacted"], clock=NoisyClock(), **FAST)
+    # One thread before the call, whatever an earlier test in this process left (a loaded plan
+    # sets torch's threads to its own): the run at 2 threads must put the 1 back.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ticketsmith.benchmark"):
+            (result,) = benchmark_experiment(root, records, threads=2, data=data,
+                                             formats=["compacted"], clock=NoisyClock(), **FAST)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
     env = result["environment"]
     assert env["first_attempt"]["threads"] == 2
     assert env["first_attempt"]["warning"].startswith(
@@ -310,7 +318,7 @@ def test_a_noisy_measurement_at_several_threads_is_measured_again_at_one(tmp_pat
     assert json.loads(Path(result["path"]).read_text())["environment"] == env
     assert "level 1: WARNING: noisy machine" in caplog.text
     assert "measuring again at 1 thread" in caplog.text
-    assert torch.get_num_threads() == 1  # the test process's thread count is restored
+    assert after == 1  # the test process's thread count is restored
 
 
 def test_traffic_model_counts_weights_indices_and_activations():
