@@ -4,7 +4,8 @@ script and the MLproject entry points all end up in `main`.
 One table of commands; each handler parses nothing itself and imports its library code when
 called, so `--help` and a config error never wait for torch or MLflow. One place maps errors
 to exit codes: 0 done, 1 tracking failure / failed release check / a sweep that cannot go on,
-2 bad input, 130 interrupted.
+2 bad input, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (a pod's eviction or
+preemption), both after closing the open runs as KILLED.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable
 from ticketsmith.cli import benchmark, experiment, export, report, sweep
 from ticketsmith.cli.args import add_config_args
 from ticketsmith.base.errors import USER_ERRORS, SweepError, TrackingError
+from ticketsmith.base.interrupts import Terminated, stop_on_sigterm
 
 Handler = Callable[[argparse.Namespace], int]
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's own INFO lines (creating tables, inferring a signature) are not ours to show.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.showwarning = without_mlflow_hints(warnings.showwarning)
+    stop_on_sigterm()  # a clean stop at the next safe point, like Ctrl-C (exit 143)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("terminated (SIGTERM): finished levels and the level's progress are kept; run "
+              "the same command again to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted: finished levels are kept; run the same command again to resume",
               file=sys.stderr)
