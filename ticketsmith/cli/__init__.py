@@ -61,6 +61,9 @@ def without_mlflow_hints(show: Callable) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: from here a SIGTERM is a clean stop at the next safe point, like Ctrl-C (exit
+    # 143). Before (interpreter start-up) it ends the process, nothing opened yet.
+    stop_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Per-file download bars from MLflow drown the experiment's own progress output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -70,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's own INFO lines (creating tables, inferring a signature) are not ours to show.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.showwarning = without_mlflow_hints(warnings.showwarning)
-    stop_on_sigterm()  # a clean stop at the next safe point, like Ctrl-C (exit 143)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
