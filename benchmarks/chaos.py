@@ -202,9 +202,11 @@ def run_killed(cmd: list[str], cwd: Path, env: dict[str, str], delay_s: float,
         stop_cpu_s = children_cpu_s() - children_before - cpu_before
         for reader in proc.readers:
             reader.join(timeout=30)
-        # -15: died of the signal itself, during interpreter start-up (before the CLI's
-        # handler exists, so nothing was opened); a shell or the kubelet reports 143 as well.
-        if sig == "TERM" and code != 143 and not (code == -signal.SIGTERM and not lines):
+        # -15: died of the signal itself, during interpreter start-up or shutdown (before the
+        # CLI's handler exists, or after its work is done: nothing open); a shell or the
+        # kubelet reports 143 for it as well.
+        outside = not lines or lines[-1].startswith("done:")
+        if sig == "TERM" and code != 143 and not (code == -signal.SIGTERM and outside):
             raise RuntimeError(f"SIGTERM: exit {code}, not 143:\n{''.join(err[-20:])}")
         return Attempt(store, delay_s, True, phase, code, stop_s if sig == "TERM" else None,
                        resumed=resumed_from("".join(err)), stop_cpu_s=stop_cpu_s)
