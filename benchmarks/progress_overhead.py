@@ -6,7 +6,9 @@ iterations (the default `train.checkpoint_every`), side by side in one process, 
 interleaved (A B, then B A, ...) so drift in machine load hits both alike. Prints the median
 wall time of each, their ratio, and the median time of one checkpoint write (weights, Adam
 state, RNG states; written atomically with its checksum). Both runs must end with
-bit-identical weights (a checkpoint never changes a result); the script checks it.
+bit-identical weights (a checkpoint never changes a result); the script checks it. Times are
+CPU seconds of this process (`time.process_time`), which a shared machine disturbs far less
+than wall time.
 
     python benchmarks/progress_overhead.py                     # MNIST from <repo>/data
     python benchmarks/progress_overhead.py --data synthetic --iterations 3000 --repeats 5
@@ -32,20 +34,21 @@ from train_loop import load_data  # noqa: E402 (benchmarks/ is run as a folder o
 
 
 class Timed(Progress):
-    """A Progress that records how long each write takes, in seconds."""
+    """A Progress that records the CPU seconds of each write (this process, all threads)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.writes: list[float] = []
 
     def save(self, *args) -> None:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         super().save(*args)
-        self.writes.append(time.perf_counter() - t0)
+        self.writes.append(time.process_time() - t0)
 
 
 def one_run(data, cfg: TrainConfig, every: int | None, folder: Path):
-    """(wall seconds, final weights, checkpoint write times) of one masked training run."""
+    """(CPU seconds, final weights, checkpoint write CPU seconds) of one masked training run.
+    CPU time, not wall time: on a shared machine the wall clock measures the neighbours."""
     torch.manual_seed(0)
     model = build_model("lenet_300_100", data.input_shape, data.num_classes)
     weights = prunable_weights(model)
@@ -55,10 +58,10 @@ def one_run(data, cfg: TrainConfig, every: int | None, folder: Path):
         path = folder / "progress.pt"
         path.unlink(missing_ok=True)
         keeper = Timed(path, {"iterations": cfg.iterations}, every)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     train(model, data, cfg, seed=1, masked=weights, mask=mask, progress=False, checkpoints=keeper)
-    wall = time.perf_counter() - t0
-    return wall, model.state_dict(), (keeper.writes if keeper else [])
+    cpu = time.process_time() - t0
+    return cpu, model.state_dict(), (keeper.writes if keeper else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s), {args.data}, LeNet-300-100 at 20% density, batch 60, "
           f"{args.iterations} iterations, {args.repeats} interleaved repeats")
-    print(f"without progress checkpoints: {a:.2f} s (median)")
-    print(f"with one every {args.every} iterations: {b:.2f} s (median), "
-          f"{len(writes)} writes, median write {statistics.median(writes) * 1000:.1f} ms")
+    print(f"without progress checkpoints: {a:.2f} CPU s (median)")
+    print(f"with one every {args.every} iterations: {b:.2f} CPU s (median), "
+          f"{len(writes)} writes, median write {statistics.median(writes) * 1000:.1f} CPU ms")
     print(f"overhead: {(b / a - 1) * 100:+.2f}% of training time (ratio {b / a:.4f}); "
           f"per interval: one write = {statistics.median(writes) / (a / args.iterations * args.every) * 100:.2f}% "
           f"of {args.every} iterations")

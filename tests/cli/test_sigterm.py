@@ -176,49 +176,41 @@ def records(run_root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_progress_checkpoint_resumes_from_it(tmp_path, reference):
+def test_sigkill_resumes_from_the_last_checkpoint_and_bad_ones_are_refused(tmp_path, reference):
     """A node lost (SIGKILL, nothing saved at the stop): the level resumes from its last
-    periodic checkpoint, so at most `checkpoint_every` (50) iterations are trained again."""
+    periodic checkpoint, so at most `checkpoint_every` (50) iterations are trained again. In
+    the same resume, a corrupt progress file (level 2's ticket) and a foreign one (level 1's
+    control holding the ticket's) are refused with one line each naming the file, those levels
+    start from their beginning, and nothing recorded is lost."""
     cmd = [*chaos.prune_command(str(REPO / "configs" / "tiny.yaml"), tmp_path, "kill", SETS),
            "--no-tracking"]
     p = Prune(cmd, tmp_path, os.environ.copy())
     p.wait_for(lambda: progress_file(tmp_path, 1, "ticket") is not None)
     p.proc.send_signal(signal.SIGSTOP)  # frozen: the file now is the one the kill leaves
-    saved = saved_step(progress_file(tmp_path, 1, "ticket"))
+    ticket = progress_file(tmp_path, 1, "ticket")
+    saved = saved_step(ticket)
     assert p.stop(signal.SIGKILL)[0] == -signal.SIGKILL
     # Reached at most saved + 49: at saved + 50 it would have written the next checkpoint.
     assert saved % 50 == 0 and 50 <= saved < 600
-    err = Prune(cmd, tmp_path, os.environ.copy()).finish()
-    assert [m.groups() for m in map(RESUMED.search, err.splitlines()) if m] == \
-        [(str(saved), "600")]
-    run_root = next((tmp_path / "runs").iterdir())
-    same_as_reference(reference, run_root, records(run_root))
 
-
-@pytest.mark.slow
-def test_corrupt_and_foreign_progress_files_are_refused_and_nothing_recorded_is_lost(
-        tmp_path, reference):
-    cmd = [*chaos.prune_command(str(REPO / "configs" / "tiny.yaml"), tmp_path, "bad", SETS),
-           "--no-tracking"]
-    p = Prune(cmd, tmp_path, os.environ.copy())
-    p.wait_for(lambda: progress_file(tmp_path, 1, "ticket") is not None)
-    assert p.stop(signal.SIGTERM)[0] == 143
     run_root = next((tmp_path / "runs").iterdir())
     level0 = {f: f.read_bytes() for f in (run_root / "replicate_0" / "level_0").rglob("*")
               if f.is_file()}
-    ticket = progress_file(tmp_path, 1, "ticket")
     foreign = ticket.parent.parent / "random_reinit" / "progress.pt"
-    foreign.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ticket, foreign)  # the ticket's progress, where the control's belongs
-    raw = bytearray(ticket.read_bytes())
+    corrupt = ticket.parent.parent.parent / "level_2" / "ticket" / "progress.pt"
+    for path in (foreign, corrupt):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ticket, path)
+    raw = bytearray(corrupt.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
-    ticket.write_bytes(bytes(raw))
+    corrupt.write_bytes(bytes(raw))
 
     err = Prune(cmd, tmp_path, os.environ.copy()).finish().splitlines()
+    assert [m.groups() for m in map(RESUMED.search, err) if m] == [(str(saved), "600")]
     refused = [line for line in err if line.startswith("refused:")]
-    assert len(refused) == 2
-    assert str(ticket) in refused[0] and "checksum mismatch" in refused[0]
-    assert str(foreign) in refused[1] and "'variant': 'ticket'" in refused[1]
-    assert not any(RESUMED.search(line) for line in err)  # both levels started again
+    assert len(refused) == 2, err
+    assert str(foreign) in refused[0] and "'variant': 'ticket'" in refused[0]
+    assert str(corrupt) in refused[1] and "checksum mismatch" in refused[1]
     assert {f: f.read_bytes() for f in level0} == level0  # the finished level untouched
     same_as_reference(reference, run_root, records(run_root))
+    assert not list(run_root.glob("replicate_*/level_*/*/progress.pt"))
