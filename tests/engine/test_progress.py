@@ -7,7 +7,6 @@ import io
 import logging
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
