@@ -116,3 +116,33 @@ def test_retry_skips_its_back_off_when_interrupted(default_sigint):
     with pytest.raises(KeyboardInterrupt):
         retry(down_and_interrupted, "log batch", sleep=sleeps.append)
     assert sleeps == []
+
+
+def test_a_sigterm_inside_a_deferred_block_stops_when_it_ends():
+    """After stop_on_sigterm (what the CLI does first), SIGTERM is held like Ctrl-C and then
+    raised as Terminated (a KeyboardInterrupt: every Ctrl-C clean-up path runs for it)."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        interrupts.stop_on_sigterm()
+        done = []
+        with pytest.raises(interrupts.Terminated):
+            with interrupts.interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("after the signal")
+                assert interrupts.interrupt_pending()
+        assert done == ["after the signal"]
+        assert signal.getsignal(signal.SIGTERM) is interrupts._raise_terminated
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_program_that_did_not_ask_keeps_its_own_sigterm_handling():
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+    try:
+        with interrupts.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -196,3 +196,27 @@ def test_interrupt_exits_130_with_one_line(door, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.strip()][-1].startswith("interrupted:")
+
+
+@pytest.mark.parametrize("door", ["console", "module", "entrypoint"])
+def test_sigterm_exits_143_with_one_line(door, tmp_path):
+    """SIGTERM (a pod's eviction) at the start of training, through every door: one line, exit
+    143 (SIGTERM in depth: tests/cli/test_sigterm.py, tests/engine/test_progress.py)."""
+    cmd = [*door_command(door, "prune"), "--config", TINY, "--no-tracking", "-q",
+           "--set", f"experiment.output_dir={tmp_path}", "--set", "train.iterations=1000000"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        first = proc.stdout.readline()  # the experiment has started once it prints
+        assert first.startswith("experiment tiny"), first + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "terminated (SIGTERM): finished levels and the level's progress are kept; run the same "
+        "command again to resume"]

@@ -83,6 +83,16 @@ class TrainConfig(_Section):
     allow_device_change: bool = Field(False, description="Resume a run folder trained on "
                                       "another device (or determinism policy), mixing both in "
                                       "one experiment.", **_NOT_HASHED)
+    # Where a stopped level resumes from, not what it computes: a resumed level ends
+    # bit-identical on CPU to an uninterrupted one (see engine/progress.py).
+    checkpoint_every: int = Field(1000, ge=0, description="Iterations between progress "
+                                  "checkpoints of a level (weights, optimizer, RNG states, data "
+                                  "position) that a stopped level resumes from; 0: none, a "
+                                  "stopped level starts again.", **_NOT_HASHED)
+    upload_every_s: float = Field(300.0, ge=0, description="Seconds between uploads of the "
+                                  "progress checkpoint to the artifact store (with tracking on), "
+                                  "so another machine can resume; 0: every checkpoint. A SIGTERM "
+                                  "always uploads.", **_NOT_HASHED)
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":

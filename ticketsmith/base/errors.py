@@ -3,7 +3,7 @@ without importing torch or MLflow. Each module raises its own from here and re-e
 (`ticketsmith.engine.masks.MaskError` is this `MaskError`).
 
 Exit codes (`ticketsmith.cli.main`): bad input 2, tracking failure or a sweep that cannot go
-on 1, interrupted 130.
+on 1, interrupted 130 (Ctrl-C) or 143 (SIGTERM).
 """
 
 

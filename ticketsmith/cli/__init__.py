@@ -4,7 +4,8 @@ script and the MLproject entry points all end up in `main`.
 One table of commands; each handler parses nothing itself and imports its library code when
 called, so `--help` and a config error never wait for torch or MLflow. One place maps errors
 to exit codes: 0 done, 1 tracking failure / failed release check / a sweep that cannot go on,
-2 bad input, 130 interrupted.
+2 bad input, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (a pod's eviction or
+preemption), both after closing the open runs as KILLED.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable
 from ticketsmith.cli import benchmark, experiment, export, report, sweep
 from ticketsmith.cli.args import add_config_args
 from ticketsmith.base.errors import USER_ERRORS, SweepError, TrackingError
+from ticketsmith.base.interrupts import Terminated, stop_on_sigterm
 
 Handler = Callable[[argparse.Namespace], int]
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -59,6 +61,9 @@ def without_mlflow_hints(show: Callable) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: from here a SIGTERM is a clean stop at the next safe point, like Ctrl-C (exit
+    # 143). Before (interpreter start-up) it ends the process, nothing opened yet.
+    stop_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Per-file download bars from MLflow drown the experiment's own progress output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -82,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("terminated (SIGTERM): finished levels and the level's progress are kept; run "
+              "the same command again to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted: finished levels are kept; run the same command again to resume",
               file=sys.stderr)

@@ -23,6 +23,8 @@ from ticketsmith.engine.masks import (Mask, describe_plan, prune_magnitude, prun
                                       semi_structured_plan)
 from ticketsmith.engine.models import build_model, count_params, output_layer, prunable_weights
 from ticketsmith.engine.events import NullTracker, Tracker
+from ticketsmith.engine.progress import Progress
+from ticketsmith.base.interrupts import interrupts_deferred
 from ticketsmith.base.secrets import redact
 from ticketsmith.engine.structured import check_structured, level_units_mask, random_units_like
 from ticketsmith.engine.store import RunStore
@@ -320,19 +322,38 @@ def _already_done(rep: _Replicate, level: int, variant: str):
 
 def _train_one(rep: _Replicate, level: int, variant: str, start: dict[str, torch.Tensor],
                mask: Mask, save_at: int | None) -> TrainResult:
-    """Train (level, variant) from `start` under `mask`; the tracker sees every evaluation."""
+    """Train (level, variant) from `start` under `mask`, or resume it from its progress
+    checkpoint; the tracker sees every evaluation."""
+    keeper = level_progress(rep, level, variant)
     rep.tracker.run_started(rep.replicate, level, variant)
     rep.model.load_state_dict(start)
 
     def on_eval(step: int, row: dict[str, float]) -> None:
         rep.tracker.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step)
 
-    res = train(rep.model, rep.data, rep.cfg.train, seed=rep.data_seed, masked=rep.weights(),
-                mask=mask.to(rep.device), save_state_at=save_at, on_eval=on_eval,
-                progress=rep.progress, desc=f"r{rep.replicate} L{level} {variant}")
+    # SIGTERM and Ctrl-C wait for the end of the step, so the progress checkpoint holds it.
+    with interrupts_deferred():
+        res = train(rep.model, rep.data, rep.cfg.train, seed=rep.data_seed, masked=rep.weights(),
+                    mask=mask.to(rep.device), save_state_at=save_at, on_eval=on_eval,
+                    progress=rep.progress, desc=f"r{rep.replicate} L{level} {variant}",
+                    checkpoints=keeper)
     if save_at is not None and save_at > 0:
         ckpt.save_checkpoint(rep.store.rewind_path(rep.replicate), res.saved_state, meta=rep.meta)
     return res
+
+
+def level_progress(rep: _Replicate, level: int, variant: str) -> Progress:
+    """The progress checkpoint of (level, variant): in the run folder, or fetched through the
+    tracker from the artifact store when a new machine resumes the level."""
+    key, tcfg = (rep.replicate, level, variant), rep.cfg.train
+    path = rep.store.progress_path(*key)
+    if not path.is_file():
+        rep.tracker.fetch_progress(*key, path)
+    identity = {"hash": rep.store.root.name, "replicate": rep.replicate, "level": level,
+                "variant": variant, "data_seed": rep.data_seed,
+                "iterations": total_iterations(tcfg, len(rep.data.train_x))}
+    return Progress(path, identity, tcfg.checkpoint_every, upload=rep.tracker.progress_saved,
+                    upload_every_s=tcfg.upload_every_s)
 
 
 def _record(rep: _Replicate, level: int, variant: str, mask: Mask, res: TrainResult):
@@ -355,6 +376,7 @@ def _record(rep: _Replicate, level: int, variant: str, mask: Mask, res: TrainRes
     run_meta = {**rep.meta, "level": level, "variant": variant, "replicate": rep.replicate,
                 "hash": store.root.name, "density": record["density"]}
     ckpt.save_checkpoint(store.checkpoint_path(*key), state, mask, run_meta)
+    store.progress_path(*key).unlink(missing_ok=True)  # the final checkpoint supersedes it
     store.write_json(store.curve_path(*key), res.curve)
     store.write_json(store.metrics_path(*key), record)  # the done marker
     rep.result.trained.append(key)

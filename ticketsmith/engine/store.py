@@ -8,12 +8,14 @@ Layout (one experiment = one config hash):
     <root>/<hash>/replicate_<r>/level_<k>/<variant>/checkpoint.safetensors
     <root>/<hash>/replicate_<r>/level_<k>/<variant>/curve.json
     <root>/<hash>/replicate_<r>/level_<k>/<variant>/metrics.json   written last = done
+    <root>/<hash>/replicate_<r>/level_<k>/<variant>/progress.pt    mid-level progress (until done)
     <root>/<hash>/replicate_<r>/level_<k>/<variant>/benchmark.json serving benchmark (optional)
 
 Every path in a run folder is a method here; no other module spells one out.
 
 Every file is written atomically, so a run killed mid-level leaves that level unfinished
-(no metrics.json) and it is trained again on resume.
+(no metrics.json) and it is trained again on resume, from its progress checkpoint if one
+was written.
 """
 from __future__ import annotations
 
@@ -45,6 +47,11 @@ class RunStore:
 
     def checkpoint_path(self, replicate: int, level: int, variant: str) -> Path:
         return self.run_dir(replicate, level, variant) / "checkpoint.safetensors"
+
+    def progress_path(self, replicate: int, level: int, variant: str) -> Path:
+        """The progress checkpoint of a level in training (see progress.py); deleted once the
+        level's final checkpoint is written."""
+        return self.run_dir(replicate, level, variant) / "progress.pt"
 
     def metrics_path(self, replicate: int, level: int, variant: str) -> Path:
         return self.run_dir(replicate, level, variant) / "metrics.json"

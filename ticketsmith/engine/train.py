@@ -9,6 +9,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, Mapping
 
 import torch
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from ticketsmith.base.config import ConfigError, TrainConfig
 from ticketsmith.engine.data import batches
 from ticketsmith.engine.masks import Mask
+from ticketsmith.engine.progress import Progress
 
 # Called at each evaluation with (iteration, {"train_loss", "val_loss", "val_accuracy"}).
 EvalHook = Callable[[int, dict[str, float]], None]
@@ -95,12 +97,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def train(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
           masked: Mapping[str, torch.Tensor] | None = None, mask: Mask | None = None,
           save_state_at: int | None = None, on_eval: EvalHook | None = None,
-          desc: str = "train", progress: bool = True) -> TrainResult:
+          desc: str = "train", progress: bool = True,
+          checkpoints: Progress | None = None) -> TrainResult:
     """Train `model` in place on `data` (a data.Dataset) and evaluate on its test split.
 
     masked: the prunable parameters (name → Parameter) that `mask` constrains.
     seed: fixes the data order, so every variant of a replicate sees the same batches.
     save_state_at: iteration whose weights are returned in `saved_state` (late rewinding).
+    checkpoints: the level's progress checkpoint: resumed from if there is one, written at
+    its interval and at a pending stop (see progress.py).
     """
     device = data.train_x.device
     model.to(device).train()
@@ -125,12 +130,18 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
     window_steps = 0
     start = time.perf_counter()
     step = 0
+    if checkpoints is not None and (got := checkpoints.restore(model, opt, order, window_loss)):
+        step, curve, window_steps, saved = got
+        for row in curve if on_eval is not None else ():  # the new run shows the whole curve
+            on_eval(int(row["iteration"]), row)
+    per_epoch = math.ceil(n / cfg.batch_size)
     # disable=None: no bar when stderr is not a terminal (pod logs, CI), so logs keep only
     # the per-level summary lines.
-    bar = tqdm(total=total, desc=desc, unit="it", leave=False, mininterval=0.5,
+    bar = tqdm(total=total, initial=step, desc=desc, unit="it", leave=False, mininterval=0.5,
                disable=None if progress else True)
     while step < total:
-        for idx in batches(n, cfg.batch_size, order, device):
+        epoch_order = order.get_state()  # a resume draws this epoch's permutation again
+        for idx in islice(batches(n, cfg.batch_size, order, device), step % per_epoch, None):
             loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,6 +166,9 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
                     on_eval(step, row)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", refresh=False)
             bar.update(1)
+            if checkpoints is not None:  # a safe point: save if due, then act on a stop
+                checkpoints.after_step(step, model, opt, order, per_epoch, lambda: (
+                    curve, window_loss, window_steps, saved, epoch_order))
             if step >= total:
                 break
     bar.close()

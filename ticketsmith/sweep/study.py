@@ -9,6 +9,7 @@ worker that dies leaves its trial to the heartbeat check, which fails and retrie
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from optuna.trial import TrialState
 from ticketsmith.base.config import Config, ConfigError
 from ticketsmith.gates import champion_level, evaluate_gates
 from ticketsmith.engine.lottery import derive_seed
+from ticketsmith.base.interrupts import Terminated
 from ticketsmith.pipeline import run_prune
 from ticketsmith.base.secrets import redact
 from ticketsmith.sweep.config import (STORAGE_ENV, StudyLock, SweepConfig, make_sampler,
@@ -136,8 +138,9 @@ class Objective:
                     **{TAG + "sweep.stopped_after_level": str(engine.stopped_after)})
             self.last_state = TrialState.PRUNED
             raise
-        except BaseException as exc:  # an error, or Ctrl-C: Optuna marks the trial FAIL
-            end_run(self.client, run_id, "FAIL", "FAILED", **{TAG + "sweep.error": repr(exc)})
+        except BaseException as exc:  # an error, Ctrl-C or SIGTERM: Optuna marks the trial FAIL
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            end_run(self.client, run_id, "FAIL", status, **{TAG + "sweep.error": repr(exc)})
             raise
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
@@ -291,7 +294,14 @@ def run_sweep(cfg: SweepConfig, *, storage_url: str, workers: int = 1, worker: i
                 "--overrides", overrides]
         env = {**os.environ, STORAGE_ENV: storage_url}  # not on a command line: may hold a password
         procs = [subprocess.Popen([*base, "--worker", str(i)], env=env) for i in range(workers)]
-        codes = [p.wait() for p in procs]
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt as stop:  # Ctrl-C reaches the group; a pod's SIGTERM only us
+            for p in procs:
+                p.send_signal(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+            for p in procs:
+                p.wait()
+            raise
         if any(codes):
             echo(f"warning: worker exit codes {codes}")
     ok, text = summarize(study, cfg, client, sweep_run)

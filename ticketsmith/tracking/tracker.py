@@ -32,6 +32,7 @@ from ticketsmith.tracking.run_summary import (EXPERIMENT_KIND_TAG, NOTE_TAG, TRA
 from ticketsmith.base.secrets import redact
 
 TAG = "ticketsmith."
+PROGRESS_DIR = "progress"  # artifact folder of a child run's progress checkpoint
 CHILD_METRICS = ("test_accuracy", "test_loss", "best_val_accuracy", "early_stop_iteration",
                  "sparsity", "density", "nonzero_params", "total_params", "wall_time_s")
 
@@ -149,6 +150,7 @@ class MlflowTracker:
         self.current: str | None = None
         self._replicate: int | None = None
         self._monitor = None
+        self._progress_uploaded = False
 
     # --- lookup ---------------------------------------------------------------------------
     def _runs(self, role: str) -> list[Any]:
@@ -215,9 +217,50 @@ class MlflowTracker:
                  if isinstance(v, (int, float)) and not math.isnan(v)]
         self.log_batch(self.current, metrics=batch)
 
+    def fetch_progress(self, replicate: int, level: int, variant: str, dest: Path) -> None:
+        """The progress checkpoint of the level's unfinished run (e.g. a pod preempted on
+        another node), if it uploaded one, into `dest`."""
+        old = self.children.get((replicate, level, variant))
+        if old is None or old.info.status == "FINISHED":
+            return
+        listed = retry(lambda: self.client.list_artifacts(old.info.run_id, PROGRESS_DIR),
+                       "list progress checkpoint")
+        if not listed:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            self._download(old.info.run_id, PROGRESS_DIR, Path(tmp), required=False)
+            found = Path(tmp) / Path(dest).name
+            if found.is_file():
+                Path(dest).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(found, Path(tmp) / "whole")
+                os.replace(Path(tmp) / "whole", dest)
+                self.echo(f"tracking: fetched the progress checkpoint of run {old.info.run_id}")
+
+    def progress_saved(self, path: Path) -> None:
+        run_id = self.current
+        retry(lambda: self.client.log_artifact(run_id, str(path), PROGRESS_DIR),
+              "upload progress checkpoint")
+        self._progress_uploaded = True
+
     def run_finished(self, record: dict[str, Any], run_dir: Path) -> None:
         self._finish(self.current, record, Path(run_dir))
+        self._drop_progress(self.current)
         self.current = None
+
+    def _drop_progress(self, run_id: str) -> None:
+        """The finished level's progress checkpoint is of no more use: delete the uploaded
+        copy (best effort: a store that cannot delete keeps one stale file)."""
+        if not self._progress_uploaded:
+            return
+        self._progress_uploaded = False
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            uri = retry(lambda: self.client.get_run(run_id), "read run").info.artifact_uri
+            with interrupts_deferred():
+                get_artifact_repository(uri).delete_artifacts(PROGRESS_DIR)
+        except (TrackingError, MlflowException, OSError, NotImplementedError):
+            pass
 
     def run_reused(self, record: dict[str, Any], run_dir: Path) -> None:
         key = (record["replicate"], record["level"], record["variant"])
