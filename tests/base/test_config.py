@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from ticketsmith.base.config import (BUILTIN_DATASETS, Config, ConfigError, TrainConfig,
+from ticketsmith.base.config import (BUILTIN_DATASETS, IMAGE_DATASETS, TEXT_DATASETS, Config, ConfigError, TrainConfig,
                                 apply_overrides, config_from_dict, load_config, parse_override)
 from ticketsmith.engine.data import DATASETS
 from ticketsmith.engine.lottery import layer_fractions
@@ -112,8 +112,25 @@ def test_bad_values_fail_with_one_line_naming_the_key_path(override, path):
 
 
 def test_data_names_match_the_loaders():
-    assert BUILTIN_DATASETS == DATASETS
+    assert BUILTIN_DATASETS == IMAGE_DATASETS + TEXT_DATASETS
+    assert IMAGE_DATASETS == DATASETS
     assert load_config(None, ["data.name=spirals", "data.factory=my_project:make_data"]).data.name == "spirals"
+
+
+def test_text_names_match_the_text_loader():
+    text = pytest.importorskip("ticketsmith.engine.text")
+    assert TEXT_DATASETS == text.TEXT_DATASETS
+
+
+def test_a_text_data_set_makes_a_language_model_with_late_rewinding():
+    lm = load_config(None, ["data.name=sotu", "train.iterations=1000"])
+    assert lm.task == "language_model" and lm.prune.rewind_iteration == 50
+    assert load_config(None, ["data.name=sotu", "train.iterations=1000",
+                              "prune.rewind_iteration=0"]).hash() != lm.hash()
+    image = load_config(None, ["train.iterations=1000"])
+    assert image.task == "image_classification" and image.prune.rewind_iteration == 0
+    assert image.hash() == load_config(None, ["train.iterations=1000",
+                                              "prune.rewind_iteration=0"]).hash()
 
 
 def test_bad_files_fail_with_one_line(tmp_path):

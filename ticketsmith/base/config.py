@@ -27,13 +27,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# The same names as data.DATASETS, kept here so loading a config does not import torch.
-BUILTIN_DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+# The same names as data.DATASETS and text.TEXT_DATASETS, kept here so loading a config does
+# not import torch. A text data set makes the experiment a language-modelling one (tasks.py).
+IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+TEXT_DATASETS = ("sotu", "shakespeare", "text")
+BUILTIN_DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 
 
 class DataConfig(_Section):
     name: str = Field("mnist", description="Data set: mnist, fashion_mnist, cifar10 or synthetic "
-                      "(a tiny generated set for smoke tests); with `factory`, only a label.")
+                      "(a tiny generated set for smoke tests), or a text corpus (sotu, "
+                      "shakespeare, text) for language modelling; with `factory`, only a label "
+                      "(a text name still makes it a language-modelling experiment).")
     root: str = Field("data", description="Folder holding downloaded data sets.", **_NOT_HASHED)
     val_size: int = Field(5000, ge=0, description="Examples held out of the training set.")
     factory: str | None = Field(None, description="'pkg.module:function' returning your data.")
@@ -60,11 +65,30 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="Optimizer.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer ('adamw': "
+                                                       "decoupled weight decay, for transformers).")
     lr: float = Field(1.2e-3, gt=0, le=10, description="Learning rate.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
-    batch_size: int = Field(60, ge=1, description="Examples per optimizer step.")
+    batch_size: int = Field(60, ge=1, description="Examples (language models: windows of "
+                            "`context` tokens) per optimizer step.")
+    beta2: float = Field(0.999, gt=0, lt=1, description="Adam/AdamW second-moment decay "
+                         "(nanoGPT uses 0.99 for small character-level models).")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="Learning rate over "
+                                                    "the run: constant, or linear warm-up then "
+                                                    "cosine decay to `min_lr_fraction` × lr.")
+    warmup_iterations: int = Field(0, ge=0, description="Linear warm-up steps ('cosine').")
+    min_lr_fraction: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr "
+                                   "('cosine').")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient's global L2 norm "
+                                    "to this value; None: no clipping.")
+    context: int = Field(64, ge=2, le=65536, description="Language models: tokens in a training "
+                         "window (the model's positions); batches are seeded random windows of "
+                         "context + 1 tokens of the training stream.")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for training; None "
+                                "leaves torch's setting (set OMP_NUM_THREADS=1 on a shared "
+                                "machine: two threads on two busy cores ran 30x slower).",
+                                **_NOT_HASHED)
     epochs: float | None = Field(None, gt=0, description="Training length in epochs "
                                  "(exclusive with iterations).")
     iterations: int | None = Field(None, ge=1, description="Training length in optimizer steps.")
@@ -109,14 +133,18 @@ class PruneConfig(_Section):
     scope: Literal["layerwise", "global"] = Field("layerwise", description="Who competes.")
     schedule: Literal["iterative", "oneshot"] = Field("iterative", description="'oneshot' "
                                                      "prunes the dense net straight to each level's density.")
-    rewind_iteration: int = Field(0, ge=0, description="Rewind survivors to weights at this "
-                                  "iteration of the dense run (0 = original init).")
+    rewind_iteration: int | None = Field(
+        None, ge=0, description="Rewind survivors to weights at this iteration of the dense run "
+        "(0 = original init). Unset: 0 for image classification, late rewinding to 5% of "
+        "training for language models (transformer tickets need it).",
+        json_schema_extra={"hash_default": 0})
     pattern: Literal["unstructured", "2:4"] = Field("unstructured", description="'2:4' adds "
                                                     "semi-structured sparsity for GPU serving.")
-    granularity: Literal["weight", "neuron", "channel"] = Field(
+    granularity: Literal["weight", "neuron", "channel", "head"] = Field(
         "weight", description="What a level removes: single weights; whole neurons (Linear rows, "
-        "with their outgoing weights); or whole channels (Conv filters) and hidden neurons. "
-        "Structured tickets compact into smaller dense networks; the output layer keeps every unit.")
+        "with their outgoing weights; in a transformer, MLP hidden units); whole channels (Conv "
+        "filters) and hidden neurons; or whole attention heads (transformers). Structured "
+        "tickets compact into smaller dense networks; the output layer keeps every unit.")
     unit_norm: Literal["l1", "l2"] = Field("l1", description="Structured granularities: a unit's "
                                            "score, the norm of its incoming weights.")
 
@@ -155,6 +183,9 @@ class GateConfig(_Section):
                                      "vs dense (mean over replicates).", **_NOT_HASHED)
     max_loss_delta: float | None = Field(None, ge=0, description="Largest allowed rise in test "
                                          "loss vs dense; None disables.", **_NOT_HASHED)
+    max_bpb_increase: float = Field(0.05, ge=0, description="Language models: bits per byte "
+                                    "(validation and test, mean over replicates) a ticket may "
+                                    "add over dense.", **_NOT_HASHED)
     require_beats_random: bool = Field(True, description="Ticket must beat random re-init at "
                                        "the same level.", **_NOT_HASHED)
     release_min_sparsity: float = Field(0.0, ge=0, le=1, description="Release check: the champion "
@@ -177,6 +208,23 @@ class Config(_Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _task_defaults(self) -> "Config":
+        """Fill what the task decides when unset: the rewind point (late for transformers)."""
+        if self.prune.rewind_iteration is not None:
+            return self
+        rewind = 0
+        if self.data.name in TEXT_DATASETS and self.train.iterations is not None:
+            rewind = max(1, self.train.iterations // 20)  # 5% of training (Frankle et al. 2020)
+        # Frozen sections: the resolved value is set once, here, before anyone reads it.
+        object.__setattr__(self, "prune", self.prune.model_copy(update={"rewind_iteration": rewind}))
+        return self
+
+    @property
+    def task(self) -> str:
+        """'language_model' for a text data set, else 'image_classification'."""
+        return "language_model" if self.data.name in TEXT_DATASETS else "image_classification"
+
     def hash(self) -> str:
         """12 hex chars naming the experiment: sha256 of the hashed, non-default fields."""
         return hashlib.sha256(canonical_json(self).encode()).hexdigest()[:12]
@@ -197,9 +245,18 @@ def _hashed_fields(model: BaseModel) -> dict[str, Any]:
             sub = _hashed_fields(value)
             if sub:
                 out[name] = sub
-        elif value != info.get_default(call_default_factory=True):
+        elif value != _hash_default(info):
             out[name] = value
     return out
+
+
+def _hash_default(info: Any) -> Any:
+    """The value a field is left out of the hash at: its default, or for a field whose default
+    the task resolves (None → a value), the value every older config had."""
+    extra = info.json_schema_extra or {}
+    if isinstance(extra, dict) and "hash_default" in extra:
+        return extra["hash_default"]
+    return info.get_default(call_default_factory=True)
 
 
 def canonical_json(cfg: Config) -> str:
