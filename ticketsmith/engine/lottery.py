@@ -17,7 +17,7 @@ from torch import nn
 
 from ticketsmith.engine import checkpoint as ckpt
 from ticketsmith.base.config import Config, ConfigError, dump_config
-from ticketsmith.engine.data import Dataset, load_dataset
+from ticketsmith.engine.data import Dataset
 from ticketsmith.engine.execution import check_resume, determinism, execution_facts
 from ticketsmith.engine.masks import (Mask, describe_plan, prune_magnitude, prune_n_m, random_mask_like,
                                       semi_structured_plan)
@@ -26,7 +26,8 @@ from ticketsmith.engine.events import NullTracker, Tracker
 from ticketsmith.base.secrets import redact
 from ticketsmith.engine.structured import check_structured, level_units_mask, random_units_like
 from ticketsmith.engine.store import RunStore
-from ticketsmith.engine.train import TrainResult, resolve_device, total_iterations, train
+from ticketsmith.engine.tasks import task_for
+from ticketsmith.engine.train import TrainResult, resolve_device, total_iterations
 from ticketsmith.base.errors import LotteryError  # noqa: F401 (re-exported)
 
 def derive_seed(*parts: object) -> int:
@@ -171,10 +172,9 @@ def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
 
 
 def experiment_data(cfg: Config, device: torch.device | str) -> Dataset:
-    """The experiment's data on `device`; the validation split is seeded by experiment.seed."""
-    return load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
-                        split_seed=cfg.experiment.seed, device=device,
-                        factory=cfg.data.factory, options=cfg.data.options)
+    """The experiment's data on `device`, as its task loads them (images: the validation
+    split is seeded by experiment.seed; text: token streams of whole held-out documents)."""
+    return task_for(cfg).load(cfg, device)
 
 
 def seeded_model(cfg: Config, data: Dataset, seed: int) -> nn.Module:
@@ -190,6 +190,7 @@ def check_model(cfg: Config, data: Dataset) -> None:
     unknown model or factory, an exclude or layer rate naming no layer, a rewind point after
     the end of training. Called before anything is written or tracked, so a config error
     leaves no run folder and no run behind."""
+    task_for(cfg).check(cfg, data)
     model = seeded_model(cfg, data, cfg.experiment.seed)
     weights = prunable_weights(model, cfg.model.exclude)
     layer_fractions(cfg, dict(weights), output_layer(model))
@@ -216,7 +217,8 @@ def train_dense(cfg: Config, *, progress: bool = True) -> tuple[TrainResult, Dat
     init_seed, data_seed = replicate_seeds(cfg.experiment.seed, 0)
     model = seeded_model(cfg, data, init_seed).to(device)
     with determinism(cfg.train.determinism, device):
-        res = train(model, data, cfg.train, seed=data_seed, progress=progress, desc="dense")
+        res = task_for(cfg).train(model, data, cfg.train, seed=data_seed, progress=progress,
+                                  desc="dense")
     return res, data, device
 
 
@@ -327,7 +329,7 @@ def _train_one(rep: _Replicate, level: int, variant: str, start: dict[str, torch
     def on_eval(step: int, row: dict[str, float]) -> None:
         rep.tracker.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step)
 
-    res = train(rep.model, rep.data, rep.cfg.train, seed=rep.data_seed, masked=rep.weights(),
+    res = task_for(rep.cfg).train(rep.model, rep.data, rep.cfg.train, seed=rep.data_seed, masked=rep.weights(),
                 mask=mask.to(rep.device), save_state_at=save_at, on_eval=on_eval,
                 progress=rep.progress, desc=f"r{rep.replicate} L{level} {variant}")
     if save_at is not None and save_at > 0:
@@ -349,13 +351,17 @@ def _record(rep: _Replicate, level: int, variant: str, mask: Mask, res: TrainRes
         "nonzero_params": rep.total_params - (mask.size() - kept), "prunable_params": mask.size(),
         "total_params": rep.total_params, "iterations": res.iterations,
         "wall_time_s": res.wall_time_s, "layer_density": mask.layer_density(),
-        **execution_facts(rep.device, rep.cfg.train.determinism),
+        **res.metrics, **execution_facts(rep.device, rep.cfg.train.determinism),
     }
     state = {k: v.detach().clone() for k, v in rep.model.state_dict().items()}
     run_meta = {**rep.meta, "level": level, "variant": variant, "replicate": rep.replicate,
                 "hash": store.root.name, "density": record["density"]}
     ckpt.save_checkpoint(store.checkpoint_path(*key), state, mask, run_meta)
     store.write_json(store.curve_path(*key), res.curve)
+    task = task_for(rep.cfg)
+    if task.samples is not None:  # for a person to read; uploaded with the run folder
+        seed = derive_seed(rep.cfg.experiment.seed, rep.replicate, "samples")
+        ckpt.atomic_write_text(store.samples_path(*key), task.samples(rep.model, rep.data, seed))
     store.write_json(store.metrics_path(*key), record)  # the done marker
     rep.result.trained.append(key)
     rep.tracker.run_finished(record, store.run_dir(*key))
@@ -403,7 +409,8 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
     dense, dense_state = _run_one(rep, 0, "dense", rep.init_state, dense_mask,
                                   save_at=rewind_at or None)
     records = [dense]
-    echo(f"  r{replicate} level 0  density 100.00%  dense {dense['test_accuracy']:.2%}")
+    summary = task_for(cfg).summary
+    echo(f"  r{replicate} level 0  density 100.00%  dense {summary(dense)}")
     rewind_state = rep.init_state
     if rewind_at:
         rewind_state = ckpt.load_checkpoint(store.rewind_path(replicate), device).state
@@ -419,7 +426,7 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
             start, vmask = VARIANTS[variant](ctx)
             record, state = _run_one(rep, level, variant, start, vmask)
             records.append(record)
-            line.append(f"{variant} {record['test_accuracy']:.2%}")
+            line.append(f"{variant} {summary(record)}")
             if variant == "ticket":
                 prev_weights, prev_mask = {n: state[n] for n in rep.names}, mask
         echo("  ".join(line))

@@ -50,6 +50,10 @@ class RunStore:
     def curve_path(self, replicate: int, level: int, variant: str) -> Path:
         return self.run_dir(replicate, level, variant) / "curve.json"
 
+    def samples_path(self, replicate: int, level: int, variant: str) -> Path:
+        """Language models: continuations of fixed prompts, for a person to read."""
+        return self.run_dir(replicate, level, variant) / "samples.txt"
+
     def benchmark_path(self, replicate: int, level: int, variant: str) -> Path:
         """The serving benchmark of a checkpoint, written next to it."""
         return self.run_dir(replicate, level, variant) / "benchmark.json"
