@@ -166,9 +166,12 @@ class ExperimentResult:
 
 def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
     """What `checkpoint` metadata needs to rebuild the model without the experiment config."""
-    return {"model": cfg.model.name, "factory": cfg.model.factory, "options": cfg.model.options,
+    meta = {"model": cfg.model.name, "factory": cfg.model.factory, "options": cfg.model.options,
             "exclude": cfg.model.exclude, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "dataset": data.name}
+    if cfg.task != "image_classification":  # image checkpoints keep their metadata as it was
+        meta.update(task=cfg.task, tokenizer=data.tokenizer.name)
+    return meta
 
 
 def experiment_data(cfg: Config, device: torch.device | str) -> Dataset:
@@ -236,6 +239,9 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
     store.root.mkdir(parents=True, exist_ok=True)
     # The resolved config, with any credential in its values masked (e.g. a signed data URL).
     ckpt.atomic_write_text(store.config_path, redact(dump_config(cfg)))
+    tokenizer = getattr(data, "tokenizer", None)
+    if hasattr(tokenizer, "save") and not store.tokenizer_dir.is_dir():
+        tokenizer.save(store.tokenizer_dir)  # a trained tokenizer ships with the model
     result = ExperimentResult(exp_hash, store.root, data=data, device=device)
     tracker.experiment_started(cfg, exp_hash, store.root, data)
     echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "

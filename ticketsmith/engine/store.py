@@ -71,6 +71,16 @@ class RunStore:
     def config_path(self) -> Path:
         return self.root / "config.yaml"
 
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Language models: the experiment's tokenizer, saved once (what a served model needs)."""
+        return self.root / "tokenizer"
+
+    @staticmethod
+    def tokenizer_next_to(checkpoint: Path) -> Path:
+        """The experiment's tokenizer folder, seen from a run's checkpoint file."""
+        return RunStore(Path(checkpoint).parents[3]).tokenizer_dir
+
     def is_done(self, replicate: int, level: int, variant: str) -> bool:
         return (self.metrics_path(replicate, level, variant).is_file()
                 and self.checkpoint_path(replicate, level, variant).is_file())
