@@ -85,6 +85,9 @@ class TrainConfig(_Section):
     context: int = Field(64, ge=2, le=65536, description="Language models: tokens in a training "
                          "window (the model's positions); batches are seeded random windows of "
                          "context + 1 tokens of the training stream.")
+    eval_tokens: int | None = Field(16384, ge=1, description="Language models: tokens of the "
+                                    "validation and test splits evaluated (whole windows from "
+                                    "each split's start); None: the whole split.")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for training; None "
                                 "leaves torch's setting (set OMP_NUM_THREADS=1 on a shared "
                                 "machine: two threads on two busy cores ran 30x slower).",

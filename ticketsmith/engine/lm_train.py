@@ -3,7 +3,7 @@ cosine decay, gradient clipping, the mask re-applied after every step; bits per 
 
 Quality is bits per byte (nats per token × tokens per byte / ln 2), comparable across
 tokenizers, beside perplexity per token and next-token accuracy. Evaluation tiles a split's
-first `eval_tokens` tokens with non-overlapping windows of `context` tokens.
+first `train.eval_tokens` tokens with non-overlapping windows of `context` tokens.
 """
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ from tqdm.auto import tqdm
 from ticketsmith.base.config import TrainConfig
 from ticketsmith.engine.masks import Mask
 from ticketsmith.engine.train import EvalHook, TrainResult
-
-# Tokens of each held-out split evaluated (from its start); whole windows only.
-EVAL_TOKENS = 32768
-
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     """Learning rate of optimizer step `step` (0-based): constant, or linear warm-up over
@@ -78,7 +74,7 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, stream: torch.Tensor, context: int, tokens_per_byte: float,
-                batch_size: int = 64, max_tokens: int | None = EVAL_TOKENS) -> dict[str, float]:
+                batch_size: int = 64, max_tokens: int | None = None) -> dict[str, float]:
     """{"loss" (nats/token), "bpb", "perplexity", "accuracy"} over whole windows of the
     stream's first `max_tokens` tokens; NaNs when it holds no whole window."""
     stream = stream[:max_tokens + 1] if max_tokens else stream
@@ -150,7 +146,8 @@ def train_lm(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
         if step == save_state_at:
             saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if step % cfg.eval_every == 0 or step == total:
-            val = evaluate_lm(model, data.val_x, context, data.tokens_per_byte["val"])
+            val = evaluate_lm(model, data.val_x, context, data.tokens_per_byte["val"],
+                              max_tokens=cfg.eval_tokens)
             row = {"iteration": step, "train_loss": window_loss.item() / window_steps,
                    "val_loss": val["loss"], "val_bpb": val["bpb"], "val_accuracy": val["accuracy"]}
             curve.append(row)
@@ -161,11 +158,13 @@ def train_lm(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", refresh=False)
         bar.update(1)
     bar.close()
-    return _result(model, data, context, curve, total, time.perf_counter() - start, saved)
+    return _result(model, data, cfg, curve, time.perf_counter() - start, saved)
 
 
-def _result(model, data, context, curve, total, wall, saved) -> TrainResult:
-    test = evaluate_lm(model, data.test_x, context, data.tokens_per_byte["test"])
+def _result(model, data, cfg: TrainConfig, curve, wall, saved) -> TrainResult:
+    total, context = cfg.iterations, data.input_shape[0]
+    test = evaluate_lm(model, data.test_x, context, data.tokens_per_byte["test"],
+                       max_tokens=cfg.eval_tokens)
     valid = [r for r in curve if not math.isnan(r["val_loss"])]
     best = min(valid, key=lambda r: r["val_loss"]) if valid else None
     last = curve[-1] if curve else {}

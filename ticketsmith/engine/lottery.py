@@ -230,6 +230,8 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
                    selection: Selection = Selection()) -> ExperimentResult:
     """Run (or resume) the experiment described by `cfg`, or the `selection` of it."""
     tracker = tracker or NullTracker()
+    if cfg.train.threads is not None:  # a process-wide torch setting, chosen by the config
+        torch.set_num_threads(cfg.train.threads)
     exp_hash = cfg.hash()
     device = resolve_device(cfg.train.device)
     if data is None:
