@@ -26,6 +26,8 @@ from ticketsmith.engine.events import NullTracker, Tracker
 from ticketsmith.base.secrets import redact
 from ticketsmith.engine.structured import check_structured, level_units_mask, random_units_like
 from ticketsmith.engine.store import RunStore
+from ticketsmith.engine.transformer_units import (UnitGroup, prune_transformer_units,
+                                                  random_transformer_units, transformer_layout)
 from ticketsmith.engine.tasks import task_for
 from ticketsmith.engine.train import TrainResult, resolve_device, total_iterations
 from ticketsmith.base.errors import LotteryError  # noqa: F401 (re-exported)
@@ -78,9 +80,17 @@ def _prune(weights: dict[str, torch.Tensor], mask: Mask, rates: dict[str, float]
 
 
 def level_mask(cfg: Config, level: int, prev_weights: dict[str, torch.Tensor], prev_mask: Mask,
-               dense_weights: dict[str, torch.Tensor], rates: dict[str, float]) -> Mask:
-    """The mask of `level` (>0): pure function of trained weights and the schedule."""
+               dense_weights: dict[str, torch.Tensor], rates: dict[str, float],
+               layout: list[UnitGroup] | None = None) -> Mask:
+    """The mask of `level` (>0): pure function of trained weights and the schedule.
+    layout: a transformer's heads and MLP units (transformer_units.py), for 'head'/'neuron'."""
     p = cfg.prune
+    if p.granularity != "weight" and layout:  # whole heads / MLP hidden units
+        if p.schedule == "oneshot":
+            return prune_transformer_units(dense_weights, Mask.ones_like(dense_weights), layout,
+                                           p.granularity, 1 - (1 - p.fraction) ** level, p.scope)
+        return prune_transformer_units(prev_weights, prev_mask, layout, p.granularity,
+                                       p.fraction, p.scope)
     if p.granularity != "weight":  # whole neurons / channels (see structured.py)
         return level_units_mask(p, level, prev_weights, prev_mask, dense_weights, rates)
     if p.schedule == "oneshot":
@@ -108,6 +118,7 @@ class LevelContext:
     mask: Mask                        # the IMP mask of this level
     rewind_state: dict[str, torch.Tensor]
     build: Callable[[], nn.Module]    # fresh model with the global RNG as it stands
+    layout: list[UnitGroup] = field(default_factory=list)  # a transformer's heads and units
 
 
 def _ticket(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
@@ -126,6 +137,9 @@ def _random_prune(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
     gen = torch.Generator().manual_seed(
         derive_seed(ctx.cfg.experiment.seed, ctx.replicate, ctx.level, "random_prune"))
     granularity = ctx.cfg.prune.granularity
+    if granularity != "weight" and ctx.layout:
+        return ctx.rewind_state, random_transformer_units(ctx.mask.to("cpu"), ctx.layout,
+                                                          granularity, gen)
     if granularity != "weight":  # the same number of units per layer, chosen at random
         return ctx.rewind_state, random_units_like(ctx.mask.to("cpu"), gen, granularity)
     return ctx.rewind_state, random_mask_like(ctx.mask.to("cpu"), gen)
@@ -197,12 +211,27 @@ def check_model(cfg: Config, data: Dataset) -> None:
     model = seeded_model(cfg, data, cfg.experiment.seed)
     weights = prunable_weights(model, cfg.model.exclude)
     layer_fractions(cfg, dict(weights), output_layer(model))
-    if cfg.prune.granularity != "weight":
-        check_structured(model, weights, cfg.prune.granularity)
+    check_granularity(cfg, model, weights)
     rewind_at = cfg.prune.rewind_iteration
     if rewind_at > (total := total_iterations(cfg.train, len(data.train_x))):
         raise ConfigError(f"prune.rewind_iteration: {rewind_at} is after the end of training "
                           f"({total} iterations)")
+
+
+def check_granularity(cfg: Config, model: nn.Module, weights) -> None:
+    """Transformers prune whole heads or MLP units; other nets neurons or channels."""
+    granularity = cfg.prune.granularity
+    if granularity == "weight":
+        return
+    if transformer_layout(model):
+        if granularity not in ("head", "neuron"):
+            raise ConfigError(f"prune.granularity: {granularity!r} does not apply to a "
+                              "transformer; use 'head', 'neuron' (MLP hidden units) or 'weight'")
+    elif granularity == "head":
+        raise ConfigError(f"prune.granularity: 'head' needs a transformer ({type(model).__name__} "
+                          "has no attention heads)")
+    else:
+        check_structured(model, weights, granularity)
 
 
 def prepare_experiment(cfg: Config) -> Dataset:
@@ -284,6 +313,7 @@ class _Replicate:
     model: nn.Module
     init_state: dict[str, torch.Tensor]
     names: list[str]                  # prunable weights
+    layout: list[UnitGroup]           # a transformer's heads and MLP units ([] otherwise)
     rates: dict[str, float]           # per-layer pruning fractions
     total_params: int
 
@@ -316,7 +346,7 @@ def _start_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore
     return _Replicate(cfg, replicate, data, store, tracker, result, selection, device, progress,
                       seed, data_seed, meta, model,
                       {k: v.detach().clone() for k, v in model.state_dict().items()},
-                      list(weights), rates, count_params(model))
+                      list(weights), transformer_layout(model), rates, count_params(model))
 
 
 def _already_done(rep: _Replicate, level: int, variant: str):
@@ -392,7 +422,7 @@ def _level_mask(rep: _Replicate, level: int, prev_weights, prev_mask: Mask, dens
     if rep.store.is_done(rep.replicate, level, "ticket"):
         path = rep.store.checkpoint_path(rep.replicate, level, "ticket")
         return ckpt.load_checkpoint(path, rep.device).mask
-    return level_mask(rep.cfg, level, prev_weights, prev_mask, dense_weights, rep.rates)
+    return level_mask(rep.cfg, level, prev_weights, prev_mask, dense_weights, rep.rates, rep.layout)
 
 
 def _variants_to_run(rep: _Replicate, level: int, last: int) -> list[str]:
@@ -428,7 +458,7 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
                                                                       cfg.prune.levels)
     for level in range(1, last + 1):
         mask = _level_mask(rep, level, prev_weights, prev_mask, dense_weights)
-        ctx = LevelContext(cfg, replicate, level, mask, rewind_state, rep.build)
+        ctx = LevelContext(cfg, replicate, level, mask, rewind_state, rep.build, rep.layout)
         line = [f"  r{replicate} level {level:<2} density {mask.density():7.2%}"]
         for variant in _variants_to_run(rep, level, last):
             start, vmask = VARIANTS[variant](ctx)
