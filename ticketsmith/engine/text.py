@@ -141,8 +141,10 @@ def _build(cfg, cache: Path) -> TextData:
     empty = [s for s in SPLITS if not documents[s]]
     if empty:
         kept = sum(len(v) for v in documents.values())
+        every = cfg.holdout_every
         raise DataError(f"data: {kept} document(s) kept of {len(texts)} leave no {empty[0]} document "
-                        f"(data.holdout_every={cfg.holdout_every} needs at least {cfg.holdout_every}); "
+                        f"(with data.holdout_every={every}, validation needs at least {every - 1} "
+                        f"documents and test {every}); "
                         "raise data.max_documents / data.max_bytes, lower data.holdout_every"
                         + (" or data.chunk_bytes" if cfg.name == "text" else ""))
     split_texts = {s: [texts[d] for d in documents[s]] for s in SPLITS}
