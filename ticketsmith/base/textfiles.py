@@ -12,8 +12,15 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ticketsmith.base.errors import DataError
+from ticketsmith.base.secrets import redact
 
 SUFFIX = ".txt"  # the files of a folder source; anything else in the folder is ignored
+
+
+def is_local(path: str) -> bool:
+    """A plain path or file:// (what the engine reads itself); anything else is the caller's."""
+    scheme = urlparse(path).scheme
+    return scheme == "file" or len(scheme) <= 1  # one letter is a Windows drive, not a scheme
 
 
 def local_path(path: str) -> Path:
@@ -22,9 +29,9 @@ def local_path(path: str) -> Path:
     parsed = urlparse(path)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
-    if len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise DataError(f"data.path: {path!r} is a {parsed.scheme}:// URI; expected a local file or "
-                        "folder or file://... (download it first, e.g. with `mlflow artifacts download`)")
+    if not is_local(path):
+        raise DataError(f"data.path: {redact(path)!r} is a {parsed.scheme}:// URI; expected a local file "
+                        "or folder or file://... (download it first, e.g. with `mlflow artifacts download`)")
     return Path(path).expanduser()
 
 

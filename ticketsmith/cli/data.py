@@ -17,6 +17,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     from ticketsmith.engine.text import TEXT_DATASETS, load_text
 
     cfg = load(args)
+    if cfg.data.name == "text":  # a remote source (runs:/, a bucket) is downloaded first
+        from ticketsmith.tracking.text_source import resolve_text_source
+
+        cfg = resolve_text_source(cfg)
     if cfg.data.name not in TEXT_DATASETS or cfg.data.factory is not None:
         raise DataError(f"data.name={cfg.data.name!r}: `ticketsmith data` describes text data sets "
                         f"({', '.join(TEXT_DATASETS)})")
