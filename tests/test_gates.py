@@ -79,3 +79,25 @@ def test_champion_is_sparsest_passing_and_release_check():
     assert not release_check(evaluate_gates(records((0.5, 0.5)), GateConfig()), GateConfig())[0]
     table = format_table(verdicts)
     assert "FAIL" in table.splitlines()[3] and "PASS" in table.splitlines()[2]
+
+
+def lm_record(level: int, variant: str, bpb: float, replicate: int = 0) -> dict:
+    return {"level": level, "variant": variant, "replicate": replicate, "sparsity": 0.4 * level,
+            "test_accuracy": 0.5, "test_loss": bpb, "test_bpb": bpb, "val_bpb": bpb + 0.01}
+
+
+def test_language_models_are_gated_on_bits_per_byte_lower_is_better():
+    from ticketsmith.base.config import GateConfig
+    from ticketsmith.gates import evaluate_gates
+
+    records = [lm_record(0, "dense", 2.00),
+               lm_record(1, "ticket", 2.04), lm_record(1, "random_reinit", 2.10),
+               lm_record(2, "ticket", 2.08), lm_record(2, "random_reinit", 2.20),
+               lm_record(3, "ticket", 2.03), lm_record(3, "random_reinit", 2.01)]
+    v = {x.level: x for x in evaluate_gates(records, GateConfig(max_bpb_increase=0.05))}
+    assert [g.name for g in v[1].gates] == ["val_bpb_increase", "test_bpb_increase", "beats_random"]
+    assert v[1].passed and v[1].ticket_bpb == pytest.approx(2.04)
+    assert v[1].gates[2].value == pytest.approx(0.06)  # random − ticket: the ticket wins
+    assert not v[2].passed and [g.passed for g in v[2].gates] == [False, False, True]
+    assert not v[3].passed and [g.passed for g in v[3].gates] == [True, True, False]
+    assert "bits per byte" in v[1].quality

@@ -1,7 +1,8 @@
 """Quality gates: pure checks of a ticket's metrics against the dense baseline.
 
 Each gate returns the value, the threshold and the decision; a level's verdict is PASS when
-every evaluated gate passes. Means are over replicates (accuracy in points, 0–100).
+every evaluated gate passes. Means are over replicates (accuracy in points, 0–100; language
+models are judged on bits per byte, where lower is better).
 """
 from __future__ import annotations
 
@@ -28,9 +29,17 @@ class GateResult:
 class LevelVerdict:
     level: int
     sparsity: float
-    ticket_accuracy: float     # mean test accuracy, points
+    ticket_accuracy: float     # mean test accuracy, points (language models: next-token)
     replicates: int
     gates: list[GateResult] = field(default_factory=list)
+    ticket_bpb: float | None = None  # language models: mean test bits per byte
+
+    @property
+    def quality(self) -> str:
+        """The ticket's quality as a person reads it."""
+        if self.ticket_bpb is not None:
+            return f"{self.ticket_bpb:.3f} bits per byte"
+        return f"{self.ticket_accuracy:.2f}% accuracy"
 
     @property
     def passed(self) -> bool:
@@ -53,11 +62,18 @@ def described(records: Iterable[dict[str, Any]], cfg: Config) -> list[dict[str, 
     return [r for r in records if r["level"] <= cfg.prune.levels
             and r["replicate"] < cfg.experiment.replicates and r["variant"] in wanted]
 
+def is_language_model(records: Iterable[dict[str, Any]]) -> bool:
+    """Records of a language model carry bits per byte."""
+    return any("test_bpb" in r for r in records)
+
+
 def evaluate_gates(records: list[dict[str, Any]], cfg: GateConfig) -> list[LevelVerdict]:
     """One verdict per pruned level (>0) that has ticket records."""
     dense = [r for r in records if r["level"] == 0 and r["variant"] == "dense"]
     if not dense:
         raise GateError("no dense baseline (level 0) among the records; run level 0 first")
+    if is_language_model(records):
+        return _language_model_gates(records, dense, cfg)
     dense_acc = 100 * _mean(dense, "test_accuracy")
     dense_loss = _mean(dense, "test_loss")
     verdicts = []
@@ -91,6 +107,40 @@ def evaluate_gates(records: list[dict[str, Any]], cfg: GateConfig) -> list[Level
     return verdicts
 
 
+def _language_model_gates(records: list[dict[str, Any]], dense: list[dict[str, Any]],
+                          cfg: GateConfig) -> list[LevelVerdict]:
+    """Validation and test bits per byte within `max_bpb_increase` of dense, and (lower is
+    better) the ticket below random re-init of the same mask."""
+    base = {k: _mean(dense, f"{k}_bpb") for k in ("val", "test")}
+    verdicts = []
+    for level in sorted({r["level"] for r in records if r["level"] > 0}):
+        tickets = [r for r in records if r["level"] == level and r["variant"] == "ticket"]
+        if not tickets:
+            continue
+        gates = []
+        for split in ("val", "test"):
+            bpb = _mean(tickets, f"{split}_bpb")
+            rise = bpb - base[split]
+            gates.append(GateResult(f"{split}_bpb_increase", rise, cfg.max_bpb_increase,
+                                    rise <= cfg.max_bpb_increase,
+                                    f"{split}: ticket {bpb:.3f} - dense {base[split]:.3f} = "
+                                    f"{rise:+.3f} bits per byte"))
+        randoms = [r for r in records if r["level"] == level and r["variant"] == "random_reinit"]
+        ticket_bpb = _mean(tickets, "test_bpb")
+        if cfg.require_beats_random and randoms:
+            margin = _mean(randoms, "test_bpb") - ticket_bpb
+            gates.append(GateResult("beats_random", margin, 0.0, margin > 0,
+                                    f"random re-init - ticket = {margin:+.3f} bits per byte "
+                                    "(lower is better)"))
+        elif cfg.require_beats_random:
+            gates.append(GateResult("beats_random", None, 0.0, None,
+                                    "no random_reinit control at this level"))
+        verdicts.append(LevelVerdict(level, tickets[0]["sparsity"],
+                                     100 * _mean(tickets, "test_accuracy"), len(tickets), gates,
+                                     ticket_bpb=ticket_bpb))
+    return verdicts
+
+
 def champion_level(verdicts: list[LevelVerdict]) -> LevelVerdict | None:
     """The sparsest level whose ticket passes every gate."""
     passing = [v for v in verdicts if v.passed]
@@ -115,7 +165,8 @@ def label(passed: bool | None) -> str:
 
 def format_table(verdicts: list[LevelVerdict]) -> str:
     """Plain-text gate table: one line per level with every gate's number and decision."""
-    lines = [f"{'level':>5} {'sparsity':>9} {'ticket acc':>10}  verdict  gates"]
+    lm = any(v.ticket_bpb is not None for v in verdicts)
+    lines = [f"{'level':>5} {'sparsity':>9} {'ticket bpb' if lm else 'ticket acc':>10}  verdict  gates"]
     for v in verdicts:
         gates = "; ".join(
             f"{g.name} {g.value:+.3f}" + (f" (≤ {g.threshold})" if g.name != "beats_random"
@@ -123,6 +174,8 @@ def format_table(verdicts: list[LevelVerdict]) -> str:
             + f" {label(g.passed)}" if g.value is not None
             else f"{g.name} {label(g.passed)}: {g.detail}"
             for g in v.gates)
-        lines.append(f"{v.level:>5} {v.sparsity:>9.2%} {v.ticket_accuracy:>9.2f}%  "
+        quality = (f"{v.ticket_bpb:>10.3f}" if v.ticket_bpb is not None
+                   else f"{v.ticket_accuracy:>9.2f}%")
+        lines.append(f"{v.level:>5} {v.sparsity:>9.2%} {quality}  "
                      f"{label(v.passed):<7}  {gates}")
     return "\n".join(lines)

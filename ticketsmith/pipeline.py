@@ -68,7 +68,10 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     tracker = tracker or MlflowTracker(client, echo=echo)
     result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo,
                             selection=selection, data=data)
-    if cfg.experiment.benchmark:
+    if cfg.experiment.benchmark and cfg.task == "language_model":
+        echo("benchmark: no serving benchmark for language models yet (tokens per second "
+             "comes with the KV-cache serving path); skipped")
+    elif cfg.experiment.benchmark:
         benchmark_levels(cfg, client, tracker, result, echo)
     # The store may hold more of this experiment than the config asks for now.
     verdicts = evaluate_gates(described(load_records(client, tracker.exp_id, result.exp_hash),

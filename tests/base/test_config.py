@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from ticketsmith.base.config import (BUILTIN_DATASETS, Config, ConfigError, TrainConfig,
+from ticketsmith.base.config import (BUILTIN_DATASETS, TEXT_DATASETS, Config, ConfigError, TrainConfig,
                                 apply_overrides, config_from_dict, load_config, parse_override)
 from ticketsmith.engine.data import DATASETS
 from ticketsmith.engine.lottery import layer_fractions
@@ -34,6 +34,8 @@ def example_shape(cfg: Config) -> tuple[tuple[int, ...], int]:
     if cfg.data.name == "synthetic":
         o = cfg.data.options
         return (o.get("channels", 1), o.get("image_size", 8), o.get("image_size", 8)), o.get("num_classes", 4)
+    if cfg.task == "language_model":  # byte level: a window of `context` tokens, 256 of them
+        return (cfg.train.context,), 256
     return {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}[cfg.data.name], 10
 
 
@@ -114,6 +116,22 @@ def test_bad_values_fail_with_one_line_naming_the_key_path(override, path):
 def test_data_names_match_the_loaders():
     assert BUILTIN_DATASETS == DATASETS
     assert load_config(None, ["data.name=spirals", "data.factory=my_project:make_data"]).data.name == "spirals"
+
+
+def test_text_names_match_the_text_loader():
+    text = pytest.importorskip("ticketsmith.engine.text")
+    assert TEXT_DATASETS == text.TEXT_DATASETS
+
+
+def test_a_text_data_set_makes_a_language_model_with_late_rewinding():
+    lm = load_config(None, ["data.name=sotu", "train.iterations=1000"])
+    assert lm.task == "language_model" and lm.prune.rewind_iteration == 50
+    assert load_config(None, ["data.name=sotu", "train.iterations=1000",
+                              "prune.rewind_iteration=0"]).hash() != lm.hash()
+    image = load_config(None, ["train.iterations=1000"])
+    assert image.task == "image_classification" and image.prune.rewind_iteration == 0
+    assert image.hash() == load_config(None, ["train.iterations=1000",
+                                              "prune.rewind_iteration=0"]).hash()
 
 
 def test_bad_files_fail_with_one_line(tmp_path):
@@ -202,3 +220,19 @@ def test_cli_bad_config_exits_2_with_one_error_line(tmp_path, module, override, 
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f" {path}: " in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_language_model_configs_keep_their_settings():
+    """The quick config's size, nanoGPT's character-level CPU settings, the GPU size."""
+    quick = load_config(REPO / "configs/imp_lm_quick.yaml")
+    assert quick.task == "language_model" and quick.prune.levels >= 4
+    assert {"ticket", "random_reinit"} <= set(quick.experiment.variants)
+    assert quick.prune.rewind_iteration > 0 and quick.train.threads == 1
+    shk = load_config(REPO / "configs/lm_shakespeare_char.yaml")
+    o, t = shk.model.options, shk.train
+    assert (o["layers"], o["heads"], o["width"], t.context, t.batch_size, t.iterations) == \
+        (4, 4, 128, 64, 12, 2000)
+    assert (t.lr, t.lr * t.min_lr_fraction, t.beta2, o["dropout"]) == (1e-3, 1e-4, 0.99, 0.0)
+    gpu = load_config(REPO / "configs/lm_gpu.yaml")
+    o = gpu.model.options
+    assert (o["layers"], o["heads"], o["width"], gpu.train.context) == (6, 6, 384, 256)

@@ -2,6 +2,7 @@
 rewinding, determinism and resume, and the `ticketsmith prune` CLI."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from ticketsmith.engine import checkpoint as ckpt
-from ticketsmith.engine import lottery
+from ticketsmith.engine import tasks
 from ticketsmith.base.config import Config, ConfigError, load_config
 from ticketsmith.engine.data import load_dataset
 from ticketsmith.engine.lottery import derive_seed, run_experiment
@@ -137,7 +138,8 @@ def spy_on_starts(monkeypatch) -> list[dict[str, torch.Tensor]]:
         starts.append(res.saved_state)
         return res
 
-    monkeypatch.setattr(lottery, "train", spy)
+    image = tasks.TASKS["image_classification"]
+    monkeypatch.setitem(tasks.TASKS, "image_classification", dataclasses.replace(image, train=spy))
     return starts
 
 

@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 from pydantic_core import InitErrorDetails
 from ticketsmith.base.errors import ConfigError  # noqa: F401 (re-exported)
+from ticketsmith.base.textfiles import content_digest
 
 # Fields that name where things go or how they are shown, not what is computed.
 _NOT_HASHED = {"json_schema_extra": {"hashed": False}}
@@ -27,28 +28,79 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# The same names as data.DATASETS, kept here so loading a config does not import torch.
+# The same names as data.DATASETS and text.TEXT_DATASETS, kept here so loading a config does
+# not import torch. "text" is a text file or folder of your own (data.path).
 BUILTIN_DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+TEXT_DATASETS = ("sotu", "shakespeare", "text")
+# A text data set makes the experiment a language-modelling one (engine/tasks.py).
+# Fields that only text data sets read, and the one only image data sets read.
+_TEXT_ONLY = ("path", "holdout_every", "max_documents", "max_bytes", "chunk_bytes", "tokenizer",
+              "vocab_size")
 
 
 class DataConfig(_Section):
     name: str = Field("mnist", description="Data set: mnist, fashion_mnist, cifar10 or synthetic "
-                      "(a tiny generated set for smoke tests); with `factory`, only a label.")
+                      "(a tiny generated set for smoke tests); text: sotu (State of the Union "
+                      "addresses), shakespeare (the plays) or text (your own, data.path); with "
+                      "`factory`, only a label.")
     root: str = Field("data", description="Folder holding downloaded data sets.", **_NOT_HASHED)
     val_size: int = Field(5000, ge=0, description="Examples held out of the training set.")
     factory: str | None = Field(None, description="'pkg.module:function' returning your data.")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="Keyword arguments for the data set or factory.")
+    # Text only. The path is where, not what: the experiment hash covers the content instead.
+    path: str | None = Field(None, description="name 'text': a UTF-8 text file, a folder of .txt "
+                             "files (one document each) or a file:// URI.", **_NOT_HASHED)
+    holdout_every: int = Field(10, ge=3, le=10_000, description="Text: of every N documents in "
+                               "name order, the second-last goes to validation and the last to test.")
+    max_documents: int | None = Field(None, ge=3, description="Text: keep only the first N "
+                                      "documents in name order (whole documents; quick runs).")
+    max_bytes: int | None = Field(None, ge=1, description="Text: keep the first documents in name "
+                                  "order whose UTF-8 bytes add up to at most this (quick runs).")
+    chunk_bytes: int = Field(65_536, ge=256, le=1 << 30, description="Text: a single file is cut "
+                             "into documents of about this many UTF-8 bytes, at line ends.")
+    tokenizer: Literal["byte", "bpe"] = Field("byte", description="Text: 'byte' (256 ids, nothing "
+                                              "to train) or 'bpe' (byte-level BPE trained on the "
+                                              "training split).")
+    vocab_size: int = Field(1024, ge=257, le=65_536, description="Text, tokenizer 'bpe': "
+                            "vocabulary size (256 bytes + merges).")
 
     @model_validator(mode="after")
     def _known_name(self) -> "DataConfig":
-        if self.factory is None and self.name not in BUILTIN_DATASETS:
+        if self.factory is None and self.name not in BUILTIN_DATASETS + TEXT_DATASETS:
             # Raised with loc ("name",) so the message names `data.name`, like a Literal would.
-            expected = ", ".join(repr(n) for n in BUILTIN_DATASETS)
+            expected = ", ".join(repr(n) for n in BUILTIN_DATASETS + TEXT_DATASETS)
             raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
                 type="literal_error", loc=("name",), input=self.name,
                 ctx={"expected": f"{expected} (or set data.factory)"})])
         return self
+
+    @model_validator(mode="after")
+    def _fields_fit_the_kind(self) -> "DataConfig":
+        # Compared with the defaults, not with the keys given: a resolved config (every field
+        # written out) must load again.
+        changed = {f for f, info in type(self).model_fields.items()
+                   if getattr(self, f) != info.get_default(call_default_factory=True)}
+        text = self.factory is None and self.name in TEXT_DATASETS
+        misplaced = [f for f in _TEXT_ONLY if f in changed and not text]
+        if misplaced:
+            raise _field_error(misplaced[0], getattr(self, misplaced[0]), "only for text data sets "
+                               f"({', '.join(TEXT_DATASETS)})")
+        if text and "val_size" in changed:
+            raise _field_error("val_size", self.val_size, "not for text data sets (whole documents "
+                               "are held out: data.holdout_every)")
+        if text and (self.name == "text") != (self.path is not None):
+            raise _field_error("path", self.path, "required for name 'text' (a UTF-8 text file or "
+                               "folder)" if self.name == "text" else f"not for name {self.name!r}")
+        if "vocab_size" in changed and self.tokenizer != "bpe":
+            raise _field_error("vocab_size", self.vocab_size, "only with data.tokenizer 'bpe'")
+        return self
+
+
+def _field_error(field: str, value: Any, msg: str) -> ValidationError:
+    # loc (field,) so the one-line message names `data.<field>`.
+    return ValidationError.from_exception_data("DataConfig", [InitErrorDetails(
+        type="value_error", loc=(field,), input=value, ctx={"error": ValueError(msg)})])
 
 
 class ModelConfig(_Section):
@@ -60,11 +112,33 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="Optimizer.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer ('adamw': "
+                                                       "decoupled weight decay, for transformers).")
     lr: float = Field(1.2e-3, gt=0, le=10, description="Learning rate.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
-    batch_size: int = Field(60, ge=1, description="Examples per optimizer step.")
+    batch_size: int = Field(60, ge=1, description="Examples (language models: windows of "
+                            "`context` tokens) per optimizer step.")
+    beta2: float = Field(0.999, gt=0, lt=1, description="Adam/AdamW second-moment decay "
+                         "(nanoGPT uses 0.99 for small character-level models).")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="Learning rate over "
+                                                    "the run: constant, or linear warm-up then "
+                                                    "cosine decay to `min_lr_fraction` × lr.")
+    warmup_iterations: int = Field(0, ge=0, description="Linear warm-up steps ('cosine').")
+    min_lr_fraction: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr "
+                                   "('cosine').")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient's global L2 norm "
+                                    "to this value; None: no clipping.")
+    context: int = Field(64, ge=2, le=65536, description="Language models: tokens in a training "
+                         "window (the model's positions); batches are seeded random windows of "
+                         "context + 1 tokens of the training stream.")
+    eval_tokens: int | None = Field(16384, ge=1, description="Language models: tokens of the "
+                                    "validation and test splits evaluated (whole windows from "
+                                    "each split's start); None: the whole split.")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for training; None "
+                                "leaves torch's setting (set OMP_NUM_THREADS=1 on a shared "
+                                "machine: two threads on two busy cores ran 30x slower).",
+                                **_NOT_HASHED)
     epochs: float | None = Field(None, gt=0, description="Training length in epochs "
                                  "(exclusive with iterations).")
     iterations: int | None = Field(None, ge=1, description="Training length in optimizer steps.")
@@ -119,14 +193,18 @@ class PruneConfig(_Section):
     scope: Literal["layerwise", "global"] = Field("layerwise", description="Who competes.")
     schedule: Literal["iterative", "oneshot"] = Field("iterative", description="'oneshot' "
                                                      "prunes the dense net straight to each level's density.")
-    rewind_iteration: int = Field(0, ge=0, description="Rewind survivors to weights at this "
-                                  "iteration of the dense run (0 = original init).")
+    rewind_iteration: int | None = Field(
+        None, ge=0, description="Rewind survivors to weights at this iteration of the dense run "
+        "(0 = original init). Unset: 0 for image classification, late rewinding to 5% of "
+        "training for language models (transformer tickets need it).",
+        json_schema_extra={"hash_default": 0})
     pattern: Literal["unstructured", "2:4"] = Field("unstructured", description="'2:4' adds "
                                                     "semi-structured sparsity for GPU serving.")
-    granularity: Literal["weight", "neuron", "channel"] = Field(
+    granularity: Literal["weight", "neuron", "channel", "head"] = Field(
         "weight", description="What a level removes: single weights; whole neurons (Linear rows, "
-        "with their outgoing weights); or whole channels (Conv filters) and hidden neurons. "
-        "Structured tickets compact into smaller dense networks; the output layer keeps every unit.")
+        "with their outgoing weights; in a transformer, MLP hidden units); whole channels (Conv "
+        "filters) and hidden neurons; or whole attention heads (transformers). Structured "
+        "tickets compact into smaller dense networks; the output layer keeps every unit.")
     unit_norm: Literal["l1", "l2"] = Field("l1", description="Structured granularities: a unit's "
                                            "score, the norm of its incoming weights.")
 
@@ -165,6 +243,9 @@ class GateConfig(_Section):
                                      "vs dense (mean over replicates).", **_NOT_HASHED)
     max_loss_delta: float | None = Field(None, ge=0, description="Largest allowed rise in test "
                                          "loss vs dense; None disables.", **_NOT_HASHED)
+    max_bpb_increase: float = Field(0.05, ge=0, description="Language models: bits per byte "
+                                    "(validation and test, mean over replicates) a ticket may "
+                                    "add over dense.", **_NOT_HASHED)
     require_beats_random: bool = Field(True, description="Ticket must beat random re-init at "
                                        "the same level.", **_NOT_HASHED)
     release_min_sparsity: float = Field(0.0, ge=0, le=1, description="Release check: the champion "
@@ -187,6 +268,23 @@ class Config(_Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _task_defaults(self) -> "Config":
+        """Fill what the task decides when unset: the rewind point (late for transformers)."""
+        if self.prune.rewind_iteration is not None:
+            return self
+        rewind = 0
+        if self.data.name in TEXT_DATASETS and self.train.iterations is not None:
+            rewind = max(1, self.train.iterations // 20)  # 5% of training (Frankle et al. 2020)
+        # Frozen sections: the resolved value is set once, here, before anyone reads it.
+        object.__setattr__(self, "prune", self.prune.model_copy(update={"rewind_iteration": rewind}))
+        return self
+
+    @property
+    def task(self) -> str:
+        """'language_model' for a text data set, else 'image_classification'."""
+        return "language_model" if self.data.name in TEXT_DATASETS else "image_classification"
+
     def hash(self) -> str:
         """12 hex chars naming the experiment: sha256 of the hashed, non-default fields."""
         return hashlib.sha256(canonical_json(self).encode()).hexdigest()[:12]
@@ -207,15 +305,28 @@ def _hashed_fields(model: BaseModel) -> dict[str, Any]:
             sub = _hashed_fields(value)
             if sub:
                 out[name] = sub
-        elif value != info.get_default(call_default_factory=True):
+        elif value != _hash_default(info):
             out[name] = value
     return out
+
+
+def _hash_default(info: Any) -> Any:
+    """The value a field is left out of the hash at: its default, or for a field whose default
+    the task resolves (None → a value), the value every older config had."""
+    extra = info.json_schema_extra or {}
+    if isinstance(extra, dict) and "hash_default" in extra:
+        return extra["hash_default"]
+    return info.get_default(call_default_factory=True)
 
 
 def canonical_json(cfg: Config) -> str:
     # Compared field by field against defaults, so leaving `train` out and writing
     # `train: {epochs: 1}` (the section default) hash the same.
-    return json.dumps(_hashed_fields(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    fields = _hashed_fields(cfg)
+    if cfg.data.name == "text" and cfg.data.factory is None:
+        # Your own text is identified by its content, not by where it lies.
+        fields.setdefault("data", {})["content_sha256"] = content_digest(cfg.data.path)
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

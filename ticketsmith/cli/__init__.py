@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Callable
 
-from ticketsmith.cli import benchmark, experiment, export, report, sweep
+from ticketsmith.cli import benchmark, data, experiment, export, report, sweep
 from ticketsmith.cli.args import add_config_args
 from ticketsmith.base.errors import USER_ERRORS, SweepError, TrackingError
 from ticketsmith.base.interrupts import Terminated, stop_on_sigterm
@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[Handler, AddArgs]] = {
     "export": (export.cmd_export, export.add_args),
     "report": (report.cmd_report, report.add_args),
     "sweep": (sweep.cmd_sweep, sweep.add_args),
+    "data": (data.cmd_data, add_config_args),
 }
 
 

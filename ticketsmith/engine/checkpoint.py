@@ -46,7 +46,13 @@ def _digest(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], mask: Mask | None = None,
                     meta: dict[str, Any] | None = None) -> Path:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors, seen = {}, set()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        # Tied weights (a language model's output head is its token embedding) share storage,
+        # which safetensors refuses: the second name gets its own copy of the same values.
+        tensors[f"model.{k}"] = t.clone() if t.data_ptr() in seen and t.numel() else t
+        seen.add(t.data_ptr())
     if mask is not None:
         tensors.update(mask.state())
     meta_json = json.dumps(meta or {}, sort_keys=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ticketsmith.engine import checkpoint as ckpt
 from ticketsmith.base.config import Config, ConfigError, dump_config
-from ticketsmith.engine.data import Dataset, load_dataset
+from ticketsmith.engine.data import Dataset
 from ticketsmith.engine.execution import check_resume, determinism, execution_facts
 from ticketsmith.engine.masks import (Mask, describe_plan, prune_magnitude, prune_n_m, random_mask_like,
                                       semi_structured_plan)
@@ -28,7 +28,10 @@ from ticketsmith.base.interrupts import interrupts_deferred
 from ticketsmith.base.secrets import redact
 from ticketsmith.engine.structured import check_structured, level_units_mask, random_units_like
 from ticketsmith.engine.store import RunStore
-from ticketsmith.engine.train import TrainResult, resolve_device, total_iterations, train
+from ticketsmith.engine.transformer_units import (UnitGroup, prune_transformer_units,
+                                                  random_transformer_units, transformer_layout)
+from ticketsmith.engine.tasks import task_for
+from ticketsmith.engine.train import TrainResult, resolve_device, total_iterations
 from ticketsmith.base.errors import LotteryError  # noqa: F401 (re-exported)
 
 def derive_seed(*parts: object) -> int:
@@ -79,9 +82,17 @@ def _prune(weights: dict[str, torch.Tensor], mask: Mask, rates: dict[str, float]
 
 
 def level_mask(cfg: Config, level: int, prev_weights: dict[str, torch.Tensor], prev_mask: Mask,
-               dense_weights: dict[str, torch.Tensor], rates: dict[str, float]) -> Mask:
-    """The mask of `level` (>0): pure function of trained weights and the schedule."""
+               dense_weights: dict[str, torch.Tensor], rates: dict[str, float],
+               layout: list[UnitGroup] | None = None) -> Mask:
+    """The mask of `level` (>0): pure function of trained weights and the schedule.
+    layout: a transformer's heads and MLP units (transformer_units.py), for 'head'/'neuron'."""
     p = cfg.prune
+    if p.granularity != "weight" and layout:  # whole heads / MLP hidden units
+        if p.schedule == "oneshot":
+            return prune_transformer_units(dense_weights, Mask.ones_like(dense_weights), layout,
+                                           p.granularity, 1 - (1 - p.fraction) ** level, p.scope)
+        return prune_transformer_units(prev_weights, prev_mask, layout, p.granularity,
+                                       p.fraction, p.scope)
     if p.granularity != "weight":  # whole neurons / channels (see structured.py)
         return level_units_mask(p, level, prev_weights, prev_mask, dense_weights, rates)
     if p.schedule == "oneshot":
@@ -109,6 +120,7 @@ class LevelContext:
     mask: Mask                        # the IMP mask of this level
     rewind_state: dict[str, torch.Tensor]
     build: Callable[[], nn.Module]    # fresh model with the global RNG as it stands
+    layout: list[UnitGroup] = field(default_factory=list)  # a transformer's heads and units
 
 
 def _ticket(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
@@ -127,6 +139,9 @@ def _random_prune(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
     gen = torch.Generator().manual_seed(
         derive_seed(ctx.cfg.experiment.seed, ctx.replicate, ctx.level, "random_prune"))
     granularity = ctx.cfg.prune.granularity
+    if granularity != "weight" and ctx.layout:
+        return ctx.rewind_state, random_transformer_units(ctx.mask.to("cpu"), ctx.layout,
+                                                          granularity, gen)
     if granularity != "weight":  # the same number of units per layer, chosen at random
         return ctx.rewind_state, random_units_like(ctx.mask.to("cpu"), gen, granularity)
     return ctx.rewind_state, random_mask_like(ctx.mask.to("cpu"), gen)
@@ -167,16 +182,18 @@ class ExperimentResult:
 
 def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
     """What `checkpoint` metadata needs to rebuild the model without the experiment config."""
-    return {"model": cfg.model.name, "factory": cfg.model.factory, "options": cfg.model.options,
+    meta = {"model": cfg.model.name, "factory": cfg.model.factory, "options": cfg.model.options,
             "exclude": cfg.model.exclude, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "dataset": data.name}
+    if cfg.task != "image_classification":  # image checkpoints keep their metadata as it was
+        meta.update(task=cfg.task, tokenizer=data.tokenizer.name)
+    return meta
 
 
 def experiment_data(cfg: Config, device: torch.device | str) -> Dataset:
-    """The experiment's data on `device`; the validation split is seeded by experiment.seed."""
-    return load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size,
-                        split_seed=cfg.experiment.seed, device=device,
-                        factory=cfg.data.factory, options=cfg.data.options)
+    """The experiment's data on `device`, as its task loads them (images: the validation
+    split is seeded by experiment.seed; text: token streams of whole held-out documents)."""
+    return task_for(cfg).load(cfg, device)
 
 
 def seeded_model(cfg: Config, data: Dataset, seed: int) -> nn.Module:
@@ -192,15 +209,31 @@ def check_model(cfg: Config, data: Dataset) -> None:
     unknown model or factory, an exclude or layer rate naming no layer, a rewind point after
     the end of training. Called before anything is written or tracked, so a config error
     leaves no run folder and no run behind."""
+    task_for(cfg).check(cfg, data)
     model = seeded_model(cfg, data, cfg.experiment.seed)
     weights = prunable_weights(model, cfg.model.exclude)
     layer_fractions(cfg, dict(weights), output_layer(model))
-    if cfg.prune.granularity != "weight":
-        check_structured(model, weights, cfg.prune.granularity)
+    check_granularity(cfg, model, weights)
     rewind_at = cfg.prune.rewind_iteration
     if rewind_at > (total := total_iterations(cfg.train, len(data.train_x))):
         raise ConfigError(f"prune.rewind_iteration: {rewind_at} is after the end of training "
                           f"({total} iterations)")
+
+
+def check_granularity(cfg: Config, model: nn.Module, weights) -> None:
+    """Transformers prune whole heads or MLP units; other nets neurons or channels."""
+    granularity = cfg.prune.granularity
+    if granularity == "weight":
+        return
+    if transformer_layout(model):
+        if granularity not in ("head", "neuron"):
+            raise ConfigError(f"prune.granularity: {granularity!r} does not apply to a "
+                              "transformer; use 'head', 'neuron' (MLP hidden units) or 'weight'")
+    elif granularity == "head":
+        raise ConfigError(f"prune.granularity: 'head' needs a transformer ({type(model).__name__} "
+                          "has no attention heads)")
+    else:
+        check_structured(model, weights, granularity)
 
 
 def prepare_experiment(cfg: Config) -> Dataset:
@@ -218,7 +251,8 @@ def train_dense(cfg: Config, *, progress: bool = True) -> tuple[TrainResult, Dat
     init_seed, data_seed = replicate_seeds(cfg.experiment.seed, 0)
     model = seeded_model(cfg, data, init_seed).to(device)
     with determinism(cfg.train.determinism, device):
-        res = train(model, data, cfg.train, seed=data_seed, progress=progress, desc="dense")
+        res = task_for(cfg).train(model, data, cfg.train, seed=data_seed, progress=progress,
+                                  desc="dense")
     return res, data, device
 
 
@@ -227,6 +261,8 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
                    selection: Selection = Selection()) -> ExperimentResult:
     """Run (or resume) the experiment described by `cfg`, or the `selection` of it."""
     tracker = tracker or NullTracker()
+    if cfg.train.threads is not None:  # a process-wide torch setting, chosen by the config
+        torch.set_num_threads(cfg.train.threads)
     exp_hash = cfg.hash()
     device = resolve_device(cfg.train.device)
     if data is None:
@@ -236,6 +272,9 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
     store.root.mkdir(parents=True, exist_ok=True)
     # The resolved config, with any credential in its values masked (e.g. a signed data URL).
     ckpt.atomic_write_text(store.config_path, redact(dump_config(cfg)))
+    tokenizer = getattr(data, "tokenizer", None)
+    if hasattr(tokenizer, "save") and not store.tokenizer_dir.is_dir():
+        tokenizer.save(store.tokenizer_dir)  # a trained tokenizer ships with the model
     result = ExperimentResult(exp_hash, store.root, data=data, device=device)
     tracker.experiment_started(cfg, exp_hash, store.root, data)
     echo(f"experiment {cfg.experiment.name} [{exp_hash}] on {device}: {len(data.train_x)} train / "
@@ -276,6 +315,7 @@ class _Replicate:
     model: nn.Module
     init_state: dict[str, torch.Tensor]
     names: list[str]                  # prunable weights
+    layout: list[UnitGroup]           # a transformer's heads and MLP units ([] otherwise)
     rates: dict[str, float]           # per-layer pruning fractions
     total_params: int
 
@@ -308,7 +348,7 @@ def _start_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore
     return _Replicate(cfg, replicate, data, store, tracker, result, selection, device, progress,
                       seed, data_seed, meta, model,
                       {k: v.detach().clone() for k, v in model.state_dict().items()},
-                      list(weights), rates, count_params(model))
+                      list(weights), transformer_layout(model), rates, count_params(model))
 
 
 def _already_done(rep: _Replicate, level: int, variant: str):
@@ -333,10 +373,11 @@ def _train_one(rep: _Replicate, level: int, variant: str, start: dict[str, torch
 
     # SIGTERM and Ctrl-C wait for the end of the step, so the progress checkpoint holds it.
     with interrupts_deferred():
-        res = train(rep.model, rep.data, rep.cfg.train, seed=rep.data_seed, masked=rep.weights(),
-                    mask=mask.to(rep.device), save_state_at=save_at, on_eval=on_eval,
-                    progress=rep.progress, desc=f"r{rep.replicate} L{level} {variant}",
-                    checkpoints=keeper)
+        res = task_for(rep.cfg).train(
+            rep.model, rep.data, rep.cfg.train, seed=rep.data_seed, masked=rep.weights(),
+            mask=mask.to(rep.device), save_state_at=save_at, on_eval=on_eval,
+            progress=rep.progress, desc=f"r{rep.replicate} L{level} {variant}",
+            checkpoints=keeper)
     if save_at is not None and save_at > 0:
         ckpt.save_checkpoint(rep.store.rewind_path(rep.replicate), res.saved_state, meta=rep.meta)
     return res
@@ -370,7 +411,7 @@ def _record(rep: _Replicate, level: int, variant: str, mask: Mask, res: TrainRes
         "nonzero_params": rep.total_params - (mask.size() - kept), "prunable_params": mask.size(),
         "total_params": rep.total_params, "iterations": res.iterations,
         "wall_time_s": res.wall_time_s, "layer_density": mask.layer_density(),
-        **execution_facts(rep.device, rep.cfg.train.determinism),
+        **res.metrics, **execution_facts(rep.device, rep.cfg.train.determinism),
     }
     state = {k: v.detach().clone() for k, v in rep.model.state_dict().items()}
     run_meta = {**rep.meta, "level": level, "variant": variant, "replicate": rep.replicate,
@@ -378,6 +419,10 @@ def _record(rep: _Replicate, level: int, variant: str, mask: Mask, res: TrainRes
     ckpt.save_checkpoint(store.checkpoint_path(*key), state, mask, run_meta)
     store.progress_path(*key).unlink(missing_ok=True)  # the final checkpoint supersedes it
     store.write_json(store.curve_path(*key), res.curve)
+    task = task_for(rep.cfg)
+    if task.samples is not None:  # for a person to read; uploaded with the run folder
+        seed = derive_seed(rep.cfg.experiment.seed, rep.replicate, "samples")
+        ckpt.atomic_write_text(store.samples_path(*key), task.samples(rep.model, rep.data, seed))
     store.write_json(store.metrics_path(*key), record)  # the done marker
     rep.result.trained.append(key)
     rep.tracker.run_finished(record, store.run_dir(*key))
@@ -400,7 +445,7 @@ def _level_mask(rep: _Replicate, level: int, prev_weights, prev_mask: Mask, dens
     if rep.store.is_done(rep.replicate, level, "ticket"):
         path = rep.store.checkpoint_path(rep.replicate, level, "ticket")
         return ckpt.load_checkpoint(path, rep.device).mask
-    return level_mask(rep.cfg, level, prev_weights, prev_mask, dense_weights, rep.rates)
+    return level_mask(rep.cfg, level, prev_weights, prev_mask, dense_weights, rep.rates, rep.layout)
 
 
 def _variants_to_run(rep: _Replicate, level: int, last: int) -> list[str]:
@@ -425,7 +470,8 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
     dense, dense_state = _run_one(rep, 0, "dense", rep.init_state, dense_mask,
                                   save_at=rewind_at or None)
     records = [dense]
-    echo(f"  r{replicate} level 0  density 100.00%  dense {dense['test_accuracy']:.2%}")
+    summary = task_for(cfg).summary
+    echo(f"  r{replicate} level 0  density 100.00%  dense {summary(dense)}")
     rewind_state = rep.init_state
     if rewind_at:
         rewind_state = ckpt.load_checkpoint(store.rewind_path(replicate), device).state
@@ -435,13 +481,13 @@ def _run_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore, 
                                                                       cfg.prune.levels)
     for level in range(1, last + 1):
         mask = _level_mask(rep, level, prev_weights, prev_mask, dense_weights)
-        ctx = LevelContext(cfg, replicate, level, mask, rewind_state, rep.build)
+        ctx = LevelContext(cfg, replicate, level, mask, rewind_state, rep.build, rep.layout)
         line = [f"  r{replicate} level {level:<2} density {mask.density():7.2%}"]
         for variant in _variants_to_run(rep, level, last):
             start, vmask = VARIANTS[variant](ctx)
             record, state = _run_one(rep, level, variant, start, vmask)
             records.append(record)
-            line.append(f"{variant} {record['test_accuracy']:.2%}")
+            line.append(f"{variant} {summary(record)}")
             if variant == "ticket":
                 prev_weights, prev_mask = {n: state[n] for n in rep.names}, mask
         echo("  ".join(line))

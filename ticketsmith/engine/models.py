@@ -15,6 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from ticketsmith.base.errors import ModelError  # noqa: F401 (re-exported)
+from ticketsmith.engine.transformer import build_gpt
 
 
 def _flat_features(input_shape: tuple[int, ...]) -> int:
@@ -128,6 +129,7 @@ MODELS: dict[str, Builder] = {
     "conv4": lambda shape, n: ConvNet(shape, n, [64, 128]),
     "conv6": lambda shape, n: ConvNet(shape, n, [64, 128, 256]),
     "resnet20": lambda shape, n, width=16: ResNet20(shape, n, width),
+    "gpt": build_gpt,  # language models: shape (context,), n = vocabulary size
 }
 
 
@@ -167,8 +169,18 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
     return MODELS[name](tuple(input_shape), num_classes, **options)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 `Conv1D`: a Linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def _embedding_params(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
 def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Parameter]:
-    """Weights of Linear/Conv layers in module order, keyed `<module>.weight`.
+    """Weights of Linear/Conv layers (and GPT-2's Conv1D) in module order, keyed
+    `<module>.weight`; a Linear output head tied to an embedding is an embedding: kept dense.
 
     `exclude` names modules (or prefixes of them) whose weights are left dense; a name that
     matches no module is an error (a typo would otherwise silently prune the layer).
@@ -181,9 +193,10 @@ def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = ()
     if unknown:
         raise ModelError(f"model.exclude: no module named {unknown} in {type(model).__name__} "
                          f"(modules: {[m for m in modules if m][:20]})")
-    found = {}
+    found, embeddings = {}, _embedding_params(model)
     for mod_name, module in modules.items():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        layer = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_conv1d(module)
+        if layer and id(module.weight) not in embeddings:
             if any(excluded(mod_name, e) for e in exclude):
                 continue
             found[f"{mod_name}.weight"] = module.weight
@@ -193,8 +206,11 @@ def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = ()
     return found
 
 
-def output_layer(model: nn.Module) -> str:
-    """Name of the output layer's weight: the last Linear in module order."""
+def output_layer(model: nn.Module) -> str | None:
+    """Name of the output layer's weight: the last Linear in module order; None for a
+    language model (it has an embedding), whose output head is the embedding, kept dense."""
+    if any(isinstance(m, nn.Embedding) for m in model.modules()):
+        return None
     last = None
     for mod_name, module in model.named_modules():
         if isinstance(module, nn.Linear):

@@ -59,6 +59,10 @@ class RunStore:
     def curve_path(self, replicate: int, level: int, variant: str) -> Path:
         return self.run_dir(replicate, level, variant) / "curve.json"
 
+    def samples_path(self, replicate: int, level: int, variant: str) -> Path:
+        """Language models: continuations of fixed prompts, for a person to read."""
+        return self.run_dir(replicate, level, variant) / "samples.txt"
+
     def benchmark_path(self, replicate: int, level: int, variant: str) -> Path:
         """The serving benchmark of a checkpoint, written next to it."""
         return self.run_dir(replicate, level, variant) / BENCHMARK_FILE
@@ -75,6 +79,16 @@ class RunStore:
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Language models: the experiment's tokenizer, saved once (what a served model needs)."""
+        return self.root / "tokenizer"
+
+    @staticmethod
+    def tokenizer_next_to(checkpoint: Path) -> Path:
+        """The experiment's tokenizer folder, seen from a run's checkpoint file."""
+        return RunStore(Path(checkpoint).parents[3]).tokenizer_dir
 
     def is_done(self, replicate: int, level: int, variant: str) -> bool:
         return (self.metrics_path(replicate, level, variant).is_file()

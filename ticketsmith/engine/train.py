@@ -36,6 +36,7 @@ class TrainResult:
     wall_time_s: float
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
     saved_state: dict[str, torch.Tensor] | None = None           # weights at `save_state_at`
+    metrics: dict[str, float] = field(default_factory=dict)      # task-specific, into the record
 
 
 # Set by the GPU Job templates: a node provisioned for a GPU must not let 'auto' fall back to

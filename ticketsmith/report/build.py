@@ -25,6 +25,8 @@ from ticketsmith.report.figures import (accuracy_vs_weights, early_stop_vs_weigh
 from ticketsmith.report.render import Block, Figure, Heading, para, to_html, to_markdown
 from ticketsmith.report.sections import VARIANT_NAMES, answer, paired_section, pct, results_table
 from ticketsmith.report.frontier import family_local, family_mlflow, frontier_section
+from ticketsmith.report.language import language_model_sections
+from ticketsmith.gates import is_language_model
 from ticketsmith.report.sources import ReportInputs, from_local, from_mlflow
 from ticketsmith.report.stats import Facts, analyse
 from ticketsmith.tracking.run_summary import NOTE_TAG, figure_markdown
@@ -116,26 +118,37 @@ def build_report(client, experiment_ref: str | None, output_dir: str | Path = "r
               else family_mlflow(client, inputs))
     folder = report_folder(output_dir, inputs)
     title = f"Executive summary — {inputs.name} ({inputs.exp_hash})"
-    blocks: list[Block] = [Heading("The answer"), *answer(facts), *results_table(facts),
-                           *paired_section(facts), *make_figures(facts, inputs, folder),
-                           *frontier_section(facts, family, folder),
-                           *scorecard(facts), *registry_section(facts, inputs),
-                           *evidence(facts, inputs)]
+    if is_language_model(inputs.records):  # bits per byte, perplexity and samples
+        blocks: list[Block] = [*language_model_sections(facts, inputs, folder),
+                               *scorecard(facts), *registry_section(facts, inputs),
+                               *evidence(facts, inputs)]
+    else:
+        blocks = [Heading("The answer"), *answer(facts), *results_table(facts),
+                  *paired_section(facts), *make_figures(facts, inputs, folder),
+                  *frontier_section(facts, family, folder),
+                  *scorecard(facts), *registry_section(facts, inputs),
+                  *evidence(facts, inputs)]
     md = folder / "executive_summary.md"
     atomic_write_text(md, to_markdown(title, blocks))
     atomic_write_text(folder / "executive_summary.html", to_html(title, blocks, folder))
     for run_id in inputs.parents.values():
         retry(lambda: client.log_artifacts(run_id, str(folder), "report"), "upload report")
-        retry(lambda: client.set_tag(run_id, NOTE_TAG, parent_description(facts, run_id, folder)),
+        retry(lambda: client.set_tag(run_id, NOTE_TAG, parent_description(
+            facts, run_id, folder, blocks[1:3] if is_language_model(inputs.records) else None)),
               "describe parent run")
     return md
 
 
-def parent_description(facts: Facts, run_id: str, folder: Path) -> str:
+def parent_description(facts: Facts, run_id: str, folder: Path,
+                       lm_answer: list[Block] | None = None) -> str:
     """The parent run's description in the MLflow UI (its Overview tab): the report's answer,
     the ticket-vs-random figure (one chart with both, which MLflow's default charts are not),
     then where the rest is."""
-    answer_md = to_markdown("", answer(facts)).split("\n", 2)[-1].strip()
+    answer_md = to_markdown("", lm_answer or answer(facts)).split("\n", 2)[-1].strip()
+    if lm_answer is not None:  # a language model: bits per byte, its own figure
+        return (f"{answer_md}\n\nPer level: **Model metrics** (`bpb/ticket`, "
+                "`bpb/random_reinit`, `bpb/dense`, `bpb/random_reinit_minus_ticket`); the full "
+                "executive report is the artifact `report/executive_summary.html`.")
     figure = ""
     if (folder / FIGURE).is_file():
         figure = figure_markdown(run_id, f"report/{FIGURE}", "Test accuracy vs weights "

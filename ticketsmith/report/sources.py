@@ -65,6 +65,9 @@ class ReportInputs:
     load_curve: Callable[[int, int, str], list[dict[str, float]]] = field(repr=False)
     run_link: Callable[[str], str | None] = field(repr=False, default=lambda run_id: None)
     notes: list[str] = field(default_factory=list)   # what could not be read, said in the report
+    # language models: a run's samples.txt (continuations of fixed prompts), None if absent
+    load_samples: Callable[[int, int, str], str | None] = field(repr=False,
+                                                                default=lambda *key: None)
 
 
 # --- MLflow --------------------------------------------------------------------------------
@@ -96,6 +99,7 @@ def from_mlflow(client: MlflowClient, ref: str) -> ReportInputs:
                            {r["run_id"] for r in records}, notes),
         source=f"MLflow tracking store {redact(uri)}, experiment '{exp.name}' (id {exp_id})",
         from_mlflow=True, load_curve=lambda *key: _mlflow_curve(client, records, key),
+        load_samples=lambda *key: _mlflow_samples(client, records, key),
         run_link=(lambda run_id: f"{base}/#/experiments/{exp_id}/runs/{run_id}") if base
         else (lambda run_id: None),
         notes=notes)
@@ -108,6 +112,17 @@ def _download_json(client: MlflowClient, run_id: str, path: str) -> Any:
             f"download {path} of run {run_id}")
         text = Path(local).read_text()
     return json.loads(text) if path.endswith(".json") else text
+
+
+def _mlflow_samples(client: MlflowClient, records: list[dict[str, Any]], key) -> str | None:
+    run_id = next((r.get("run_id") for r in records
+                   if (r["replicate"], r["level"], r["variant"]) == tuple(key)), None)
+    if not run_id:
+        return None
+    try:
+        return _download_json(client, run_id, "run/samples.txt")
+    except TrackingError:
+        return None
 
 
 def _mlflow_config(client: MlflowClient, parents: dict[int, Any], notes: list[str]) -> Config | None:
@@ -225,5 +240,7 @@ def from_local(prefix: str | Path, ref: str | None = None) -> ReportInputs:
         environment={}, parents={}, benchmarks=benchmarks, registry=None,
         source=f"local run folder {root.resolve()} (not MLflow)", from_mlflow=False,
         load_curve=curve,
+        load_samples=lambda *key: (store.samples_path(*key).read_text()
+                                   if store.samples_path(*key).is_file() else None),
         notes=["Built from a local run folder, not the MLflow tracking store: no registry "
                "outcome, and the training hardware and versions were not recorded there."])

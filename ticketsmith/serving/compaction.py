@@ -3,7 +3,8 @@
 IMP leaves hidden units with no incoming weights (they output the constant relu(bias)), units
 with no outgoing weights (nobody reads them) and input features no weight reads. Removing them
 shrinks dense layers, which is a speedup on any hardware. Works on a `Chain`: a straight
-pipeline of Linear / Conv2d layers with ReLU, MaxPool2d, Flatten, Identity or Dropout between.
+pipeline of Linear / Conv2d layers with ReLU, MaxPool2d, Flatten, Identity or Dropout between;
+`compact_gpt` removes a transformer ticket's dead attention heads and MLP hidden units.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ticketsmith.engine.models import MLP, ConvNet, LeNet5
+from ticketsmith.engine.transformer import GPT
 
 _PASS_THROUGH = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
@@ -160,3 +162,44 @@ def _rebuild(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Mod
         new.weight.copy_(weight)
         new.bias.copy_(bias)
     return new.requires_grad_(False).eval()
+
+
+def compact_gpt(model: GPT) -> tuple[GPT, str]:
+    """A smaller GPT without the heads and MLP hidden units whose output columns are all zero
+    (a structured ticket's removed units): their contribution to the residual stream is exactly
+    zero, so the outputs are the masked model's. Every block keeps at least one head and unit."""
+    heads, hidden, state = [], [], {}
+    for i, block in enumerate(model.blocks):
+        a, m, p = block.attn, block.mlp, f"blocks.{i}."
+        cols = a.proj.weight.reshape(a.proj.weight.shape[0], a.heads, a.head_dim)
+        keep_h = _at_least_one(cols.ne(0).any(0).any(1))
+        rows = torch.arange(a.heads * a.head_dim).reshape(a.heads, a.head_dim)[keep_h].flatten()
+        qkv_rows = torch.cat([rows + j * a.heads * a.head_dim for j in range(3)])
+        keep_n = _at_least_one(m.proj.weight.ne(0).any(0))
+        heads.append(int(keep_h.sum()))
+        hidden.append(int(keep_n.sum()))
+        for name, t in block.state_dict().items():
+            state[p + name] = t
+        state[p + "attn.qkv.weight"] = a.qkv.weight[qkv_rows]
+        state[p + "attn.proj.weight"] = a.proj.weight[:, rows]
+        state[p + "mlp.fc.weight"] = m.fc.weight[keep_n]
+        state[p + "mlp.proj.weight"] = m.proj.weight[:, keep_n]
+        if a.qkv.bias is not None:
+            state[p + "attn.qkv.bias"] = a.qkv.bias[qkv_rows]
+            state[p + "mlp.fc.bias"] = m.fc.bias[keep_n]
+    for name, t in model.state_dict().items():
+        state.setdefault(name, t)
+    bias = model.blocks[0].attn.qkv.bias is not None
+    small = GPT(model.vocab, model.context, len(model.blocks), heads, model.width,
+                model.blocks[0].attn.head_dim, hidden, bias=bias)
+    small.load_state_dict(state)
+    before = sum(b.attn.heads for b in model.blocks), sum(b.mlp.fc.out_features for b in model.blocks)
+    return small.eval(), (f"heads {before[0]} -> {sum(heads)}, MLP hidden units {before[1]} -> "
+                          f"{sum(hidden)}")
+
+
+def _at_least_one(keep: torch.Tensor) -> torch.Tensor:
+    if not keep.any():
+        keep = keep.clone()
+        keep[0] = True
+    return keep

@@ -19,11 +19,12 @@ from mlflow.models import ModelSignature
 from ticketsmith.engine.store import RunStore
 from ticketsmith.gates import LevelVerdict, champion_level, label
 from ticketsmith.base.interrupts import interrupts_deferred
-from ticketsmith.tracking.serving_tags import serving_description, serving_tags
+from ticketsmith.tracking.serving_tags import FORMAT, serving_description, serving_tags
 from ticketsmith.tracking.tracker import TAG, retry
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"
 MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
+LM_MODEL_CODE = str(Path(__file__).with_name("lm_pyfunc.py"))
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,25 @@ def log_ticket_model(checkpoint: Path, serving: Path | None, *,
         pip_requirements=requirements)
 
 
+def log_language_model(checkpoint: Path, *, allow_factory: str | None = None):
+    """Log a language-model ticket as a pyfunc in the active run: prompts (strings) in,
+    generated text out; the experiment's trained tokenizer (if any) travels with it."""
+    import safetensors
+    import torch
+
+    artifacts = {"checkpoint": str(checkpoint)}
+    tokenizer = RunStore.tokenizer_next_to(checkpoint)
+    if tokenizer.is_dir():
+        artifacts["tokenizer"] = str(tokenizer)
+    config = {"allow_factory": allow_factory} if allow_factory else {}
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                    f"safetensors=={safetensors.__version__}", f"mlflow=={mlflow.__version__}"]
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=LM_MODEL_CODE, artifacts=artifacts,
+        input_example=["The "], code_paths=[str(Path(__file__).parents[1])],
+        model_config=config, pip_requirements=requirements)
+
+
 def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Path,
                     allow_factory: str | None = None, probe=None) -> str:
     """Log the ticket as a pyfunc model in its run and register it; idempotent per run.
@@ -126,16 +146,25 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
     existing = _find_version(client, name, run_id)
     if existing is not None:
         return existing.version
-    from ticketsmith.serving.plan.build import ensure_plan
-    from ticketsmith.serving.plan.check import verify
+    from ticketsmith.engine.checkpoint import load_checkpoint
 
-    plan = ensure_plan(RunStore.serving_next_to(checkpoint), checkpoint, allow_factory)
-    check = verify(plan, checkpoint, probe, allow_factory)
     mlflow.set_tracking_uri(client.tracking_uri)
-    # Ctrl-C waits for the model to be logged: MLflow's own store calls in here must not be
-    # cut in half (see interrupts.py).
-    with interrupts_deferred(), mlflow.start_run(run_id=run_id):
-        info = log_ticket_model(Path(checkpoint), plan, allow_factory=allow_factory)
+    if load_checkpoint(checkpoint).meta.get("task") == "language_model":
+        # Prompts in, text out; its serving plan (KV cache, formats) is not built yet.
+        with interrupts_deferred(), mlflow.start_run(run_id=run_id):
+            info = log_language_model(Path(checkpoint), allow_factory=allow_factory)
+        tags = {FORMAT: "masked_dense", "task": "language_model"}
+    else:
+        from ticketsmith.serving.plan.build import ensure_plan
+        from ticketsmith.serving.plan.check import verify
+
+        plan = ensure_plan(RunStore.serving_next_to(checkpoint), checkpoint, allow_factory)
+        check = verify(plan, checkpoint, probe, allow_factory)
+        # Ctrl-C waits for the model to be logged: MLflow's own store calls in here must not
+        # be cut in half (see interrupts.py).
+        with interrupts_deferred(), mlflow.start_run(run_id=run_id):
+            info = log_ticket_model(Path(checkpoint), plan, allow_factory=allow_factory)
+        tags = serving_tags(plan, check)
     try:
         retry(lambda: client.get_registered_model(name), "get registered model")
     except Exception:
@@ -143,8 +172,7 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
             name, description="TicketSmith ticket candidates; `champion` is the sparsest ticket "
                               "passing every quality gate."), "create registered model")
     mv = retry(lambda: client.create_model_version(name, info.model_uri, run_id=run_id,
-                                                   model_id=info.model_id,
-                                                   tags=serving_tags(plan, check)),
+                                                   model_id=info.model_id, tags=tags),
                "create model version")
     # MLflow may close the run it reopened; keep the ticket run FINISHED as the engine left it.
     retry(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
@@ -154,8 +182,8 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
 def version_description(verdict: LevelVerdict, serving: str | None = None) -> str:
     """The version's description in the MLflow UI: the gate verdict with the numbers that
     decided it, then (`serving`) the deployed format and its measured speedup."""
-    lines = [f"Level {verdict.level} ticket, {verdict.sparsity:.1%} sparse, mean test accuracy "
-             f"{verdict.ticket_accuracy:.2f}% over {verdict.replicates} replicate(s): quality gate "
+    lines = [f"Level {verdict.level} ticket, {verdict.sparsity:.1%} sparse, mean test "
+             f"{verdict.quality} over {verdict.replicates} replicate(s): quality gate "
              f"**{'PASSED' if verdict.passed else 'FAILED'}**."]
     lines += [f"- {g.name}: {label(g.passed)} "
               f"— {g.detail}" + (f" (threshold {g.threshold})" if g.threshold is not None else "")

@@ -5,6 +5,9 @@ the key's prefix before '/'. So the parent run of a replicate logs, with step = 
 
     accuracy/dense, accuracy/ticket, accuracy/random_reinit, accuracy/random_prune
     accuracy/ticket_minus_random_reinit      (test accuracy, fraction; gap as a fraction too)
+    bpb/dense, bpb/ticket, bpb/random_reinit, bpb/random_reinit_minus_ticket
+                                             (language models: test bits per byte, lower is
+                                              better; the gap is positive when the ticket wins)
     weights/sparsity, weights/density        (over prunable weights)
     speedup/batch_<n>                        (the ticket's best checked serving plan)
 
@@ -24,8 +27,13 @@ NOTE_TAG = "mlflow.note.content"             # the description shown on runs and
 GAP_KEY = "accuracy/ticket_minus_random_reinit"
 
 
-def accuracy_key(variant: str) -> str:
-    return f"accuracy/{variant}"
+def accuracy_key(variant: str, prefix: str = "accuracy") -> str:
+    return f"{prefix}/{variant}"
+
+
+def quality_key(record: dict[str, Any]) -> str:
+    """The record's quality metric: test bits per byte for a language model, else accuracy."""
+    return "test_bpb" if "test_bpb" in record else "test_accuracy"
 
 
 def level_metrics(record: dict[str, Any], dense_accuracy: float | None,
@@ -35,19 +43,23 @@ def level_metrics(record: dict[str, Any], dense_accuracy: float | None,
     dense_accuracy: the replicate's dense test accuracy, repeated at every level as the
     baseline line; peers: test accuracy of the other variants finished at the same level.
     """
-    variant, acc = record["variant"], record.get("test_accuracy")
+    key = quality_key(record)
+    # bits per byte: lower is better, so the gap is random minus ticket (positive: ticket wins)
+    prefix, sign, gap = (("bpb", -1.0, "bpb/random_reinit_minus_ticket") if key == "test_bpb"
+                         else ("accuracy", 1.0, GAP_KEY))
+    variant, acc = record["variant"], record.get(key)
     out: dict[str, float] = {}
     if isinstance(acc, (int, float)):
-        out[accuracy_key(variant)] = float(acc)
+        out[accuracy_key(variant, prefix)] = float(acc)
     if variant in ("dense", "ticket"):
         out["weights/sparsity"] = float(record["sparsity"])
         out["weights/density"] = float(record["density"])
     if variant == "ticket" and dense_accuracy is not None:
-        out[accuracy_key("dense")] = float(dense_accuracy)
+        out[accuracy_key("dense", prefix)] = float(dense_accuracy)
     if variant == "random_reinit" and "ticket" in peers and acc is not None:
-        out[GAP_KEY] = float(peers["ticket"]) - float(acc)
+        out[gap] = sign * (float(peers["ticket"]) - float(acc))
     elif variant == "ticket" and "random_reinit" in peers and acc is not None:
-        out[GAP_KEY] = float(acc) - float(peers["random_reinit"])
+        out[gap] = sign * (float(acc) - float(peers["random_reinit"]))
     return out
 
 
@@ -73,7 +85,9 @@ def experiment_description(cfg: Any) -> str:
     rewind = (f"iteration {p.rewind_iteration} (late rewinding)" if p.rewind_iteration
               else "the original initialisation")
     variants = ", ".join(v.replace("_", " ") for v in cfg.experiment.variants)
-    return (f"**Lottery ticket experiment** — {cfg.model.name} on {cfg.data.name}. "
+    task = ("language model; quality in bits per byte, lower is better"
+            if getattr(cfg, "task", "") == "language_model" else "image classifier")
+    return (f"**Lottery ticket experiment** — {cfg.model.name} on {cfg.data.name} ({task}). "
             f"{p.schedule.capitalize()} magnitude pruning ({p.scope}) removes {p.fraction:.0%} of "
             f"the remaining weights per level; survivors rewind to {rewind}. Variants: {variants}, "
             f"against the dense network (level 0).\n\n"

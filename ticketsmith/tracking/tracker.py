@@ -28,13 +28,15 @@ from ticketsmith.base.environment import environment as base_environment, git_co
 from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.events import TrackingError, UnknownExperiment
 from ticketsmith.tracking.run_summary import (EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, experiment_description,
-                                              level_metrics, replicate_description)
+                                              level_metrics, quality_key, replicate_description)
 from ticketsmith.base.secrets import redact
 
 TAG = "ticketsmith."
 PROGRESS_DIR = "progress"  # artifact folder of a child run's progress checkpoint
 CHILD_METRICS = ("test_accuracy", "test_loss", "best_val_accuracy", "early_stop_iteration",
-                 "sparsity", "density", "nonzero_params", "total_params", "wall_time_s")
+                 "sparsity", "density", "nonzero_params", "total_params", "wall_time_s",
+                 # language models (test_accuracy is then next-token accuracy)
+                 "test_bpb", "val_bpb", "best_val_bpb", "test_perplexity", "val_loss")
 
 
 def prepare_store(uri: str | None = None) -> None:
@@ -357,7 +359,8 @@ class MlflowTracker:
     def _log_parent_series(self, record: dict[str, Any]) -> None:
         """This child's point of the parent's per-level series (step = level)."""
         rep, level = record["replicate"], record["level"]
-        accuracy = {(lv, v): run.data.metrics.get("test_accuracy")
+        key = quality_key(record)
+        accuracy = {(lv, v): run.data.metrics.get(key)
                     for (r, lv, v), run in self.children.items() if r == rep and lv in (0, level)}
         peers = {v: a for (lv, v), a in accuracy.items() if lv == level and a is not None}
         metrics = level_metrics(record, accuracy.get((0, "dense")), peers)
