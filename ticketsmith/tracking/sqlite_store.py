@@ -59,28 +59,34 @@ def prepare_store(uri: str | None = None) -> None:
     path = Path(uri[len("sqlite:///"):].split("?")[0])
     if path.exists() or path.name in ("", ":memory:"):
         return
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
-    tmp.unlink(missing_ok=True)
     template = _template(mlflow.__version__)
-    if template is not None:
-        shutil.copyfile(template, tmp)
     try:
-        # MLflow's own constructor, as the client would call it (same default artifact root).
-        store = _get_sqlalchemy_store(f"sqlite:///{tmp}", None)
-    except MlflowException:  # a template MLflow no longer accepts: build the store in place
+        _create(tmp, template)
+    except Exception:  # noqa: BLE001 - a template MLflow refuses (out of date, not SQLite)
         if template is None:
             raise
+        # Dropped (the next store rebuilds it); this store is built by MLflow's migrations,
+        # under another name: MLflow keeps an engine per URI, open on the refused copy.
         template.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
-        store = _get_sqlalchemy_store(f"sqlite:///{tmp}", None)
-    store.engine.dispose()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.migrated.creating")
+        _create(tmp, None)
     try:
         os.link(tmp, path)  # atomic, and never over a store another process just created
     except FileExistsError:
         pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create(tmp: Path, template: Path | None) -> None:
+    """A complete store at `tmp`: a copy of `template` (None: empty) opened by MLflow's own
+    constructor, as the client would call it (same default artifact root)."""
+    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+
+    tmp.unlink(missing_ok=True)
+    if template is not None:
+        shutil.copyfile(template, tmp)
+    _get_sqlalchemy_store(f"sqlite:///{tmp}", None).engine.dispose()
