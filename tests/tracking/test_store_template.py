@@ -31,9 +31,11 @@ def contents(db: Path) -> tuple[list, list, list]:
 
 def test_a_store_from_the_template_is_the_store_mlflow_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("TICKETSMITH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)  # the default experiment's artifact root is ./mlruns here
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the template holds no artifact root from here
     prepare_store(f"sqlite:///{tmp_path / 'first.db'}")  # builds the template on the way
     assert (template_dir() / f"mlflow-{mlflow.__version__}-schema.db").is_file()
+    monkeypatch.chdir(tmp_path)  # the default experiment's artifact root is ./mlruns here
 
     def no_migrations(engine):
         raise AssertionError("the store was migrated instead of copied from the template")
