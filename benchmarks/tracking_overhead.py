@@ -84,7 +84,8 @@ def main() -> int:
                     help="which overhead meets the target (default wall; cpu on a loaded machine)")
     ap.add_argument("--cold-store", action="store_true",
                     help="empty the MLflow schema template cache before every tracked run")
-    ap.add_argument("--data-root", default=os.environ.get("TICKETSMITH_DATA_ROOT", str(REPO / "data")),
+    ap.add_argument("--data-root",
+                    default=os.environ.get("TICKETSMITH_DATA_ROOT", str(REPO / "data")),
                     help="folder holding MNIST/ (default $TICKETSMITH_DATA_ROOT or <repo>/data)")
     args = ap.parse_args()
     if args.quick:
