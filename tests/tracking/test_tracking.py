@@ -116,6 +116,46 @@ def test_each_run_carries_its_replicates_seeds(tracked):
     assert seeds[0] != seeds[1]
 
 
+def artifact_files(list_artifacts, path=None) -> set[str]:
+    """Every file under `path`, recursively, from a client's artifact listing."""
+    files = set()
+    for a in list_artifacts(path):
+        files |= artifact_files(list_artifacts, a.path) if a.is_dir else {a.path}
+    return files
+
+
+def test_every_run_and_version_records_its_whole_inventory(tracked):
+    """What a tracked experiment records, file by file, so that no artifact is dropped
+    unnoticed (the tracked run's figures, store and registry were made cheaper; this is
+    what they must still write)."""
+    cfg, client, out = tracked
+    for run in runs_of(client, cfg.hash(), "child"):
+        shown = {"figures/samples.png"} if run.data.tags[TAG + "variant"] != "random_reinit" \
+            else set()
+        assert artifact_files(lambda p: client.list_artifacts(run.info.run_id, p)) == {
+            "run/checkpoint.safetensors", "run/metrics.json", "run/curve.json",
+            "figures/loss_curves.png"} | shown
+    for run in runs_of(client, cfg.hash(), "parent"):
+        assert artifact_files(lambda p: client.list_artifacts(run.info.run_id, p)) == {
+            "config.yaml", "environment.json", "gates/gates.txt", "replicate/init.safetensors"}
+    name = model_name_for(cfg.experiment.name, cfg.hash())
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == LEVELS  # one per level's ticket
+    for mv in versions:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}"))
+        files = {str(f.relative_to(local)) for f in local.rglob("*") if f.is_file()}
+        assert {f for f in files if not f.startswith("code/")} == {
+            "MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
+            "serving_input_example.json", "pyfunc_model.py", "artifacts/checkpoint.safetensors",
+            "artifacts/serving/plan.json", "artifacts/serving/model.onnx",
+            "artifacts/serving/weights.safetensors",
+            "registered_model_meta"}  # written by MLflow's download of a models:/ URI
+        assert "code/ticketsmith/tracking/pyfunc_model.py" in files
+        pins = (local / "requirements.txt").read_text().split()
+        assert f"torch=={torch.__version__.split('+')[0]}" in pins
+        assert f"mlflow=={mlflow.__version__}" in pins and f"numpy=={np.__version__}" in pins
+
+
 def test_registry_champion_rejections_and_model_loads(tracked):
     cfg, client, out = tracked
     name = model_name_for(cfg.experiment.name, cfg.hash())

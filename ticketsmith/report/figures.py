@@ -8,12 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ticketsmith.report.stats import LevelStats  # noqa: E402
+from ticketsmith.report.stats import LevelStats
 
 COLORS = {"dense": "#444444", "ticket": "#1f5fbf", "random_reinit": "#e07b00",
           "random_prune": "#2a9d3a"}
@@ -42,10 +40,16 @@ def _weights_axis(ax, densities: list[float]) -> None:
     ax.grid(alpha=0.3, which="major")
 
 
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kw):
+    """pyplot.subplots on a bare Figure: PNG files only (Agg), no pyplot import (about 0.3 s)
+    and no figure manager holding figures until they are closed."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
 def _save(fig, path: Path, rect=(0, 0, 1, 1)) -> Path:
     fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
     return path
 
 
@@ -59,7 +63,7 @@ def _series(stats: list[LevelStats], variant: str, attr: str):
 def accuracy_vs_weights(stats: list[LevelStats], max_drop: float, path: Path,
                         safe_density: float | None = None) -> Path:
     """Test accuracy (mean ± std over replicates) per variant, the dense band and the gate."""
-    fig, ax = plt.subplots(figsize=(8.5, 5))
+    fig, ax = subplots(figsize=(8.5, 5))
     dense = next(s for s in stats if s.variant == "dense")
     d, std = dense.accuracy.mean, dense.accuracy.std or 0.0
     ax.axhspan(d - std, d + std, color=COLORS["dense"], alpha=0.15,
@@ -86,7 +90,7 @@ def accuracy_vs_weights(stats: list[LevelStats], max_drop: float, path: Path,
 
 def early_stop_vs_weights(stats: list[LevelStats], path: Path) -> Path:
     """Early-stopping iteration (minimum validation loss), mean ± std per variant."""
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    fig, ax = subplots(figsize=(8.5, 4.5))
     for variant in ("dense", "ticket", "random_reinit", "random_prune"):
         x, y, e, rows = _series(stats, variant, "early_stop")
         if rows:
@@ -108,7 +112,7 @@ def speedup_vs_sparsity(benchmarks: dict[int, dict[str, Any]], path: Path) -> Pa
         return None
     batch_sizes = sorted({r["batch_size"] for _, r, _ in rows})
     formats = sorted({r["format"] for _, r, _ in rows if r["format"] != "dense"})
-    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(6.2 * len(batch_sizes), 4.8),
+    fig, axes = subplots(1, len(batch_sizes), figsize=(6.2 * len(batch_sizes), 4.8),
                              squeeze=False, sharey=True)
     densities = sorted({d for *_, d in rows}, reverse=True)
     for ax, bs in zip(axes[0], batch_sizes):
@@ -152,8 +156,8 @@ def training_curves(curves: list[tuple[str, str, list[dict[str, float]]]], path:
     curves = [c for c in curves if c[2]]
     if not curves:
         return None
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    cmap = plt.get_cmap("viridis")
+    fig, (loss_ax, acc_ax) = subplots(1, 2, figsize=(12, 4.5))
+    cmap = colormaps["viridis"]
     for i, (label, variant, rows) in enumerate(curves):
         color = COLORS["dense"] if variant == "dense" else cmap(i / max(1, len(curves) - 1) * 0.85)
         ls = "--" if variant.startswith("random") else "-"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ticketsmith.report.figures import FORMAT_COLORS, GATE_COLOR, _save, plt
+from ticketsmith.report.figures import FORMAT_COLORS, GATE_COLOR, _save, subplots
 from ticketsmith.report.render import Block, Figure, Heading, Table, para
 from ticketsmith.report.sources import ReportInputs, from_local, from_mlflow
 from ticketsmith.report.stats import Facts, analyse, batch_sizes, best_format
@@ -70,7 +70,7 @@ def frontier_figure(by_granularity: dict[str, Facts], path: Path) -> Path | None
     sizes = sorted({bs for f in by_granularity.values() for bs in batch_sizes(f)})
     if not sizes:
         return None
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.2 * len(sizes), 4.8), squeeze=False,
+    fig, axes = subplots(1, len(sizes), figsize=(6.2 * len(sizes), 4.8), squeeze=False,
                              sharey=True)
     dense = next(iter(by_granularity.values())).dense
     for ax, bs in zip(axes[0], sizes):

@@ -30,6 +30,7 @@ from ticketsmith.engine.events import TrackingError, UnknownExperiment
 from ticketsmith.tracking.run_summary import (EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, experiment_description,
                                               level_metrics, quality_key, replicate_description)
 from ticketsmith.base.secrets import redact
+from ticketsmith.tracking.sqlite_store import prepare_store  # noqa: F401 (its callers' import)
 
 TAG = "ticketsmith."
 PROGRESS_DIR = "progress"  # artifact folder of a child run's progress checkpoint
@@ -37,34 +38,6 @@ CHILD_METRICS = ("test_accuracy", "test_loss", "best_val_accuracy", "early_stop_
                  "sparsity", "density", "nonzero_params", "total_params", "wall_time_s",
                  # language models (test_accuracy is then next-token accuracy)
                  "test_bpb", "val_bpb", "best_val_bpb", "test_perplexity", "val_loss")
-
-
-def prepare_store(uri: str | None = None) -> None:
-    """Create a new SQLite tracking store all at once: its tables are built in a temporary
-    file beside it, which is then linked into place. A kill while MLflow builds the tables of
-    the store itself leaves a half-built schema that every later command refuses ("out-of-date
-    database schema"); a killed temporary file is just left over. Other stores: nothing to do.
-    """
-    uri = uri or mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri[len("sqlite:///"):].split("?")[0])
-    if path.exists() or path.name in ("", ":memory:"):
-        return
-    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
-    tmp.unlink(missing_ok=True)
-    # MLflow's own constructor, as the client would call it (same default artifact root).
-    store = _get_sqlalchemy_store(f"sqlite:///{tmp}", None)
-    store.engine.dispose()
-    try:
-        os.link(tmp, path)  # atomic, and never over a store another process just created
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay_s: float = 1.0,
