@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ticketsmith.base.errors import ConfigError
 from ticketsmith.engine.transformer import GPT
 
 
-class GenerationError(ValueError):
-    """A request the model cannot serve (empty prompt, too long, not a language model)."""
+class GenerationError(ConfigError):
+    """A request the model cannot serve (empty prompt, too long, not a language model): bad
+    input, exit 2 at the command line."""
 
 
 @dataclass(frozen=True)

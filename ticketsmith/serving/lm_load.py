@@ -1,0 +1,64 @@
+"""A language-model checkpoint with the tokenizer it was trained with, for generation and the
+tokens-per-second benchmark. Image checkpoints are refused here, in one line."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ticketsmith.engine.generate import GenerationError
+from ticketsmith.engine.store import RunStore
+from ticketsmith.serving.benchmark import load_ticket, resolve_checkpoint
+
+LM_TASK = "language_model"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes, vocabulary 256: the default tokenizer, which nothing is saved for."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def is_language_model(meta: dict[str, Any]) -> bool:
+    return meta.get("task") == LM_TASK
+
+
+def tokenizer_for(checkpoint: Path, meta: dict[str, Any]):
+    """The experiment's saved tokenizer (next to a run's checkpoint, or beside a downloaded
+    model's), else the byte tokenizer when the checkpoint says it was trained on bytes."""
+    for folder in (checkpoint.parent / "tokenizer", _run_tokenizer(checkpoint)):
+        if folder is not None and folder.is_dir():
+            from ticketsmith.engine.text import load_tokenizer
+
+            return load_tokenizer(folder)
+    if meta.get("tokenizer", "byte") != "byte":
+        raise GenerationError(f"--checkpoint: {checkpoint} was trained with tokenizer "
+                              f"{meta['tokenizer']!r}, whose saved folder is not beside it")
+    return ByteTokenizer()
+
+
+def _run_tokenizer(checkpoint: Path) -> Path | None:
+    try:
+        return RunStore.tokenizer_next_to(checkpoint)
+    except IndexError:  # a checkpoint outside a run folder
+        return None
+
+
+def load_lm(path_or_uri: str | Path, device: str | torch.device = "cpu",
+            allow_factory: bool | str | None = False) -> tuple[nn.Module, Any, dict, Path]:
+    """(masked model, tokenizer, metadata, local path) of a language-model checkpoint."""
+    path = resolve_checkpoint(path_or_uri)
+    model, _, meta = load_ticket(path, device, allow_factory)
+    if not is_language_model(meta):
+        raise GenerationError(f"--checkpoint: {path} holds an image model ({meta.get('model')!r} "
+                              f"on {meta.get('dataset')!r}); expected a language-model checkpoint")
+    return model, tokenizer_for(path, meta), meta, path
