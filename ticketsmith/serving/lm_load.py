@@ -32,6 +32,13 @@ def is_language_model(meta: dict[str, Any]) -> bool:
     return meta.get("task") == LM_TASK
 
 
+def is_checkpoint_of_lm(path: str | Path) -> bool:
+    """Whether a local checkpoint file holds a language model."""
+    from ticketsmith.engine.checkpoint import load_checkpoint
+
+    return is_language_model(load_checkpoint(path).meta)
+
+
 def tokenizer_for(checkpoint: Path, meta: dict[str, Any]):
     """The experiment's saved tokenizer (next to a run's checkpoint, or beside a downloaded
     model's), else the byte tokenizer when the checkpoint says it was trained on bytes."""
