@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ticketsmith.base.errors import BenchmarkError
 from ticketsmith.engine.generate import Cache, Decoder, pick, Sampling
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.formats import weight_bytes
@@ -41,6 +42,7 @@ NODES = {
     "gpu": {"instance": "AWS g5.xlarge (1 NVIDIA A10G 24 GB, 4 vCPU)", "usd_per_hour": 1.006,
             "price_date": "2024-06"},
 }
+LM_FORMATS = ("compacted", "sparse")  # beside dense, the baseline
 FIGURES = ("prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "token_latency_ms",
            "peak_memory_bytes", "weight_bytes", "usd_per_million_tokens")
 
@@ -194,7 +196,11 @@ def _figures(name: str, bs: int, prompt: int, turns: list[dict], dense: list[dic
 def build_formats(model: GPT, batch_sizes: list[int], prompt: int,
                   formats: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """name -> {"models": {(phase, batch): module}, "note": ...} for dense, compacted, sparse."""
-    wanted = formats or ["compacted", "sparse"]
+    wanted = formats or list(LM_FORMATS)
+    unknown = sorted(set(wanted) - set(LM_FORMATS) - {"dense"})
+    if unknown:
+        raise BenchmarkError(f"--formats: {', '.join(unknown)} not a language-model format; "
+                             f"expected some of {', '.join(LM_FORMATS)}")
     out: dict[str, dict[str, Any]] = {"dense": {"note": "masked weights, KV cache"}}
     if "compacted" in wanted:
         small, summary = compacted_model(model)
@@ -221,7 +227,8 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
                        node: str = "cpu") -> dict[str, Any]:
     """Every figure of the module docstring, as a JSON-ready dict (see FIGURES)."""
     if not isinstance(model, GPT):
-        raise TypeError("the tokens-per-second benchmark runs the project's GPT")
+        raise BenchmarkError(f"--checkpoint: the tokens-per-second benchmark runs the project's "
+                             f"GPT, not {type(model).__name__} (generate works with both)")
     device = model.wte.weight.device
     prompt = min(prompt_tokens, model.context // 2)
     new = max(2, min(new_tokens, model.context - prompt))
