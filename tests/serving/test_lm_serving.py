@@ -12,6 +12,7 @@ from ticketsmith.cli import main
 from ticketsmith.engine.checkpoint import save_checkpoint
 from ticketsmith.engine.generate import Sampling, generate_text
 from ticketsmith.engine.models import build_model
+from ticketsmith.serving.lm_benchmark import FIGURES
 from ticketsmith.serving.lm_load import ByteTokenizer, load_lm
 
 OPTIONS = {"layers": 2, "heads": 4, "width": 32}
@@ -82,6 +83,7 @@ def test_lm_benchmark_json_holds_every_figure(checkpoints, tmp_path, capsys):
     rows = {(r["format"], r["batch_size"]): r for r in result["results"]}
     assert set(rows) == {(f, b) for f in formats for b in (1, 2)}
     for r in rows.values():
+        assert set(FIGURES) <= set(r)
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
         assert 0 < r["ttft_ms"] and 0 < r["token_latency_ms"]["p50"] <= r["token_latency_ms"]["p99"]
         assert r["peak_memory_bytes"] > r["weight_bytes"] > 0

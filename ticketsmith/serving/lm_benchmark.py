@@ -330,6 +330,9 @@ def format_lm_scorecard(result: dict[str, Any]) -> str:
     floor = ", ".join(f"{k} {v['min']:.2f}-{v['max']:.2f}x"
                       for k, v in env["noise_floor"].items())
     lines.append(f"noise floor (dense against itself): {floor}")
+    if any(v["min"] < 0.5 or v["max"] > 2.0 for v in env["noise_floor"].values()):
+        lines.append("WARNING: noisy machine: dense against itself strayed beyond 0.5-2x; "
+                     "single speedups are unreliable: rerun on an idle machine")
     c = result["cost"]
     lines.append(f"price ${c['usd_per_hour']}/h ({c['instance']}, list price {c['price_date']})")
     return "\n".join(lines)
