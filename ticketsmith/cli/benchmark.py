@@ -106,6 +106,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from ticketsmith.serving.benchmark import resolve_checkpoint
     from ticketsmith.serving.lm_load import is_checkpoint_of_lm
 
+    _ints(args.batch_sizes)  # a bad flag is reported before any download
     local = resolve_checkpoint(args.checkpoint)  # a URI is downloaded once, here
     if is_checkpoint_of_lm(local):
         return _cmd_lm(args, local)
