@@ -105,6 +105,8 @@ COMMANDS = [
     (["gate", "--experiment", "no-such-experiment"], "store", 2, "no-such-experiment"),
     (["report", "--experiment", "no-such-experiment"], "store", 2, "no-such-experiment"),
     (["sweep", *BAD_CONFIG], "store", 2, "no-such.yaml"),
+    (["data", "--set", "data.name=text", "--set", "data.path=no-such.txt"], "store", 2,
+     "no-such.txt"),
     (["gate", "--experiment", "tiny", "--set", "gate.release_min_sparsity=0.99"], "store", 1,
      None),
     (["gate", "--experiment", "tiny"], "store", 0, None),

@@ -14,7 +14,7 @@ from ticketsmith.engine.lm_train import generate as recompute
 from ticketsmith.engine.models import prunable_weights
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.compaction import compact_gpt
-from ticketsmith.serving.lm_load import ByteTokenizer
+from ticketsmith.engine.tokenizer import ByteTokenizer
 
 CONTEXT = 64
 PROMPTS = ["The state of the ", "We ", "It is the duty of the people to "]

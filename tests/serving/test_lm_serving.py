@@ -13,7 +13,8 @@ from ticketsmith.engine.checkpoint import save_checkpoint
 from ticketsmith.engine.generate import Sampling, generate_text
 from ticketsmith.engine.models import build_model
 from ticketsmith.serving.lm_benchmark import FIGURES
-from ticketsmith.serving.lm_load import ByteTokenizer, load_lm
+from ticketsmith.engine.tokenizer import ByteTokenizer
+from ticketsmith.serving.lm_load import load_lm
 
 OPTIONS = {"layers": 2, "heads": 4, "width": 32}
 

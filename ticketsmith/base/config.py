@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 from pydantic_core import InitErrorDetails
 from ticketsmith.base.errors import ConfigError  # noqa: F401 (re-exported)
+from ticketsmith.base.textfiles import content_digest
 
 # Fields that name where things go or how they are shown, not what is computed.
 _NOT_HASHED = {"json_schema_extra": {"hashed": False}}
@@ -28,32 +29,78 @@ class _Section(BaseModel):
 
 
 # The same names as data.DATASETS and text.TEXT_DATASETS, kept here so loading a config does
-# not import torch. A text data set makes the experiment a language-modelling one (tasks.py).
-IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+# not import torch. "text" is a text file or folder of your own (data.path).
+BUILTIN_DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 TEXT_DATASETS = ("sotu", "shakespeare", "text")
-BUILTIN_DATASETS = IMAGE_DATASETS + TEXT_DATASETS
+# A text data set makes the experiment a language-modelling one (engine/tasks.py).
+# Fields that only text data sets read, and the one only image data sets read.
+_TEXT_ONLY = ("path", "holdout_every", "max_documents", "max_bytes", "chunk_bytes", "tokenizer",
+              "vocab_size")
 
 
 class DataConfig(_Section):
     name: str = Field("mnist", description="Data set: mnist, fashion_mnist, cifar10 or synthetic "
-                      "(a tiny generated set for smoke tests), or a text corpus (sotu, "
-                      "shakespeare, text) for language modelling; with `factory`, only a label "
-                      "(a text name still makes it a language-modelling experiment).")
+                      "(a tiny generated set for smoke tests); text: sotu (State of the Union "
+                      "addresses), shakespeare (the plays) or text (your own, data.path); with "
+                      "`factory`, only a label.")
     root: str = Field("data", description="Folder holding downloaded data sets.", **_NOT_HASHED)
     val_size: int = Field(5000, ge=0, description="Examples held out of the training set.")
     factory: str | None = Field(None, description="'pkg.module:function' returning your data.")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="Keyword arguments for the data set or factory.")
+    # Text only. The path is where, not what: the experiment hash covers the content instead.
+    path: str | None = Field(None, description="name 'text': a UTF-8 text file, a folder of .txt "
+                             "files (one document each) or a file:// URI.", **_NOT_HASHED)
+    holdout_every: int = Field(10, ge=3, le=10_000, description="Text: of every N documents in "
+                               "name order, the second-last goes to validation and the last to test.")
+    max_documents: int | None = Field(None, ge=3, description="Text: keep only the first N "
+                                      "documents in name order (whole documents; quick runs).")
+    max_bytes: int | None = Field(None, ge=1, description="Text: keep the first documents in name "
+                                  "order whose UTF-8 bytes add up to at most this (quick runs).")
+    chunk_bytes: int = Field(65_536, ge=256, le=1 << 30, description="Text: a single file is cut "
+                             "into documents of about this many UTF-8 bytes, at line ends.")
+    tokenizer: Literal["byte", "bpe"] = Field("byte", description="Text: 'byte' (256 ids, nothing "
+                                              "to train) or 'bpe' (byte-level BPE trained on the "
+                                              "training split).")
+    vocab_size: int = Field(1024, ge=257, le=65_536, description="Text, tokenizer 'bpe': "
+                            "vocabulary size (256 bytes + merges).")
 
     @model_validator(mode="after")
     def _known_name(self) -> "DataConfig":
-        if self.factory is None and self.name not in BUILTIN_DATASETS:
+        if self.factory is None and self.name not in BUILTIN_DATASETS + TEXT_DATASETS:
             # Raised with loc ("name",) so the message names `data.name`, like a Literal would.
-            expected = ", ".join(repr(n) for n in BUILTIN_DATASETS)
+            expected = ", ".join(repr(n) for n in BUILTIN_DATASETS + TEXT_DATASETS)
             raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
                 type="literal_error", loc=("name",), input=self.name,
                 ctx={"expected": f"{expected} (or set data.factory)"})])
         return self
+
+    @model_validator(mode="after")
+    def _fields_fit_the_kind(self) -> "DataConfig":
+        # Compared with the defaults, not with the keys given: a resolved config (every field
+        # written out) must load again.
+        changed = {f for f, info in type(self).model_fields.items()
+                   if getattr(self, f) != info.get_default(call_default_factory=True)}
+        text = self.factory is None and self.name in TEXT_DATASETS
+        misplaced = [f for f in _TEXT_ONLY if f in changed and not text]
+        if misplaced:
+            raise _field_error(misplaced[0], getattr(self, misplaced[0]), "only for text data sets "
+                               f"({', '.join(TEXT_DATASETS)})")
+        if text and "val_size" in changed:
+            raise _field_error("val_size", self.val_size, "not for text data sets (whole documents "
+                               "are held out: data.holdout_every)")
+        if text and (self.name == "text") != (self.path is not None):
+            raise _field_error("path", self.path, "required for name 'text' (a UTF-8 text file or "
+                               "folder)" if self.name == "text" else f"not for name {self.name!r}")
+        if "vocab_size" in changed and self.tokenizer != "bpe":
+            raise _field_error("vocab_size", self.vocab_size, "only with data.tokenizer 'bpe'")
+        return self
+
+
+def _field_error(field: str, value: Any, msg: str) -> ValidationError:
+    # loc (field,) so the one-line message names `data.<field>`.
+    return ValidationError.from_exception_data("DataConfig", [InitErrorDetails(
+        type="value_error", loc=(field,), input=value, ctx={"error": ValueError(msg)})])
 
 
 class ModelConfig(_Section):
@@ -265,7 +312,11 @@ def _hash_default(info: Any) -> Any:
 def canonical_json(cfg: Config) -> str:
     # Compared field by field against defaults, so leaving `train` out and writing
     # `train: {epochs: 1}` (the section default) hash the same.
-    return json.dumps(_hashed_fields(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    fields = _hashed_fields(cfg)
+    if cfg.data.name == "text" and cfg.data.factory is None:
+        # Your own text is identified by its content, not by where it lies.
+        fields.setdefault("data", {})["content_sha256"] = content_digest(cfg.data.path)
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Callable
 
-from ticketsmith.cli import benchmark, experiment, export, generate, report, sweep
+from ticketsmith.cli import benchmark, data, experiment, export, generate, report, sweep
 from ticketsmith.cli.args import add_config_args
 from ticketsmith.base.errors import USER_ERRORS, SweepError, TrackingError
 
@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[Handler, AddArgs]] = {
     "generate": (generate.cmd_generate, generate.add_args),
     "report": (report.cmd_report, report.add_args),
     "sweep": (sweep.cmd_sweep, sweep.add_args),
+    "data": (data.cmd_data, add_config_args),
 }
 
 

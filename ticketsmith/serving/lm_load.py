@@ -10,22 +10,10 @@ from torch import nn
 
 from ticketsmith.engine.generate import GenerationError
 from ticketsmith.engine.store import RunStore
+from ticketsmith.engine.tokenizer import ByteTokenizer, load_tokenizer
 from ticketsmith.serving.benchmark import load_ticket, resolve_checkpoint
 
 LM_TASK = "language_model"
-
-
-class ByteTokenizer:
-    """UTF-8 bytes, vocabulary 256: the default tokenizer, which nothing is saved for."""
-
-    name = "byte"
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 def is_language_model(meta: dict[str, Any]) -> bool:
@@ -44,8 +32,6 @@ def tokenizer_for(checkpoint: Path, meta: dict[str, Any]):
     model's), else the byte tokenizer when the checkpoint says it was trained on bytes."""
     for folder in (checkpoint.parent / "tokenizer", _run_tokenizer(checkpoint)):
         if folder is not None and folder.is_dir():
-            from ticketsmith.engine.text import load_tokenizer
-
             return load_tokenizer(folder)
     if meta.get("tokenizer", "byte") != "byte":
         raise GenerationError(f"--checkpoint: {checkpoint} was trained with tokenizer "
