@@ -3,7 +3,10 @@ dense, masked and compacted GPTs and a Hugging Face GPT-2; a batch of prompts of
 lengths gives each prompt its own tokens; seeded sampling repeats; stop strings cut."""
 from __future__ import annotations
 
-from pathlib import Path
+import codecs
+import contextlib
+import importlib
+import io
 
 import pytest
 import torch
@@ -17,18 +20,21 @@ from ticketsmith.serving.compaction import compact_gpt
 from ticketsmith.engine.tokenizer import ByteTokenizer
 
 CONTEXT = 64
+with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen
+    ZEN = codecs.decode(importlib.import_module("this").s, "rot13")
 PROMPTS = ["The state of the ", "We ", "It is the duty of the people to "]
 
 
-def train_tiny_gpt(steps: int = 100, seed: int = 0) -> GPT:
-    """A real (if brief) training run on the README's bytes: peaked, text-like predictions."""
+def train_tiny_gpt(steps: int = 200, seed: int = 0) -> GPT:
+    """A real (if brief) training run on the Zen of Python (fixed text, in every Python):
+    peaked, text-like predictions."""
     torch.manual_seed(seed)
-    text = torch.tensor(list((Path(__file__).parents[2] / "README.md").read_bytes()[:20000]))
+    text = torch.tensor(list(ZEN.encode()))
     model = GPT(256, CONTEXT, layers=2, heads=4, width=32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        starts = torch.randint(len(text) - CONTEXT - 1, (16,), generator=g)
+        starts = torch.randint(len(text) - CONTEXT - 1, (8,), generator=g)
         rows = torch.stack([text[s:s + CONTEXT + 1] for s in starts.tolist()])
         loss = torch.nn.functional.cross_entropy(model(rows[:, :-1]).reshape(-1, 256),
                                                  rows[:, 1:].reshape(-1))
@@ -38,7 +44,7 @@ def train_tiny_gpt(steps: int = 100, seed: int = 0) -> GPT:
     return model.eval().requires_grad_(False)
 
 
-def unstructured(model: GPT, sparsity: float = 0.9) -> GPT:
+def unstructured(model: GPT, sparsity: float = 0.5) -> GPT:
     """Per-layer magnitude pruning of the block Linears to `sparsity`."""
     out = GPT(256, CONTEXT, layers=2, heads=4, width=32)
     out.load_state_dict(model.state_dict())
@@ -81,7 +87,7 @@ def test_kv_cache_gives_the_tokens_of_recomputing_the_sequence(models, name):
         cached = generate_ids(model, [ids], 24)[0]
         assert cached == recompute(model, ids, 24, CONTEXT), name
         seen |= set(cached)
-    assert len(seen) > 1 or name != "dense"  # a real continuation, not one token repeated
+    assert len(seen) > 1 or name == "compacted"  # a real continuation, not one token repeated
 
 
 @pytest.mark.parametrize("name", ["dense", "masked", "structured", "compacted"])
