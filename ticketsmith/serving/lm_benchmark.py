@@ -221,6 +221,23 @@ def _module(entry: dict, phase: str, bs: int, dense: nn.Module) -> nn.Module:
     return entry.get("module", dense)
 
 
+def _check_formats(entries: dict[str, dict], model: GPT, batch_sizes, prompt: int) -> None:
+    """Each format's worst relative logit error over its per-phase modules, and whether it
+    is exact (only exact formats are timed)."""
+    for name, entry in entries.items():
+        errs = [0.0] if name == "dense" else [
+            check_logits(_module(entry, ph, bs, model), model, prompt)
+            for ph in ("prefill", "decode") for bs in batch_sizes]
+        entry["max_error"] = max(errs)
+        entry["correct"] = entry["max_error"] <= EXACT_RTOL
+
+
+def _peak(module: nn.Module, prompts, new: int, device: torch.device) -> int:
+    """Peak memory of one prefill + decode (`measure.peak_memory`)."""
+    return peak_memory(lambda: _turn(module, prompts, new, 1, device), device,
+                       weight_bytes(module))[0]
+
+
 def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 128,
                        new_tokens: int = 128, trials: int = 5, prefill_reps: int = 3,
                        formats: list[str] | None = None, usd_per_hour: float | None = None,
@@ -233,17 +250,11 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
     prompt = min(prompt_tokens, model.context // 2)
     new = max(2, min(new_tokens, model.context - prompt))
     price = NODES[node]["usd_per_hour"] if usd_per_hour is None else usd_per_hour
+    env = timing_environment(device)  # the load average as the run starts
     entries = build_formats(model, list(batch_sizes), prompt, formats)
-    for name, entry in entries.items():
-        if name == "dense":
-            entry["max_error"], entry["correct"] = 0.0, True
-            continue
-        errs = [check_logits(_module(entry, ph, bs, model), model, prompt)
-                for ph in ("prefill", "decode") for bs in batch_sizes]
-        entry["max_error"] = max(errs)
-        entry["correct"] = entry["max_error"] <= EXACT_RTOL
+    _check_formats(entries, model, batch_sizes, prompt)
     bandwidth = memory_bandwidth()
-    results, floor, peaks = [], {}, {}
+    results, floor = [], {}
     timed = [n for n, e in entries.items() if e["correct"]]
     for bs in batch_sizes:
         prompts = _prompts(bs, prompt, model.vocab)
@@ -264,16 +275,13 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
             floor[f"{phase}_batch_{bs}"] = _spread(_ratios(turns["dense"], turns[_AA],
                                                            "prefill" if phase == "prefill"
                                                            else "steps"))
-    for n in timed:
-        mod = _module(entries[n], "decode", max(batch_sizes), model)
-        prompts = _prompts(max(batch_sizes), prompt, model.vocab)
-        peaks[n] = peak_memory(lambda: _turn(mod, prompts, new, 1, device), device,
-                               weight_bytes(mod))[0]
+    peaks = {n: _peak(_module(entries[n], "decode", max(batch_sizes), model),
+                      _prompts(max(batch_sizes), prompt, model.vocab), new, device)
+             for n in timed}
     for r in results:
         r["peak_memory_bytes"] = peaks[r["format"]]
         r["weight_bytes"] = weight_bytes(_module(entries[r["format"]], "decode", r["batch_size"],
                                                  model))
-    env = timing_environment(device)
     env.update(memory_bandwidth_bytes_per_s=bandwidth, noise_floor=floor)
     return {"kind": "language_model",
             "settings": {"prompt_tokens": prompt, "new_tokens": new,
