@@ -29,7 +29,7 @@ from ticketsmith.base.errors import BenchmarkError
 from ticketsmith.engine.generate import Cache, Decoder, pick, Sampling
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.formats import weight_bytes
-from ticketsmith.serving.lm_kernels import LINEARS, compacted_model, sparse_model
+from ticketsmith.serving.lm_kernels import compacted_model, sparse_model
 from ticketsmith.serving.measure import median, peak_memory, percentile, timing_environment
 
 EXACT_RTOL = 1e-4  # max |error| <= EXACT_RTOL * max(1, max |dense logit|)
