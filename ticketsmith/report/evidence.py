@@ -189,9 +189,11 @@ def evidence(facts: Facts, inputs: ReportInputs) -> list[Block]:
                    f"{p.fraction:g} of the remaining weights per level, rewind to iteration "
                    f"{p.rewind_iteration}; {t.optimizer} lr {t.lr:g}, batch {t.batch_size}, "
                    + (f"{t.iterations} iterations" if t.iterations else f"{t.epochs:g} epochs")),
-                  ("Gates: ", f"accuracy drop ≤ {cfg.gate.max_accuracy_drop:g} points; loss "
+                  ("Gates: ", (f"validation and test bits per byte ≤ dense + "
+                               f"{cfg.gate.max_bpb_increase:g}" if cfg.task == "language_model"
+                               else f"accuracy drop ≤ {cfg.gate.max_accuracy_drop:g} points; loss "
                    + (f"delta ≤ {cfg.gate.max_loss_delta:g}" if cfg.gate.max_loss_delta is not None
-                      else "delta not bounded") + f"; beats random re-init: "
+                      else "delta not bounded")) + f"; beats random re-init: "
                    f"{cfg.gate.require_beats_random}"),
                   ("Determinism: ", determinism_text(t.determinism))]
     per_variant = {}
