@@ -27,4 +27,5 @@ def test_an_unknown_flag_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "ticketsmith", "prune", "--no-such-flag"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "{train,prune,gate,benchmark,export,report,sweep,data}" in out.stderr, out.stderr
+    assert "{train,prune,gate,benchmark,export,generate,report,sweep,data}" in out.stderr, \
+        out.stderr

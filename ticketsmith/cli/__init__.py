@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Callable
 
-from ticketsmith.cli import benchmark, data, experiment, export, report, sweep
+from ticketsmith.cli import benchmark, data, experiment, export, generate, report, sweep
 from ticketsmith.cli.args import add_config_args
 from ticketsmith.base.errors import USER_ERRORS, SweepError, TrackingError
 from ticketsmith.base.interrupts import Terminated, stop_on_sigterm
@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[Handler, AddArgs]] = {
     "gate": (experiment.cmd_gate, experiment.add_gate_args),
     "benchmark": (benchmark.cmd_benchmark, benchmark.add_args),
     "export": (export.cmd_export, export.add_args),
+    "generate": (generate.cmd_generate, generate.add_args),
     "report": (report.cmd_report, report.add_args),
     "sweep": (sweep.cmd_sweep, sweep.add_args),
     "data": (data.cmd_data, add_config_args),

@@ -16,7 +16,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint.safetensors path, runs:/<run id>/<path>, "
                         "models:/<name>@<alias> or any MLflow artifact URI")
-    p.add_argument("--batch-sizes", default=HEADLINE, help=f"comma-separated (default {HEADLINE})")
+    p.add_argument("--batch-sizes", default=HEADLINE,
+                   help=f"comma-separated (default {HEADLINE}; 1,8 for a language model)")
     p.add_argument("--formats", default=None,
                    help="comma-separated serving formats (default: all that run on the device)")
     p.add_argument("--threads", type=int, default=None,
@@ -36,6 +37,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="import the model factory named in the checkpoint's metadata")
     p.add_argument("--log-mlflow", action="store_true",
                    help="log to MLflow (a new run unless one is active)")
+    lm = p.add_argument_group("language models (tokens per second)")
+    lm.add_argument("--prompt-tokens", type=int, default=128,
+                    help="prefill prompt length (default 128; at most half the context)")
+    lm.add_argument("--new-tokens", type=int, default=128,
+                    help="decoded tokens per request (default 128; cut to fit the context)")
+    lm.add_argument("--node", choices=["cpu", "gpu"], default="cpu",
+                    help="the instance whose list price turns tokens/s into dollars "
+                         "(cpu: AWS c7i.large, gpu: AWS g5.xlarge; docs/serving.md)")
+    lm.add_argument("--usd-per-hour", type=float, default=None,
+                    help="instance price per hour instead of the --node default")
 
 
 def _ints(text: str) -> list[int]:
@@ -61,14 +72,51 @@ def _log_mlflow(result: dict, checkpoint: str, requested: bool) -> None:
             log_benchmark(result)
 
 
+def _positive(flag: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{flag}: expected >= {low}, got {value}")
+
+
+def _cmd_lm(args: argparse.Namespace, local) -> int:
+    """A language-model checkpoint: tokens per second and dollars per million tokens."""
+    from ticketsmith.serving.benchmark import write_benchmark
+    from ticketsmith.serving.lm_benchmark import benchmark_lm_checkpoint, format_lm_scorecard
+
+    for flag, value, low in (("--prompt-tokens", args.prompt_tokens, 1),
+                             ("--new-tokens", args.new_tokens, 2),
+                             ("--usd-per-hour", args.usd_per_hour, 0),
+                             ("--trials", args.trials, 1)):
+        _positive(flag, value, low)
+    sizes = _ints(args.batch_sizes) if args.batch_sizes != HEADLINE else [1, 8]
+    _positive("--batch-sizes", min(sizes, default=0), 1)
+    from ticketsmith.base.secrets import redact
+
+    result = benchmark_lm_checkpoint(
+        local, threads=args.threads, allow_factory=args.allow_factory,
+        device=args.device, batch_sizes=sizes, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, trials=args.trials or (2 if args.quick else 5),
+        prefill_reps=1 if args.quick else 3,
+        formats=args.formats.split(",") if args.formats else None,
+        usd_per_hour=args.usd_per_hour, node=args.node)
+    result["model"]["checkpoint"] = redact(args.checkpoint)
+    print(format_lm_scorecard(result))
+    print(f"wrote {write_benchmark(result, args.output)}")
+    return 0
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Benchmark a ticket's serving formats against its dense baseline and print the scorecard."""
     from ticketsmith.serving.benchmark import benchmark_checkpoint, format_scorecard, write_benchmark
+    from ticketsmith.serving.lm_load import is_checkpoint_of_lm
     from ticketsmith.tracking.benchmarks import resolve_checkpoint
 
+    _ints(args.batch_sizes)  # a bad flag is reported before any download
+    local = resolve_checkpoint(args.checkpoint)  # a URI is downloaded once, here
+    if is_checkpoint_of_lm(local):
+        return _cmd_lm(args, local)
+
     result = benchmark_checkpoint(
-        resolve_checkpoint(args.checkpoint), source=args.checkpoint,
-        batch_sizes=_ints(args.batch_sizes),
+        local, source=args.checkpoint, batch_sizes=_ints(args.batch_sizes),
         formats=args.formats.split(",") if args.formats else None, threads=args.threads,
         trials=args.trials, quick=args.quick, device=args.device,
         data_root=None if args.no_data else args.data_root,

@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-from ticketsmith.report.figures import COLORS, GATE_COLOR, LABELS, _save, _weights_axis, plt
+from ticketsmith.report.figures import COLORS, GATE_COLOR, LABELS, _save, _weights_axis, subplots
 from ticketsmith.report.render import Block, Figure, Heading, Table, para
 from ticketsmith.report.sources import ReportInputs
 from ticketsmith.report.stats import Facts, directional_verdict, paired_t_p, sign_flip_p
@@ -137,7 +137,7 @@ def paired_section(table: list[Row]) -> list[Block]:
 def figure(table: list[Row], bound: float, folder: Path) -> list[Block]:
     path = folder / LM_FIGURE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8.5, 5))
+    fig, ax = subplots(figsize=(8.5, 5))
     dense = next(r for r in table if r.variant == "dense")
     ax.axhline(dense.mean, color=COLORS["dense"], lw=1, label=f"dense {dense.text(dense.bpb)}")
     ax.axhline(dense.mean + bound, color=GATE_COLOR, ls="--", lw=1.3,
