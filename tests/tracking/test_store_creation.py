@@ -48,8 +48,12 @@ def test_a_kill_during_creation_leaves_no_store_and_the_next_command_works(tmp_p
     migrations not run): no store file, and the next creation gives a working store."""
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
+    # No schema template can be cached (its folder would sit under a file), so MLflow runs its
+    # migrations for this store itself, the path a first store on a read-only home takes.
+    (tmp_path / "not-a-folder").write_text("")
+    env = {**os.environ, "TICKETSMITH_CACHE_DIR": str(tmp_path / "not-a-folder" / "cache")}
     proc = subprocess.Popen([sys.executable, "-c", HALF_BUILT, uri], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env=env)
     try:
         building = Path(proc.stdout.readline().strip())
         assert building.parent == tmp_path and building.exists(), building

@@ -110,7 +110,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from ticketsmith.serving.lm_load import is_checkpoint_of_lm
     from ticketsmith.tracking.benchmarks import resolve_checkpoint
 
-    _ints(args.batch_sizes)  # a bad flag is reported before any download
+    from ticketsmith.engine.train import resolve_device
+
+    _ints(args.batch_sizes)  # a bad flag or device is reported before any download
+    resolve_device(args.device)
     local = resolve_checkpoint(args.checkpoint)  # a URI is downloaded once, here
     if is_checkpoint_of_lm(local):
         return _cmd_lm(args, local)

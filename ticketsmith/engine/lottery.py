@@ -212,7 +212,7 @@ def check_model(cfg: Config, data: Dataset) -> None:
     task_for(cfg).check(cfg, data)
     model = seeded_model(cfg, data, cfg.experiment.seed)
     weights = prunable_weights(model, cfg.model.exclude)
-    layer_fractions(cfg, dict(weights), output_layer(model))
+    layer_fractions(cfg, dict(weights), output_layer(model, cfg.task == "language_model"))
     check_granularity(cfg, model, weights)
     rewind_at = cfg.prune.rewind_iteration
     if rewind_at > (total := total_iterations(cfg.train, len(data.train_x))):
@@ -342,7 +342,7 @@ def _start_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore
     else:
         ckpt.save_checkpoint(init_path, model.state_dict(), meta=meta)
     weights = prunable_weights(model, cfg.model.exclude)
-    rates = layer_fractions(cfg, dict(weights), output_layer(model))
+    rates = layer_fractions(cfg, dict(weights), output_layer(model, cfg.task == "language_model"))
     if cfg.prune.pattern == "2:4" and replicate == 0:
         echo("  " + describe_plan(semi_structured_plan(prunable_weights(model, cfg.model.exclude))))
     return _Replicate(cfg, replicate, data, store, tracker, result, selection, device, progress,

@@ -206,10 +206,11 @@ def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = ()
     return found
 
 
-def output_layer(model: nn.Module) -> str | None:
+def output_layer(model: nn.Module, language_model: bool = False) -> str | None:
     """Name of the output layer's weight: the last Linear in module order; None for a
-    language model (it has an embedding), whose output head is the embedding, kept dense."""
-    if any(isinstance(m, nn.Embedding) for m in model.modules()):
+    language model, whose output head is its token embedding (tied), kept dense. An image
+    model may hold an embedding too (of a label, say): the task decides, not the modules."""
+    if language_model:
         return None
     last = None
     for mod_name, module in model.named_modules():
