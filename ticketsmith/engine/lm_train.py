@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ticketsmith.base.config import TrainConfig
 from ticketsmith.engine.masks import Mask
 from ticketsmith.engine.progress import Progress
-from ticketsmith.engine.train import EvalHook, TrainResult
+from ticketsmith.engine.train import EvalHook, TrainResult, enforce, mask_pairs
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     """Learning rate of optimizer step `step` (0-based): constant, or linear warm-up over
@@ -114,13 +114,7 @@ def train_lm(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
     model.to(device).train()
     total, context = cfg.iterations, data.input_shape[0]
     opt = make_lm_optimizer(model, cfg)
-    pairs = []
-    if mask is not None and masked is not None:
-        mask.check_fits(masked)
-        pairs = [(p, mask[name].to(device=device, dtype=p.dtype)) for name, p in masked.items()]
-        with torch.no_grad():
-            for p, m in pairs:
-                p.mul_(m)
+    pairs = mask_pairs(mask, masked, device)
     order = torch.Generator().manual_seed(seed)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} \
         if save_state_at == 0 else None
@@ -146,10 +140,7 @@ def train_lm(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        if pairs:
-            with torch.no_grad():
-                for p, m in pairs:
-                    p.mul_(m)
+        enforce(pairs)
         window_loss += loss.detach()
         window_steps += 1
         if step == save_state_at:

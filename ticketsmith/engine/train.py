@@ -95,6 +95,28 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
+MaskPairs = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def mask_pairs(mask: Mask | None, masked: Mapping[str, torch.Tensor] | None,
+               device: torch.device) -> MaskPairs:
+    """(parameter, float mask) per masked layer, prepared once so that enforcing the mask
+    costs one in-place multiply per layer a step; the mask is applied once here."""
+    if mask is None or masked is None:
+        return []
+    mask.check_fits(masked)
+    pairs = [(p, mask[name].to(device=device, dtype=p.dtype)) for name, p in masked.items()]
+    enforce(pairs)
+    return pairs
+
+
+@torch.no_grad()
+def enforce(pairs: MaskPairs) -> None:
+    """Zero the pruned weights again: after every optimizer step, or Adam regrows them."""
+    for p, m in pairs:
+        p.mul_(m)
+
+
 def train(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
           masked: Mapping[str, torch.Tensor] | None = None, mask: Mask | None = None,
           save_state_at: int | None = None, on_eval: EvalHook | None = None,
@@ -113,14 +135,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
     n = len(data.train_x)
     total = total_iterations(cfg, n)
     opt = make_optimizer(model, cfg)
-    # Float masks prepared once: the per-step cost is one in-place multiply per layer.
-    pairs = []
-    if mask is not None and masked is not None:
-        mask.check_fits(masked)
-        pairs = [(p, mask[name].to(device=device, dtype=p.dtype)) for name, p in masked.items()]
-        with torch.no_grad():
-            for p, m in pairs:
-                p.mul_(m)
+    pairs = mask_pairs(mask, masked, device)
     order = torch.Generator().manual_seed(seed)
     saved = None
     if save_state_at == 0:
@@ -147,10 +162,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, seed: int,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if pairs:
-                with torch.no_grad():
-                    for p, m in pairs:
-                        p.mul_(m)
+            enforce(pairs)
             step += 1
             window_loss += loss.detach()
             window_steps += 1
