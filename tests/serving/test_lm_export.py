@@ -67,7 +67,8 @@ def ort_greedy(path: Path, prompts: np.ndarray, steps: int) -> tuple[list, np.nd
     return logits, np.stack(tokens, 1)
 
 
-@pytest.mark.parametrize("kind, heads", [("random", "heads 8 -> 8"), ("structured", "heads 8 -> 4")])
+@pytest.mark.parametrize("kind, heads", [("random", "heads 8 -> 8"),
+                                         ("structured", "heads 8 -> 4")])
 def test_the_onnx_export_decodes_like_the_masked_model(tmp_path, checkpoints, kind, heads):
     out = tmp_path / f"{kind}.onnx"
     summary = export_lm_checkpoint(checkpoints[kind], out)
@@ -77,7 +78,8 @@ def test_the_onnx_export_decodes_like_the_masked_model(tmp_path, checkpoints, ki
     model.eval()
     # Other batch sizes and prompt lengths than the check's (3 x 16): the axes are dynamic.
     for batch, length in ((1, 5), (4, 11)):
-        prompts = torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(batch))
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, 256, (batch, length), generator=g)
         logits, tokens = ort_greedy(out, prompts.numpy(), steps=6)
         new = generate_ids(model, prompts.tolist(), 7)  # the torch KV-cache decoder, greedy
         assert tokens.tolist() == new

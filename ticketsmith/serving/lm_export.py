@@ -146,6 +146,29 @@ def _same_tokens(got: np.ndarray, ref: np.ndarray, new: int) -> None:
                           f"{new} of prompt {r}: {int(got[r])} instead of {int(ref[r])}")
 
 
+class OnnxDecoder:
+    """The exported graph in ONNX Runtime: `prefill(ids)` → logits (batch, tokens, vocab),
+    then `step(tokens)` → logits (batch, vocab) of the position after them; the presents of
+    each call are the next call's pasts (matched by name). One object per batch of prompts."""
+
+    def __init__(self, model: bytes | str, threads: int = 1):
+        self.sess = ort_session(model, threads)
+        self.pasts = [i for i in self.sess.get_inputs() if i.name != "ids"]
+        self.presents = [o.name for o in self.sess.get_outputs()][1:]
+
+    def _run(self, ids: np.ndarray, pasts: dict[str, np.ndarray]) -> np.ndarray:
+        out = self.sess.run(None, {"ids": ids.astype(np.int64), **pasts})
+        self.cache = {n.replace("present_", "past_", 1): v for n, v in zip(self.presents, out[1:])}
+        return out[0]
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        return self._run(ids, {i.name: np.zeros((len(ids), i.shape[1], 0, i.shape[3]), np.float32)
+                               for i in self.pasts})
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self._run(tokens[:, None], self.cache)[:, -1]
+
+
 def check_lm(model: bytes | str, masked: nn.Module, prompts: torch.Tensor,
              steps: int) -> dict[str, Any]:
     """Prefill `prompts` (batch, tokens) and decode `steps` greedy tokens with the exported
@@ -153,18 +176,12 @@ def check_lm(model: bytes | str, masked: nn.Module, prompts: torch.Tensor,
     agree with the masked model's (`agreement.exact`) and the greedy tokens are identical."""
     ref_prefill, ref_decode, ref_tokens = reference(masked, prompts, steps)
     try:
-        sess = ort_session(model, threads=1)
-        pasts = [i for i in sess.get_inputs() if i.name != "ids"]
-        feed = {i.name: np.zeros((len(prompts), i.shape[1], 0, i.shape[3]), np.float32)
-                for i in pasts}
-        out = sess.run(None, {"ids": prompts.numpy(), **feed})
-        prefill, decode = out[0], []
+        dec = OnnxDecoder(model)
+        prefill, decode = dec.prefill(prompts.numpy()), []
         pre = _exact(prefill, ref_prefill, "prefill logits")
         _same_tokens(tokens := prefill[:, -1].argmax(-1), ref_tokens[:, 0], 1)
         for j in range(steps):
-            out = sess.run(None, {"ids": tokens[:, None].astype(np.int64),
-                                  **dict(zip(feed, out[1:]))})
-            decode.append(out[0][:, -1])
+            decode.append(dec.step(tokens))
             _exact(decode[-1], ref_decode[:, j], f"logits at decode step {j + 1}")
             _same_tokens(tokens := decode[-1].argmax(-1), ref_tokens[:, j + 1], j + 2)
     except ExportError:
@@ -172,10 +189,11 @@ def check_lm(model: bytes | str, masked: nn.Module, prompts: torch.Tensor,
     except Exception as exc:  # onnxruntime's own error types; all mean "does not run"
         raise ExportError(f"ONNX Runtime cannot run the export: {str(exc).splitlines()[0]}") \
             from None
-    dec = _exact(np.stack(decode, 1), ref_decode, "decode logits")
+    steps_all = _exact(np.stack(decode, 1), ref_decode, "decode logits")
     return {"batch": len(prompts), "prompt_tokens": prompts.shape[1], "decode_steps": steps,
             "prefill_max_abs_error": pre["max_abs_error"], "prefill_tolerance": pre["tolerance"],
-            "decode_max_abs_error": dec["max_abs_error"], "decode_tolerance": dec["tolerance"],
+            "decode_max_abs_error": steps_all["max_abs_error"],
+            "decode_tolerance": steps_all["tolerance"],
             "greedy_tokens_identical": int(ref_tokens.size)}
 
 
