@@ -16,8 +16,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="file to write (default: <checkpoint stem or registered model name>.onnx "
                         "here); <output>.json beside it says what input the model expects")
     p.add_argument("--data-root", default="data",
-                   help="data folder: the export is checked on the first 1,000 test images of "
-                        "the checkpoint's data set when found here, else on seeded noise")
+                   help="image models: the export is checked on the first 1,000 test images "
+                        "of the checkpoint's data set when found in this folder, else on seeded "
+                        "noise (a language model is checked on seeded random tokens)")
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="language models only: tokens per prompt the export is checked on "
                         "(default 16, or half the context when shorter)")
