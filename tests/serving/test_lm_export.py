@@ -158,3 +158,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoints, capsys, which, 
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
     assert not out.exists()
+
+
+@pytest.mark.slow  # importing transformers: about 20 s on a loaded 2-core machine
+def test_a_hugging_face_model_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples" / "lm"))
+    from hf_gpt2 import gpt2
+
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "hf.safetensors", gpt2((16,), 50, layers=1, heads=2,
+                                                             width=16).state_dict(), None, {
+        "model": "gpt2", "factory": "hf_gpt2:gpt2", "options": {"layers": 1, "heads": 2,
+                                                                "width": 16},
+        "input_shape": [16], "num_classes": 50, "task": "language_model"})
+    out = tmp_path / "hf.onnx"
+    rc = main(["export", "--checkpoint", str(path), "--allow-factory", "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "covers ticketsmith's GPT only" in err and not out.exists()
