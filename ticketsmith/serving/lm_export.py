@@ -82,12 +82,6 @@ def cache_names(model: GPT, kind: str) -> list[str]:
     return [f"{kind}_{kv}_{i}" for i in range(len(model.blocks)) for kv in ("key", "value")]
 
 
-def empty_cache(model: GPT, batch: int) -> list[np.ndarray]:
-    """The pasts of a prefill: length 0, each block's own head count."""
-    return [np.zeros((batch, b.attn.heads, 0, b.attn.head_dim), np.float32)
-            for b in model.blocks for _ in ("key", "value")]
-
-
 def lm_onnx_bytes(model: GPT) -> bytes:
     """`model` as one ONNX graph with its KV cache (module docstring); batch, tokens and past
     are dynamic axes. ExportError when the exporter refuses it."""
