@@ -158,17 +158,22 @@ def lm_signature() -> ModelSignature:
 
 
 def log_language_model(checkpoint: Path, *, allow_factory: str | None = None,
-                       fmt: str = "serving"):
+                       fmt: str = "serving", tokenizer: Path | None = None):
     """Log a language-model ticket as a pyfunc in the active run (`ModelInfo`): prompts
-    (strings) in, generated text out (`lm_pyfunc`); the experiment's trained tokenizer (if
-    any) travels with it. fmt 'masked_dense' serves the masked model as trained (the dense
-    baseline of a benchmark); 'serving' compacts a structured ticket where exact."""
+    (strings) in, generated text out (`lm_pyfunc`); the experiment's trained tokenizer
+    (`tokenizer`, default the one of the checkpoint's run folder, if any) travels with it.
+    fmt 'masked_dense' serves the masked model as trained (the dense baseline of a
+    benchmark); 'serving' compacts a structured ticket where exact."""
     import safetensors
     import torch
 
     artifacts = {"checkpoint": str(checkpoint)}
-    tokenizer = RunStore.tokenizer_next_to(checkpoint)
-    if tokenizer.is_dir():
+    if tokenizer is None:
+        try:
+            tokenizer = RunStore.tokenizer_next_to(checkpoint)
+        except IndexError:  # a checkpoint outside a run folder (a downloaded one)
+            tokenizer = None
+    if tokenizer is not None and Path(tokenizer).is_dir():
         artifacts["tokenizer"] = str(tokenizer)
     # "threads": 0 (as the environment says) is there so that load_model(...,
     # model_config={"threads": N}) can override it (MLflow only overrides logged keys).
