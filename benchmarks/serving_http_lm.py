@@ -92,6 +92,8 @@ def measure_batch(clients, models, body: bytes, prompts: list[str], new_tokens: 
         for m in (MODELS if r % 2 == 0 else MODELS[::-1]):
             per_round["pyfunc"][m].append(statistics.median(
                 http_bench.timed_call(predict[m], requests)))
+    if len(answer) != len(prompts):  # the tokens/s below count one row per prompt
+        raise RuntimeError(f"the champion answered {len(answer)} rows to {len(prompts)} prompts")
     tokens = len(prompts) * new_tokens  # generated per request: no stop string, greedy
     out: dict[str, Any] = {"check": {"http_equals_pyfunc": answer == predict["champion"](),
                                      "rows": len(answer)}}

@@ -45,7 +45,9 @@ class LanguageModel(PythonModel):
 
 
 def _backend(artifacts, config):
-    """The object that generates (see the module's docstring)."""
+    """The one object that generates: `generate(prompts, *, max_new_tokens, temperature,
+    top_k, seed, stop) -> list[str]`. A transformer serving plan shipped as an artifact
+    loads here instead (its runner has the same method); nothing else in this file changes."""
     from ticketsmith.serving.lm_backend import load_backend
 
     return load_backend(artifacts["checkpoint"], artifacts.get("tokenizer"),
