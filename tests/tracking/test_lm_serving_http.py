@@ -5,10 +5,14 @@ test_lm_pyfunc); the real `mlflow models serve -m models:/NAME@champion --env-ma
 (its own process group, stopped at the end) answers real /invocations requests: a string, a
 list and a DataFrame split give the engine's own continuations on the masked checkpoint
 (computed here), max_new_tokens and seed are honoured, and an image batch or a bad param is
-a 400 naming the input, after which the server keeps serving.
+a 400 naming the input, after which the server keeps serving. Last,
+benchmarks/serving_http_lm.py runs in a tiny mode against the same store: its table and JSON
+(never its speed).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import urllib.error
 import urllib.request
@@ -22,23 +26,31 @@ from ticketsmith.engine.generate import Sampling, generate_text
 from ticketsmith.serving.lm_load import load_lm
 from ticketsmith.tracking.benchmarks import resolve_checkpoint
 
-# A real training and registration, then one `mlflow models serve` start.
+# A real training and registration, then three `mlflow models serve` starts.
 pytestmark = pytest.mark.slow
 
 bench = load_benchmark("serving_http")
+bench_lm = load_benchmark("serving_http_lm")
 PROMPTS = ["The ", "We the "]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(base URL of the real scoring server of the champion, masked model, tokenizer)."""
+def store(tmp_path_factory):
+    """(tracking URI, model name, folder) of the registered tiny structured LM champion."""
     tmp = tmp_path_factory.mktemp("lm_http")
     uri, name = registered_lm(tmp)
+    mlflow.set_tracking_uri(None)
+    return uri, name, tmp
+
+
+@pytest.fixture(scope="module")
+def served(store):
+    """(base URL of the real scoring server of the champion, masked model, tokenizer)."""
+    uri, name, tmp = store
     model_uri = f"models:/{name}@champion"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         masked, tok, _, _ = load_lm(resolve_checkpoint(model_uri))
-    mlflow.set_tracking_uri(None)
     port = free_port()
     proc = bench.serve(model_uri, port, uri, 1, tmp / "serve.log")
     try:
@@ -99,3 +111,40 @@ def test_a_bad_request_is_refused_naming_it_and_the_server_keeps_serving(served,
     assert says in body["stack_trace"].strip().splitlines()[-1]
     status, body = invoke(base, {"inputs": PROMPTS[0], "params": {"max_new_tokens": 3}})
     assert status == 200 and body["predictions"] == engine(served, PROMPTS[:1], 3)
+
+
+def test_the_tokens_per_second_benchmark_prints_its_table_and_writes_its_figures(store,
+                                                                              tmp_path):
+    uri, name, _ = store
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = bench_lm.main(["--tracking-uri", uri, "--model-name", name, "--new-tokens", "4",
+                              "--prompt", "The ", "--batch-sizes", "1,2", "--rounds", "2",
+                              "--requests", "1", "--output", str(tmp_path / "lm.json")])
+    text = out.getvalue()
+    assert code == 0, err.getvalue()
+    assert text.startswith(f"{name} v1 @champion (compacted) against the dense level-0 network")
+    assert "batch 1: same text (1 rows); batch 2: same text (2 rows)" in text
+    res = json.loads((tmp_path / "lm.json").read_text())
+    assert set(res["batches"]) == {"1", "2"} and res["settings"]["new_tokens"] == 4
+    for r in res["batches"].values():
+        for m in ("dense", "champion"):
+            assert set(r[m]) == {"p50_ms", "p99_ms", "http_tokens_per_s",
+                                 "pyfunc_tokens_per_s", "model_share"}
+            assert all(v > 0 for v in r[m].values())
+        assert r["http_speedup"]["median"] > 0 and r["pyfunc_speedup"]["median"] > 0
+    # the baseline is the dense level-0 network, served as trained (never compacted)
+    flavor = mlflow.models.get_model_info(res["dense_model"]).flavors["python_function"]
+    mlflow.set_tracking_uri(None)
+    assert flavor["config"]["format"] == "masked_dense"
+
+
+def test_the_tokens_per_second_benchmark_refuses_a_model_without_champion_in_one_line(store):
+    uri, _, _ = store
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = bench_lm.main(["--tracking-uri", uri, "--model-name", "no-such-model"])
+    mlflow.set_tracking_uri(None)
+    assert code == 2
+    assert err.getvalue().strip() == (f"serving_http_lm: --model-name: no-such-model has no "
+                                      f"@champion in {uri}")
