@@ -20,7 +20,8 @@ from mlflow.models import ModelSignature
 from ticketsmith.engine.store import RunStore
 from ticketsmith.gates import LevelVerdict, champion_level, label
 from ticketsmith.base.interrupts import interrupts_deferred
-from ticketsmith.tracking.serving_tags import FORMAT, serving_description, serving_tags
+from ticketsmith.tracking.serving_tags import (CHECKED, FORMAT, serving_description,
+                                               serving_tags)
 from ticketsmith.tracking.tracker import TAG, retry
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"
@@ -139,23 +140,64 @@ def _requirements_from_this_interpreter() -> Iterator[None]:
             setattr(module, name, check)
 
 
-def log_language_model(checkpoint: Path, *, allow_factory: str | None = None):
-    """Log a language-model ticket as a pyfunc in the active run: prompts (strings) in,
-    generated text out; the experiment's trained tokenizer (if any) travels with it."""
+def lm_signature() -> ModelSignature:
+    """Output: one continuation (string) per prompt; params with their defaults
+    (`lm_backend.PARAMS`): max_new_tokens, temperature (0 = greedy), top_k (0 = every token),
+    seed, stop (a list of strings). No input schema: MLflow would refuse a non-text input (an
+    image batch) itself, in a message that repeats the whole input, before the model refuses
+    it in one line; the input example and the version's description show the input."""
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from ticketsmith.serving.lm_backend import PARAMS
+
+    types = {"max_new_tokens": "long", "temperature": "double", "top_k": "long", "seed": "long"}
+    return ModelSignature(
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([*(ParamSpec(k, types[k], PARAMS[k]) for k in types),
+                            ParamSpec("stop", "string", [], (-1,))]))
+
+
+def log_language_model(checkpoint: Path, *, allow_factory: str | None = None,
+                       fmt: str = "serving", tokenizer: Path | None = None):
+    """Log a language-model ticket as a pyfunc in the active run (`ModelInfo`): prompts
+    (strings) in, generated text out (`lm_pyfunc`); the experiment's trained tokenizer
+    (`tokenizer`, default the one of the checkpoint's run folder, if any) travels with it.
+    fmt 'masked_dense' serves the masked model as trained (the dense baseline of a
+    benchmark); 'serving' compacts a structured ticket where exact."""
     import safetensors
     import torch
 
     artifacts = {"checkpoint": str(checkpoint)}
-    tokenizer = RunStore.tokenizer_next_to(checkpoint)
-    if tokenizer.is_dir():
+    if tokenizer is None:
+        try:
+            tokenizer = RunStore.tokenizer_next_to(checkpoint)
+        except IndexError:  # a checkpoint outside a run folder (a downloaded one)
+            tokenizer = None
+    if tokenizer is not None and Path(tokenizer).is_dir():
         artifacts["tokenizer"] = str(tokenizer)
-    config = {"allow_factory": allow_factory} if allow_factory else {}
+    # "threads": 0 (as the environment says) is there so that load_model(...,
+    # model_config={"threads": N}) can override it (MLflow only overrides logged keys).
+    config = {"format": fmt, "threads": 0,
+              **({"allow_factory": allow_factory} if allow_factory else {})}
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                     f"safetensors=={safetensors.__version__}", f"mlflow=={mlflow.__version__}"]
-    return mlflow.pyfunc.log_model(
-        name="model", python_model=LM_MODEL_CODE, artifacts=artifacts,
-        input_example=["The "], code_paths=[str(Path(__file__).parents[1])],
-        model_config=config, pip_requirements=requirements)
+    with _requirements_from_this_interpreter():
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=LM_MODEL_CODE, artifacts=artifacts,
+            # with a short request, which MLflow tries on the model when it logs it: the
+            # default 64 new tokens would not fit a tiny model's context
+            input_example=(["The "], {"max_new_tokens": 4}), signature=lm_signature(),
+            code_paths=[str(Path(__file__).parents[1])], model_config=config,
+            pip_requirements=requirements)
+
+
+def lm_serving_tags(checkpoint: Path, allow_factory: str | None) -> dict[str, str]:
+    """The version's tags for a language model: the route its pyfunc serves (compacted where
+    exact, else masked dense: `lm_backend.serving_model`) and the check that decided it."""
+    from ticketsmith.serving.lm_backend import load_backend
+
+    backend = load_backend(checkpoint, allow_factory=allow_factory)
+    return {FORMAT: backend.route, CHECKED: backend.checked(), "task": "language_model"}
 
 
 def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Path,
@@ -174,10 +216,10 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
 
     mlflow.set_tracking_uri(client.tracking_uri)
     if load_checkpoint(checkpoint).meta.get("task") == "language_model":
-        # Prompts in, text out; its serving plan (KV cache, formats) is not built yet.
+        # Prompts in, text out, with the KV cache; a structured ticket serves compacted.
+        tags = lm_serving_tags(Path(checkpoint), allow_factory)
         with interrupts_deferred(), mlflow.start_run(run_id=run_id):
             info = log_language_model(Path(checkpoint), allow_factory=allow_factory)
-        tags = {FORMAT: "masked_dense", "task": "language_model"}
     else:
         from ticketsmith.serving.plan.build import ensure_plan
         from ticketsmith.serving.plan.check import verify
