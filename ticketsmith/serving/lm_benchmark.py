@@ -137,8 +137,10 @@ def _turn(model: nn.Module, prompts: list[list[int]], new: int, reps: int,
     return {"prefill": prefill, "ttft": ttft, "steps": steps, "kv_bytes": kv}
 
 
-def _rounds(models: dict[str, nn.Module], prompts, new: int, trials: int, reps: int,
+def rounds(models: dict[str, nn.Module], prompts, new: int, trials: int, reps: int,
             device: torch.device, decode: bool = True) -> dict[str, list[dict]]:
+    """name -> per round, its turn (`_turn`): one warm-up each, then `trials` rounds that
+    rotate who goes first. The language-model serving plan ranks its routes with this too."""
     names = list(models)
     out: dict[str, list[dict]] = {n: [] for n in names}
     was = gc.isenabled()
@@ -262,7 +264,7 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
             mods = {n: _module(entries[n], phase, bs, model) for n in timed}
             mods[_AA] = model
             # Prefill rounds skip decoding: they time the prefill-chosen kernels.
-            turns = _rounds(mods, prompts, new, trials, prefill_reps, device,
+            turns = rounds(mods, prompts, new, trials, prefill_reps, device,
                             decode=phase == "decode")
             for n in timed:
                 if phase == "decode":
