@@ -19,9 +19,10 @@ from ticketsmith.engine.models import build_model
 from ticketsmith.engine.tokenizer import ByteTokenizer
 from ticketsmith.serving import agreement
 from ticketsmith.serving.plan.layout import PlanError
-from ticketsmith.serving.plan.lm import LmPlanSettings, build_lm_plan, ensure_lm_plan, rank_lm_routes
-from ticketsmith.serving.plan.lm_check import PROMPTS, bits_per_byte, greedy_agreement
-from ticketsmith.serving.plan.lm_runtime import checkpoint_digest, load_lm_plan
+from ticketsmith.serving.lm_plan.build import (LmPlanSettings, build_lm_plan, ensure_lm_plan,
+                                             rank_lm_routes)
+from ticketsmith.serving.lm_plan.check import PROMPTS, bits_per_byte, greedy_agreement
+from ticketsmith.serving.lm_plan.runtime import checkpoint_digest, load_lm_plan
 
 OPTIONS = {"layers": 2, "heads": 4, "width": 32}
 META = {"model": "gpt", "options": OPTIONS, "input_shape": [64], "num_classes": 256,

@@ -1,9 +1,9 @@
-"""Building a language-model serving plan (the files and routes: `plan.lm_runtime`).
+"""Building a language-model serving plan (the files and routes: `lm_plan.runtime`).
 
 From the masked GPT of a checkpoint: compaction (`compact_gpt`), per-layer kernels for the
 sparse route chosen by measurement at each phase's real row count (decode: batch rows, a
 matrix-vector product at batch 1; prefill: batch x prompt rows), per-row int8 weights; then
-every route checked against the masked model (`plan.lm_check`), timed per phase and batch
+every route checked against the masked model (`lm_plan.check`), timed per phase and batch
 size in interleaved rounds (`lm_benchmark.rounds`), and ranked by that measurement.
 `ensure_lm_plan` builds when the plan is missing, unreadable or for another checkpoint.
 """
@@ -25,8 +25,8 @@ from ticketsmith.serving.compaction import compact_gpt, kept_heads
 from ticketsmith.serving.lm_kernels import LINEARS, _get, choose_kernels
 from ticketsmith.serving.measure import median, time_side_by_side
 from ticketsmith.serving.plan.layout import PlanError, default_threads, write_plan
-from ticketsmith.serving.plan.lm_check import check_lm_routes, shippable
-from ticketsmith.serving.plan.lm_runtime import (COMPACTED, DENSE, INT8, LM_FILES, LM_KIND,
+from ticketsmith.serving.lm_plan.check import check_lm_routes, shippable
+from ticketsmith.serving.lm_plan.runtime import (COMPACTED, DENSE, INT8, LM_FILES, LM_KIND,
                                                  LM_ROUTES, LM_VERSION, PHASES, LmPlanRunner,
                                                  checkpoint_digest, gpt_config, read_lm_plan)
 

@@ -21,7 +21,7 @@ from ticketsmith.engine.generate import Decoder, generate_ids
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving import agreement
 from ticketsmith.serving.plan.layout import PLAN, PlanError
-from ticketsmith.serving.plan.lm_runtime import LM_INEXACT, LmPlanRunner
+from ticketsmith.serving.lm_plan.runtime import LM_INEXACT, LmPlanRunner
 
 # Fixed text for the checks: bits per byte and the prompts (the US Constitution's preamble,
 # public domain; short, so a tiny model's context holds it in a few windows).
