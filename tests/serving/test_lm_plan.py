@@ -46,6 +46,8 @@ def _ticket(seed: int):
     for p in gpt.parameters():
         if p.dim() >= 2:
             p.mul_(20)
+        else:  # biases and LayerNorms away from their 0 / 1 init, so a dropped one shows
+            p.add_(0.1 * torch.randn(p.shape))
     for b in gpt.blocks:
         b.attn.proj.weight[:, :2 * b.attn.head_dim] = 0
         b.mlp.proj.weight[:, ::2] = 0
@@ -139,8 +141,11 @@ def _recomputed(model, prompts, steps: int) -> list[list[int]]:
 
 def test_kv_cache_of_every_route_gives_the_tokens_of_recomputing(built):
     runner, prompts = built["runner"], _ids(4)  # different lengths: left padding
+    # int8 is left out: torch's dynamic int8 Linear scales activations by the range of each
+    # call's rows, so one decoded row and a recomputed sequence round differently (it is
+    # judged by bits per byte and greedy agreement instead).
     models = {"masked": built["model"], **{r: (m["decode_8"] if isinstance(m, dict) else m)
-                                           for r, m in runner.models.items()}}
+                                           for r, m in runner.models.items() if r != "int8"}}
     for name, model in models.items():
         assert generate_ids(model, prompts, 8) == _recomputed(model, prompts, 8), name
 
