@@ -203,3 +203,20 @@ def test_a_damaged_plan_file_is_refused_in_one_line_naming_it(built, tmp_path, n
         load_lm_plan(folder)
     message = str(err.value)
     assert len(message.splitlines()) == 1 and str(folder / name) in message, message
+
+
+def test_benchmark_with_plan_dir_prints_the_routes_it_ships(built, tmp_path, capsys):
+    from ticketsmith.cli import main
+
+    out, folder = tmp_path / "lm.json", tmp_path / "plan"
+    rc = main(["benchmark", "--checkpoint", str(built["checkpoint"]), "--quick",
+               "--batch-sizes", "1,2", "--prompt-tokens", "8", "--new-tokens", "4",
+               "--threads", "1", "--plan-dir", str(folder), "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    routes = load_lm_plan(folder).describe()["routes"]
+    line = next(s for s in printed.splitlines() if s.startswith("serving plan"))
+    assert line.endswith("; ".join(f"{ph} " + ", ".join(f"batch {b}: {r}" for b, r in
+                                                        routes[ph].items())
+                                   for ph in ("prefill", "decode")))
+    assert json.loads(out.read_text())["serving_plan"]["routes"] == routes

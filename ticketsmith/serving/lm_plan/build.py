@@ -186,7 +186,7 @@ def _kept_heads(dense: GPT, base: GPT) -> list[list[int]]:
     return [torch.nonzero(kept_heads(b)).flatten().tolist() for b in dense.blocks]
 
 
-def ensure_lm_plan(folder: Path, checkpoint: Path, allow_factory: str | None = None, *,
+def ensure_lm_plan(folder: Path, checkpoint: Path, allow_factory: bool | str | None = None, *,
                    threads: int | None = None, settings: LmPlanSettings | None = None,
                    timer: RouteTimer | None = None,
                    kernels_timer: KernelTimer | None = None) -> Path:
