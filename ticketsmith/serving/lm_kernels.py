@@ -48,12 +48,13 @@ class ScipyCSRLinear(nn.Module):
         return out.reshape(*x.shape[:-1], -1)
 
 
-def _get(block: nn.Module, path: str) -> nn.Linear:
+def get_linear(block: nn.Module, path: str) -> nn.Linear:
+    """A GPT block's Linear at `path` (one of LINEARS, e.g. "mlp.fc")."""
     first, second = path.split(".")
     return getattr(getattr(block, first), second)
 
 
-def _set(block: nn.Module, path: str, new: nn.Module) -> None:
+def set_linear(block: nn.Module, path: str, new: nn.Module) -> None:
     first, second = path.split(".")
     setattr(getattr(block, first), second, new)
 
@@ -85,8 +86,8 @@ def with_kernels(model: GPT, kernels: dict[str, str]) -> GPT:
     for name, kernel in kernels.items():
         if kernel != "dense":
             block, path = name.split(".", 2)[1], name.split(".", 2)[2]
-            layer = _get(out.blocks[int(block)], path)
-            _set(out.blocks[int(block)], path, _candidates(layer)[kernel])
+            layer = get_linear(out.blocks[int(block)], path)
+            set_linear(out.blocks[int(block)], path, _candidates(layer)[kernel])
     return out
 
 
@@ -101,7 +102,7 @@ def choose_kernels(model: GPT, rows: int, reps: int = 20, timer=None,
     g = torch.Generator().manual_seed(0)
     for i, block in enumerate(model.blocks):
         for path in LINEARS:
-            layer = _get(block, path)
+            layer = get_linear(block, path)
             x = torch.randn(rows, layer.in_features, generator=g).to(layer.weight.device)
             ref = layer(x)
             calls = {name: (lambda c=cand: c(x)) for name, cand in _candidates(layer).items()

@@ -22,7 +22,7 @@ import torch
 
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.compaction import compact_gpt, kept_heads
-from ticketsmith.serving.lm_kernels import LINEARS, _get, choose_kernels
+from ticketsmith.serving.lm_kernels import LINEARS, choose_kernels, get_linear
 from ticketsmith.serving.measure import median, time_side_by_side
 from ticketsmith.serving.plan.layout import PlanError, default_threads, write_plan
 from ticketsmith.serving.lm_plan.check import check_lm_routes, shippable
@@ -61,7 +61,7 @@ def int8_arrays(model: GPT) -> dict[str, np.ndarray]:
     out = {}
     for i, block in enumerate(model.blocks):
         for path in LINEARS:
-            w = _get(block, path).weight.detach().float().cpu()
+            w = get_linear(block, path).weight.detach().float().cpu()
             obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8,
                                            qscheme=torch.per_channel_symmetric)
             obs(w)
@@ -84,13 +84,13 @@ def kernel_timer(settings: LmPlanSettings) -> KernelTimer:
 def route_timer(settings: LmPlanSettings, vocab: int, context: int) -> RouteTimer:
     """Seconds per token of each route at a phase and batch size, in interleaved rounds
     (`lm_benchmark.rounds`): prefill per prompt token, decode per generated token."""
-    from ticketsmith.serving.lm_benchmark import _prompts, rounds
+    from ticketsmith.serving.lm_benchmark import random_prompts, rounds
 
     prompt = min(settings.prompt_tokens, context // 2)
     new = max(2, min(settings.new_tokens, context - prompt))
 
     def timer(models, phase, batch):
-        turns = rounds(models, _prompts(batch, prompt, vocab), new, settings.trials, 1,
+        turns = rounds(models, random_prompts(batch, prompt, vocab), new, settings.trials, 1,
                        torch.device("cpu"), decode=phase == "decode")
         key, per = ("prefill", batch * prompt) if phase == "prefill" else ("steps", batch)
         return {n: median([median(t[key]) for t in ts]) / per for n, ts in turns.items()}

@@ -42,7 +42,7 @@ from ticketsmith.base.files import sha256_file
 from ticketsmith.engine.generate import Decoder, Sampling, generate_text
 from ticketsmith.engine.tokenizer import from_json
 from ticketsmith.engine.transformer import GPT
-from ticketsmith.serving.lm_kernels import LINEARS, _get, _set, with_kernels
+from ticketsmith.serving.lm_kernels import LINEARS, get_linear, set_linear, with_kernels
 from ticketsmith.serving.plan.layout import PLAN, PlanError, default_threads, read_plan
 from ticketsmith.serving.plan.runtime import _nearest
 
@@ -89,7 +89,7 @@ def int8_gpt(base: GPT, arrays: dict[str, np.ndarray]) -> GPT:
     out = copy.deepcopy(base)
     for i, block in enumerate(out.blocks):
         for path in LINEARS:
-            name, layer = f"blocks.{i}.{path}", _get(block, path)
+            name, layer = f"blocks.{i}.{path}", get_linear(block, path)
             q = torch.from_numpy(arrays[name + ".int8"]).float()
             scale = torch.from_numpy(arrays[name + ".scale"])
             with warnings.catch_warnings():  # torch's quantized tensors are deprecated, not gone
@@ -101,7 +101,7 @@ def int8_gpt(base: GPT, arrays: dict[str, np.ndarray]) -> GPT:
                 new = Int8Linear(layer.in_features, layer.out_features,
                                  bias_=layer.bias is not None, dtype=torch.qint8)
                 new.set_weight_bias(weight, layer.bias)
-            _set(block, path, new)
+            set_linear(block, path, new)
     return out
 
 
