@@ -192,8 +192,10 @@ def test_a_plan_for_another_ticket_is_refused_and_ensure_rebuilds_it(built, tmp_
     ("dense.safetensors", lambda b: b[:-1] + bytes([b[-1] ^ 1])),
     ("int8.safetensors", lambda b: b[:100]),
     ("plan.json", lambda b: b[: len(b) // 2]),
+    ("plan.json", lambda b: json.dumps({k: v for k, v in json.loads(b).items()
+                                        if k != "models"}).encode()),
 ])
-def test_a_damaged_plan_file_is_refused_in_one_line_naming_it(built, tmp_path, name, damage):
+def test_a_damaged_plan_file_is_refused_in_one_line_and_rebuilt(built, tmp_path, name, damage):
     import shutil
 
     folder = tmp_path / "plan"
@@ -203,6 +205,10 @@ def test_a_damaged_plan_file_is_refused_in_one_line_naming_it(built, tmp_path, n
         load_lm_plan(folder)
     message = str(err.value)
     assert len(message.splitlines()) == 1 and str(folder / name) in message, message
+    ensure_lm_plan(folder, built["checkpoint"], settings=QUICK, timer=table_timer,
+                   kernels_timer=csr_first, threads=1)
+    assert load_lm_plan(folder).generate(["We"], max_new_tokens=3) == \
+        built["runner"].generate(["We"], max_new_tokens=3)
 
 
 def test_benchmark_with_plan_dir_prints_the_routes_it_ships(built, tmp_path, capsys):

@@ -24,11 +24,11 @@ from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.compaction import compact_gpt, kept_heads
 from ticketsmith.serving.lm_kernels import LINEARS, choose_kernels, get_linear
 from ticketsmith.serving.measure import median, time_side_by_side
-from ticketsmith.serving.plan.layout import PlanError, default_threads, write_plan
+from ticketsmith.serving.plan.layout import PLAN, PlanError, default_threads, write_plan
 from ticketsmith.serving.lm_plan.check import check_lm_routes, shippable
 from ticketsmith.serving.lm_plan.runtime import (COMPACTED, DENSE, INT8, LM_FILES, LM_KIND,
                                                  LM_ROUTES, LM_VERSION, PHASES, LmPlanRunner,
-                                                 checkpoint_digest, gpt_config, read_lm_plan)
+                                                 checkpoint_digest, gpt_config, load_lm_plan)
 
 log = logging.getLogger("ticketsmith.serving")
 # models (route -> GPT), phase, batch size -> route -> seconds per token, measured side by side
@@ -128,6 +128,9 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
                   threads: int | None = None) -> Path:
     """Write the checked, measured plan of a masked GPT to `folder` (replaced atomically)."""
     folder = Path(folder)
+    if not isinstance(model, GPT):
+        raise PlanError(f"{folder / PLAN}: the language-model plan serves the project's GPT, "
+                        f"not {type(model).__name__} (generate and the benchmark take both)")
     dense = copy.deepcopy(model).cpu().eval().requires_grad_(False)
     small, summary = compact_gpt(dense)
     compacted = gpt_config(small) != gpt_config(dense)
@@ -191,21 +194,20 @@ def ensure_lm_plan(folder: Path, checkpoint: Path, allow_factory: bool | str | N
                    timer: RouteTimer | None = None,
                    kernels_timer: KernelTimer | None = None) -> Path:
     """The plan at `folder` for `checkpoint`, built (measured, checked) when it is missing,
-    unreadable or built for another checkpoint; returns the folder."""
+    damaged, unloadable or built for another checkpoint; returns the folder."""
     from ticketsmith.serving.lm_load import load_lm
 
     folder, checkpoint = Path(folder), Path(checkpoint)
     digest = checkpoint_digest(checkpoint)
+    before = torch.get_num_threads()  # loading and building set torch's threads: restored
     try:
-        if read_lm_plan(folder)["source"]["checkpoint_sha256"] == digest:
+        try:  # loading is the whole check: kinds, digests, the checkpoint, every route's model
+            load_lm_plan(folder, expect_checkpoint_digest=digest, threads=threads)
             return folder
-        log.info("language-model plan %s: built for another checkpoint; rebuilding", folder)
-    except PlanError as exc:
-        if folder.exists():
-            log.warning("language-model plan %s: %s; rebuilding", folder, exc)
-    model, tokenizer, meta, _ = load_lm(checkpoint, "cpu", allow_factory)
-    before = torch.get_num_threads()
-    try:
+        except PlanError as exc:
+            if folder.exists():
+                log.warning("language-model plan %s: %s; rebuilding", folder, exc)
+        model, tokenizer, meta, _ = load_lm(checkpoint, "cpu", allow_factory)
         return build_lm_plan(model, tokenizer, meta, folder, checkpoint_sha256=digest,
                              settings=settings or LmPlanSettings(), timer=timer,
                              kernels_timer=kernels_timer, threads=threads)

@@ -138,13 +138,12 @@ class _PlanDecoder(Decoder):
 class LmPlanRunner:
     """A loaded language-model plan: `generate(prompts, ...)` and `describe()`."""
 
-    def __init__(self, folder: Path, plan: dict[str, Any], threads: int | None = None,
-                 only: tuple[str, ...] | None = None):
+    def __init__(self, folder: Path, plan: dict[str, Any], threads: int | None = None):
         from safetensors.numpy import load_file
 
         self.folder, self.plan = folder, plan
         self.threads = threads or plan.get("threads") or default_threads()
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)  # the plan was measured at this many (process-wide)
         self.tokenizer = from_json((folder / TOKENIZER).read_text(), str(folder / TOKENIZER))
         self.fallbacks: list[str] = []
         dense = gpt_from(plan["models"]["dense"], load_file(str(folder / DENSE)))
@@ -152,7 +151,7 @@ class LmPlanRunner:
                 if "compacted" in plan["models"] else dense)
         self.kept_heads = [torch.tensor(k) for k in plan["kept_heads"]]
         self.models: dict[str, Any] = {"dense": dense}
-        for name in (only or plan["routes"]):
+        for name in plan["routes"]:
             if name == "compacted":
                 self.models[name] = base
             elif name == "sparse":  # one model per distinct kernel table
@@ -170,7 +169,7 @@ class LmPlanRunner:
         self._nearest = _nearest(sorted(self.order["decode"]))
         for ph in PHASES:
             for b, order in plan["ranking"][ph].items():
-                if order and order[0] not in self.models and not only:
+                if order and order[0] not in self.models:
                     self.fallbacks.append(f"{ph} batch {b}: serving {self.order[ph][int(b)][0]}"
                                           f" instead of the measured best {order[0]}")
         for msg in self.fallbacks:
@@ -235,9 +234,13 @@ def load_lm_plan(folder: str | Path, *, expect_checkpoint_digest: str | None = N
     checkpoint than `expect_checkpoint_digest` (`checkpoint_digest`) is refused."""
     folder = Path(folder)
     plan = read_lm_plan(folder)
-    built_for = plan["source"]["checkpoint_sha256"]
+    built_for = str((plan.get("source") or {}).get("checkpoint_sha256"))
     if expect_checkpoint_digest is not None and built_for != expect_checkpoint_digest:
         raise PlanError(f"{folder / PLAN}: built for checkpoint sha256 {built_for[:12]}..., "
                         f"not {expect_checkpoint_digest[:12]}... (another ticket); rebuild it "
                         "with ensure_lm_plan")
-    return LmPlanRunner(folder, plan, threads)
+    try:
+        return LmPlanRunner(folder, plan, threads)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # edited or foreign plan.json
+        raise PlanError(f"{folder / PLAN}: not a usable language-model plan "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
