@@ -211,6 +211,7 @@ def test_a_damaged_plan_file_is_refused_in_one_line_and_rebuilt(built, tmp_path,
         built["runner"].generate(["We"], max_new_tokens=3)
 
 
+@pytest.mark.slow  # the benchmark and a measured plan build: a few seconds on an idle machine
 def test_benchmark_with_plan_dir_prints_the_routes_it_ships(built, tmp_path, capsys):
     from ticketsmith.cli import main
 
