@@ -158,6 +158,11 @@ def test_runner_switches_routes_between_prefill_and_decode_and_keeps_the_tokens(
     assert runner.describe()["routes"]["decode"]["1"] == "compacted"
     want = [tok.decode(t) for t in _recomputed(built["model"], [tok.encode(text[0])], 8)]
     assert runner.generate(text, max_new_tokens=8) == want
+    # and the other way: prefill on compacted heads, decode on all of them
+    flipped = load_lm_plan(built["folder"])
+    flipped.order = {"prefill": {1: ["compacted"], 8: ["compacted"]},
+                     "decode": {1: ["dense"], 8: ["dense"]}}
+    assert flipped.generate(text, max_new_tokens=8) == want
     sampled = runner.generate(text * 2, max_new_tokens=6, temperature=0.8, top_k=20, seed=3)
     assert sampled == runner.generate(text * 2, max_new_tokens=6, temperature=0.8, top_k=20,
                                       seed=3)
@@ -227,3 +232,10 @@ def test_benchmark_with_plan_dir_prints_the_routes_it_ships(built, tmp_path, cap
                                                         routes[ph].items())
                                    for ph in ("prefill", "decode")))
     assert json.loads(out.read_text())["serving_plan"]["routes"] == routes
+
+
+def test_a_model_other_than_the_gpt_is_refused_in_one_line(tmp_path):
+    with pytest.raises(PlanError) as err:
+        build_lm_plan(torch.nn.Linear(4, 4), ByteTokenizer(), META, tmp_path / "plan",
+                      checkpoint_sha256="x", settings=QUICK)
+    assert len(str(err.value).splitlines()) == 1 and "Linear" in str(err.value)
