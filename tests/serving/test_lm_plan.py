@@ -186,6 +186,8 @@ def test_a_plan_for_another_ticket_is_refused_and_ensure_rebuilds_it(built, tmp_
     ensure_lm_plan(folder, built["checkpoint"], settings=QUICK, threads=1)  # measured for real
     before = json.loads((folder / "plan.json").read_text())
     assert before["source"]["checkpoint_sha256"] == checkpoint_digest(built["checkpoint"])
+    noise = before["measured"]["decode"]["1"]["dense (again)"]  # timed, never ranked
+    assert noise > 0 and "dense (again)" not in before["ranking"]["decode"]["1"]
     assert ensure_lm_plan(folder, built["checkpoint"], settings=QUICK) == folder
     assert json.loads((folder / "plan.json").read_text()) == before  # fresh: not rebuilt
     ensure_lm_plan(folder, other, settings=QUICK, threads=1)

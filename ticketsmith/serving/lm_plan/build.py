@@ -31,6 +31,7 @@ from ticketsmith.serving.lm_plan.runtime import (COMPACTED, DENSE, INT8, LM_FILE
                                                  checkpoint_digest, gpt_config, load_lm_plan)
 
 log = logging.getLogger("ticketsmith.serving")
+NOISE = "dense (again)"
 # models (route -> GPT), phase, batch size -> route -> seconds per token, measured side by side
 RouteTimer = Callable[[dict[str, GPT], str, int], dict[str, float]]
 # kernel name -> call, timed side by side -> kernel name -> seconds per call
@@ -83,13 +84,15 @@ def kernel_timer(settings: LmPlanSettings) -> KernelTimer:
 
 def route_timer(settings: LmPlanSettings, vocab: int, context: int) -> RouteTimer:
     """Seconds per token of each route at a phase and batch size, in interleaved rounds
-    (`lm_benchmark.rounds`): prefill per prompt token, decode per generated token."""
+    (`lm_benchmark.rounds`): prefill per prompt token, decode per generated token. Dense also
+    runs against itself ("dense (again)", recorded, never ranked): the noise floor."""
     from ticketsmith.serving.lm_benchmark import random_prompts, rounds
 
     prompt = min(settings.prompt_tokens, context // 2)
     new = max(2, min(settings.new_tokens, context - prompt))
 
     def timer(models, phase, batch):
+        models = {**models, NOISE: models["dense"]}
         turns = rounds(models, random_prompts(batch, prompt, vocab), new, settings.trials, 1,
                        torch.device("cpu"), decode=phase == "decode")
         key, per = ("prefill", batch * prompt) if phase == "prefill" else ("steps", batch)
