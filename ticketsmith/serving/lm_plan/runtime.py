@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ticketsmith.base.files import sha256_file
 from ticketsmith.engine.generate import Decoder, Sampling, generate_text
