@@ -241,3 +241,18 @@ def test_a_model_other_than_the_gpt_is_refused_in_one_line(tmp_path):
         build_lm_plan(torch.nn.Linear(4, 4), ByteTokenizer(), META, tmp_path / "plan",
                       checkpoint_sha256="x", settings=QUICK)
     assert len(str(err.value).splitlines()) == 1 and "Linear" in str(err.value)
+
+
+def test_a_route_this_host_cannot_run_falls_back_to_the_next_measured(built, monkeypatch):
+    import ticketsmith.serving.lm_plan.runtime as runtime
+
+    def no_engine(*_):  # what torch raises on a build without a quantized engine
+        raise RuntimeError("Didn't find engine for operation quantized::linear_prepack")
+
+    monkeypatch.setattr(runtime, "int8_gpt", no_engine)
+    runner = load_lm_plan(built["folder"])
+    said = runner.describe()
+    assert "int8" not in runner.models and said["routes"]["decode"]["8"] == "sparse"
+    assert any("int8 cannot run" in f for f in said["fallbacks"])
+    assert any("decode batch 8: serving sparse instead of the measured best int8" in f
+               for f in said["fallbacks"])
