@@ -81,8 +81,10 @@ def _candidates(layer: nn.Linear) -> dict[str, nn.Module]:
 
 def with_kernels(model: GPT, kernels: dict[str, str]) -> GPT:
     """A copy of `model` whose block Linears named in `kernels` ("blocks.0.mlp.fc" ->
-    "scipy_csr") run that kernel; the rest stay dense."""
-    out = copy.deepcopy(model)
+    "scipy_csr") run that kernel; the rest stay dense and share `model`'s tensors (a plan
+    holds one such model per phase and batch size: one copy of the weights, not four)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    out = copy.deepcopy(model, shared)
     for name, kernel in kernels.items():
         if kernel != "dense":
             block, path = name.split(".", 2)[1], name.split(".", 2)[2]

@@ -29,6 +29,7 @@ torch: the routes are torch modules.
 """
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -134,6 +135,19 @@ class _PlanDecoder(Decoder):
                     kv[i] = t[:, keep].contiguous()
 
 
+def _per_table(base: GPT, kernels: dict[str, dict[str, str]]) -> dict[str, GPT]:
+    """"decode_1" -> `base` on that phase and batch size's kernels; one model per distinct
+    kernel table (phases and batch sizes often agree)."""
+    made: dict[str, GPT] = {}
+    out = {}
+    for key, table in kernels.items():
+        same = json.dumps(table, sort_keys=True)
+        if same not in made:
+            made[same] = with_kernels(base, table)
+        out[key] = made[same]
+    return out
+
+
 class LmPlanRunner:
     """A loaded language-model plan: `generate(prompts, ...)` and `describe()`."""
 
@@ -153,9 +167,8 @@ class LmPlanRunner:
         for name in plan["routes"]:
             if name == "compacted":
                 self.models[name] = base
-            elif name == "sparse":  # one model per distinct kernel table
-                self.models[name] = {key: with_kernels(base, table)
-                                     for key, table in plan["kernels"].items()}
+            elif name == "sparse":
+                self.models[name] = _per_table(base, plan["kernels"])
             elif name == "int8":
                 try:
                     self.models[name] = int8_gpt(base, load_file(str(folder / INT8)))
