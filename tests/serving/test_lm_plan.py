@@ -156,6 +156,9 @@ def test_runner_switches_routes_between_prefill_and_decode_and_keeps_the_tokens(
     # batch 1 prefills on dense (every head) and decodes on compacted (half of them)
     assert runner.describe()["routes"]["prefill"]["1"] == "dense"
     assert runner.describe()["routes"]["decode"]["1"] == "compacted"
+    shipped = runner.plan["check"]["shipped"]  # the build checked the pair as it runs
+    assert shipped["1"]["prefill"] == "dense" and shipped["1"]["max_abs_error"] < 1e-3
+    assert shipped["8"] == {"prefill": "sparse", "decode": "int8", "checked": False}
     want = [tok.decode(t) for t in _recomputed(built["model"], [tok.encode(text[0])], 8)]
     assert runner.generate(text, max_new_tokens=8) == want
     # and the other way: prefill on compacted heads, decode on all of them

@@ -25,7 +25,7 @@ from ticketsmith.serving.compaction import compact_gpt, kept_heads
 from ticketsmith.serving.lm_kernels import LINEARS, choose_kernels, get_linear
 from ticketsmith.serving.measure import median, time_side_by_side
 from ticketsmith.serving.plan.layout import PLAN, PlanError, default_threads, write_plan
-from ticketsmith.serving.lm_plan.check import check_lm_routes, shippable
+from ticketsmith.serving.lm_plan.check import check_lm_routes, check_shipped, shippable
 from ticketsmith.serving.lm_plan.runtime import (COMPACTED, DENSE, INT8, LM_FILES, LM_KIND,
                                                  LM_ROUTES, LM_VERSION, PHASES, LmPlanRunner,
                                                  checkpoint_digest, gpt_config, load_lm_plan)
@@ -174,6 +174,10 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
                                                 for r in allowed}, ph, b)
                                  for b in settings.batch_sizes} for ph in PHASES}
         plan["ranking"] = rank_lm_routes(plan["measured"], allowed)
+        write_plan(tmp, plan, LM_FILES)
+        # what ships is a pair of routes per batch size: checked together, as it will run
+        plan["check"]["shipped"] = check_shipped(LmPlanRunner(tmp, plan, threads), dense,
+                                                 settings.check_steps)
         write_plan(tmp, plan, LM_FILES)
         if folder.exists():
             shutil.rmtree(folder)

@@ -11,7 +11,7 @@ a failed int8 route is never ranked.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,9 +38,10 @@ def _prompt_ids(tokenizer, context: int, steps: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def _trace(model: GPT, prompts: list[list[int]], tokens: torch.Tensor) -> np.ndarray:
+def _trace(model: GPT | None, prompts: list[list[int]], tokens: torch.Tensor,
+           decoder: Callable[[GPT | None], Decoder] = Decoder) -> np.ndarray:
     """Logits (rows, vocab) of a prefill and then of each step fed `tokens` (steps, batch)."""
-    dec = Decoder(model)
+    dec = decoder(model)
     out = [dec.prefill(prompts, len(tokens) + 1)]
     for t in tokens:
         out.append(dec.step(t))
@@ -79,10 +80,7 @@ def check_lm_routes(runner: LmPlanRunner, ref: GPT, steps: int = 8) -> dict[str,
     """Every route of `runner` against the masked model `ref`: {'exact': {route:
     {'max_abs_error', 'tolerance', ...}}, 'int8': {...bits per byte, greedy agreement,
     'passed'}}. PlanError when an exact route differs beyond float rounding."""
-    prompts = _prompt_ids(runner.tokenizer, ref.context, steps)
-    reference = generate_ids(ref, prompts, steps)
-    fed = torch.tensor([row + [0] * (steps - len(row)) for row in reference]).T[:steps - 1]
-    want = _trace(ref, prompts, fed)
+    prompts, fed, want = _reference(runner, ref, steps)
     exact: dict[str, Any] = {}
     for route, model in runner.models.items():
         if route in LM_INEXACT:
@@ -103,6 +101,36 @@ def check_lm_routes(runner: LmPlanRunner, ref: GPT, steps: int = 8) -> dict[str,
             bits_per_byte(ref, runner.tokenizer),
             greedy_agreement(runner.models["int8"], ref, prompts, steps))
         out["int8"] = {**record, "passed": why is None, **({"why": why} if why else {})}
+    return out
+
+
+def _reference(runner: LmPlanRunner, ref: GPT, steps: int):
+    """(prompts, the masked model's greedy tokens to feed (steps - 1, batch), its logits)."""
+    prompts = _prompt_ids(runner.tokenizer, ref.context, steps)
+    reference = generate_ids(ref, prompts, steps)
+    fed = torch.tensor([row + [0] * (steps - len(row)) for row in reference]).T[:steps - 1]
+    return prompts, fed, _trace(ref, prompts, fed)
+
+
+def check_shipped(runner: LmPlanRunner, ref: GPT, steps: int = 8) -> dict[str, Any]:
+    """The routes that ship together at each measured batch size (prefill on one, decode on
+    the other, the KV cache carried between them) against the masked model's logits:
+    {batch: {'prefill', 'decode', 'max_abs_error' or 'checked': False}}. A pair with the
+    inexact route is not compared (its own check judged it). PlanError when a pair of exact
+    routes differs beyond float rounding."""
+    prompts, fed, want = _reference(runner, ref, steps)
+    out: dict[str, Any] = {}
+    for b in sorted(runner.order["decode"]):
+        pair = {"prefill": runner.route_for("prefill", b), "decode": runner.route_for("decode", b)}
+        if set(pair.values()) & set(LM_INEXACT):
+            out[str(b)] = {**pair, "checked": False}
+            continue
+        record, why = agreement.exact(_trace(None, prompts, fed, lambda _: runner.decoder(b)),
+                                      want)
+        if why is not None:
+            raise PlanError(f"{runner.folder / PLAN}: at batch {b}, prefill on {pair['prefill']}"
+                            f" then decode on {pair['decode']} fails its check: {why}")
+        out[str(b)] = {**pair, "max_abs_error": record["max_abs_error"]}
     return out
 
 
