@@ -201,6 +201,10 @@ class LmPlanRunner:
         model = self.models[route]
         return model[f"{phase}_{batch}"] if isinstance(model, dict) else model
 
+    def decoder(self, batch: int) -> Decoder:
+        """The Decoder of a request of `batch` prompts: its prefill and decode routes."""
+        return _PlanDecoder(self, batch)
+
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, seed: int = 0, stop: tuple[str, ...] = ()
                  ) -> list[str]:
@@ -211,7 +215,7 @@ class LmPlanRunner:
         first = self.model_for("prefill", len(prompts))[1]
         return generate_text(first, self.tokenizer, list(prompts), max_new_tokens,
                              Sampling(temperature, top_k, seed), tuple(stop),
-                             decoder=lambda _: _PlanDecoder(self, len(prompts)))
+                             decoder=lambda _: self.decoder(len(prompts)))
 
     def describe(self) -> dict[str, Any]:
         """Which route serves each phase and batch size, the compaction, the sparse layers,
