@@ -145,13 +145,7 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
     parent = folder.parent if folder.parent.is_dir() else None
     tmp = Path(tempfile.mkdtemp(prefix=".lm-plan-", dir=parent))
     try:
-        from safetensors.numpy import save_file
-
-        save_file(_state(dense), str(tmp / DENSE))
-        if compacted:
-            save_file(_state(small), str(tmp / COMPACTED))
-        save_file(int8_arrays(base), str(tmp / INT8))
-        tokenizer.save(tmp)
+        _write_weights(tmp, dense, small if compacted else None, base, tokenizer)
         plan = {"kind": LM_KIND, "version": LM_VERSION, "routes": routes,
                 "models": {"dense": gpt_config(dense),
                            **({"compacted": gpt_config(small)} if compacted else {})},
@@ -161,10 +155,7 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
                 "threads": threads or default_threads(),
                 "ranking": {ph: {str(b): ["dense"] for b in settings.batch_sizes}
                             for ph in PHASES},
-                "source": {"checkpoint_sha256": checkpoint_sha256,
-                           "tokenizer_sha256": tokenizer.digest(),
-                           **{k: meta[k] for k in ("model", "dataset", "level", "variant",
-                                                   "replicate", "hash") if k in meta}}}
+                "source": _source(checkpoint_sha256, tokenizer, meta)}
         write_plan(tmp, plan, LM_FILES)
         runner = LmPlanRunner(tmp, plan, threads)
         plan["check"] = check_lm_routes(runner, dense, settings.check_steps)
@@ -186,6 +177,25 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _write_weights(folder: Path, dense: GPT, small: GPT | None, base: GPT, tokenizer) -> None:
+    """The plan's weight files and its tokenizer (`lm_plan.runtime` names them)."""
+    from safetensors.numpy import save_file
+
+    save_file(_state(dense), str(folder / DENSE))
+    if small is not None:
+        save_file(_state(small), str(folder / COMPACTED))
+    save_file(int8_arrays(base), str(folder / INT8))
+    tokenizer.save(folder)
+
+
+def _source(checkpoint_sha256: str, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
+    """What the plan was built from: the checkpoint file's digest, the tokenizer's, and the
+    ticket's identity as its metadata gives it (no paths: they may hold secrets)."""
+    return {"checkpoint_sha256": checkpoint_sha256, "tokenizer_sha256": tokenizer.digest(),
+            **{k: meta[k] for k in ("model", "dataset", "level", "variant", "replicate", "hash")
+               if k in meta}}
 
 
 def _kept_heads(dense: GPT, base: GPT) -> list[list[int]]:
