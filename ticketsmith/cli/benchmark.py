@@ -28,7 +28,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--output", default=BENCHMARK_FILE, help="where to write the JSON")
     p.add_argument("--plan-dir", default=None,
-                   help="also write the checked serving plan (a folder) there")
+                   help="also write the checked serving plan (a folder) there; for a language "
+                        "model, its routes per phase and batch size are printed in one line")
     p.add_argument("--data-root", default="data", help="data folder for test accuracies")
     p.add_argument("--no-data", action="store_true", help="skip accuracies (no data loaded)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
@@ -100,8 +101,27 @@ def _cmd_lm(args: argparse.Namespace, local) -> int:
         usd_per_hour=args.usd_per_hour, node=args.node)
     result["model"]["checkpoint"] = redact(args.checkpoint)
     print(format_lm_scorecard(result))
+    if args.plan_dir:
+        result["serving_plan"] = _lm_plan(args, local, sizes)
+        print(f"serving plan {args.plan_dir}: {result['serving_plan']['line']}")
     print(f"wrote {write_benchmark(result, args.output)}")
     return 0
+
+
+def _lm_plan(args: argparse.Namespace, local, sizes: list[int]) -> dict:
+    """The checked language-model plan in --plan-dir (built unless fresh for this
+    checkpoint), measured at the benchmark's batch sizes and prompt length."""
+    from ticketsmith.serving.lm_plan import LmPlanSettings, ensure_lm_plan, load_lm_plan
+    from ticketsmith.serving.lm_plan.runtime import shipped_line
+
+    quick = {"kernel_trials": 1, "kernel_block_s": 0.0005} if args.quick else {}
+    settings = LmPlanSettings(batch_sizes=tuple(sizes), prompt_tokens=args.prompt_tokens,
+                              new_tokens=min(args.new_tokens, 32),
+                              trials=args.trials or (1 if args.quick else 3), **quick)
+    folder = ensure_lm_plan(args.plan_dir, local, True if args.allow_factory else None,
+                            threads=args.threads, settings=settings)
+    runner = load_lm_plan(folder, threads=args.threads)
+    return {"folder": str(folder), "line": shipped_line(runner), **runner.describe()}
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:

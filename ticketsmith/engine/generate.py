@@ -173,9 +173,11 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
 @torch.inference_mode()
 def generate_ids(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
                  sampling: Sampling = Sampling(),
-                 stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                 stop: Callable[[int, list[int]], bool] | None = None,
+                 decoder: Callable[[nn.Module], Decoder] = Decoder) -> list[list[int]]:
     """New token ids per prompt (prompt not included). `stop(row, new_ids)` ends a row early
-    (its tokens so far are kept); decoding ends when every row has stopped."""
+    (its tokens so far are kept); decoding ends when every row has stopped. `decoder` makes
+    the Decoder (a serving plan's switches models between prefill and decode)."""
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
     if not prompts:
@@ -183,7 +185,7 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
     was_training = model.training
     model.eval()
     try:
-        dec = Decoder(model)
+        dec = decoder(model)
         logits = dec.prefill(prompts, max_new_tokens)
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
         out: list[list[int]] = [[] for _ in prompts]
@@ -203,7 +205,8 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
 
 
 def generate_text(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
-                  sampling: Sampling = Sampling(), stop: tuple[str, ...] = ()) -> list[str]:
+                  sampling: Sampling = Sampling(), stop: tuple[str, ...] = (),
+                  decoder: Callable[[nn.Module], Decoder] = Decoder) -> list[str]:
     """Continuations of `prompts` as text, each cut before the first stop string it holds."""
     if any(not p for p in prompts):
         raise GenerationError("prompt: empty; give some text to continue")
@@ -213,7 +216,7 @@ def generate_text(model: nn.Module, tokenizer, prompts: list[str], max_new_token
         text = tokenizer.decode(new)
         return any(s in text for s in stop)
 
-    new = generate_ids(model, ids, max_new_tokens, sampling, stopped if stop else None)
+    new = generate_ids(model, ids, max_new_tokens, sampling, stopped if stop else None, decoder)
     return [cut(tokenizer.decode(t), stop) for t in new]
 
 

@@ -171,8 +171,7 @@ def compact_gpt(model: GPT) -> tuple[GPT, str]:
     heads, hidden, state = [], [], {}
     for i, block in enumerate(model.blocks):
         a, m, p = block.attn, block.mlp, f"blocks.{i}."
-        cols = a.proj.weight.reshape(a.proj.weight.shape[0], a.heads, a.head_dim)
-        keep_h = _at_least_one(cols.ne(0).any(0).any(1))
+        keep_h = kept_heads(block)
         rows = torch.arange(a.heads * a.head_dim).reshape(a.heads, a.head_dim)[keep_h].flatten()
         qkv_rows = torch.cat([rows + j * a.heads * a.head_dim for j in range(3)])
         keep_n = _at_least_one(m.proj.weight.ne(0).any(0))
@@ -196,6 +195,14 @@ def compact_gpt(model: GPT) -> tuple[GPT, str]:
     before = sum(b.attn.heads for b in model.blocks), sum(b.mlp.fc.out_features for b in model.blocks)
     return small.eval(), (f"heads {before[0]} -> {sum(heads)}, MLP hidden units {before[1]} -> "
                           f"{sum(hidden)}")
+
+
+def kept_heads(block: nn.Module) -> torch.Tensor:
+    """Bool per head of a GPT block: whether its output columns hold a nonzero weight (at
+    least one head is kept)."""
+    a = block.attn
+    cols = a.proj.weight.reshape(a.proj.weight.shape[0], a.heads, a.head_dim)
+    return _at_least_one(cols.ne(0).any(0).any(1))
 
 
 def _at_least_one(keep: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+def random_prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    """`batch` prompts of `length` seeded random token ids: the same for every format timed."""
     g = torch.Generator().manual_seed(1)
     return torch.randint(vocab, (batch, length), generator=g).tolist()
 
@@ -101,7 +102,7 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
 def check_logits(fmt: nn.Module, ref: nn.Module, prompt: int, steps: int = 4) -> float:
     """Max |logit error| / max(1, max |ref logit|) over prefill and `steps` greedy decode
     steps of a batch of two prompts."""
-    prompts = _prompts(2, prompt, ref.vocab)
+    prompts = random_prompts(2, prompt, ref.vocab)
     a, b = Decoder(fmt), Decoder(ref)
     la, lb = a.prefill(prompts, steps), b.prefill(prompts, steps)
     worst = 0.0
@@ -137,8 +138,10 @@ def _turn(model: nn.Module, prompts: list[list[int]], new: int, reps: int,
     return {"prefill": prefill, "ttft": ttft, "steps": steps, "kv_bytes": kv}
 
 
-def _rounds(models: dict[str, nn.Module], prompts, new: int, trials: int, reps: int,
+def rounds(models: dict[str, nn.Module], prompts, new: int, trials: int, reps: int,
             device: torch.device, decode: bool = True) -> dict[str, list[dict]]:
+    """name -> per round, its turn (`_turn`): one warm-up each, then `trials` rounds that
+    rotate who goes first. The language-model serving plan ranks its routes with this too."""
     names = list(models)
     out: dict[str, list[dict]] = {n: [] for n in names}
     was = gc.isenabled()
@@ -257,12 +260,12 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
     results, floor = [], {}
     timed = [n for n, e in entries.items() if e["correct"]]
     for bs in batch_sizes:
-        prompts = _prompts(bs, prompt, model.vocab)
+        prompts = random_prompts(bs, prompt, model.vocab)
         for phase in ("decode", "prefill"):
             mods = {n: _module(entries[n], phase, bs, model) for n in timed}
             mods[_AA] = model
             # Prefill rounds skip decoding: they time the prefill-chosen kernels.
-            turns = _rounds(mods, prompts, new, trials, prefill_reps, device,
+            turns = rounds(mods, prompts, new, trials, prefill_reps, device,
                             decode=phase == "decode")
             for n in timed:
                 if phase == "decode":
@@ -276,7 +279,7 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
                                                            "prefill" if phase == "prefill"
                                                            else "steps"))
     peaks = {n: _peak(_module(entries[n], "decode", max(batch_sizes), model),
-                      _prompts(max(batch_sizes), prompt, model.vocab), new, device)
+                      random_prompts(max(batch_sizes), prompt, model.vocab), new, device)
              for n in timed}
     for r in results:
         r["peak_memory_bytes"] = peaks[r["format"]]

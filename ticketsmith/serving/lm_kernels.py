@@ -48,12 +48,13 @@ class ScipyCSRLinear(nn.Module):
         return out.reshape(*x.shape[:-1], -1)
 
 
-def _get(block: nn.Module, path: str) -> nn.Linear:
+def get_linear(block: nn.Module, path: str) -> nn.Linear:
+    """A GPT block's Linear at `path` (one of LINEARS, e.g. "mlp.fc")."""
     first, second = path.split(".")
     return getattr(getattr(block, first), second)
 
 
-def _set(block: nn.Module, path: str, new: nn.Module) -> None:
+def set_linear(block: nn.Module, path: str, new: nn.Module) -> None:
     first, second = path.split(".")
     setattr(getattr(block, first), second, new)
 
@@ -78,30 +79,49 @@ def _candidates(layer: nn.Linear) -> dict[str, nn.Module]:
     return cands
 
 
+def with_kernels(model: GPT, kernels: dict[str, str]) -> GPT:
+    """A copy of `model` whose block Linears named in `kernels` ("blocks.0.mlp.fc" ->
+    "scipy_csr") run that kernel; the rest stay dense and share `model`'s tensors (a plan
+    holds one such model per phase and batch size: one copy of the weights, not four)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    out = copy.deepcopy(model, shared)
+    for name, kernel in kernels.items():
+        if kernel != "dense":
+            block, path = name.split(".", 2)[1], name.split(".", 2)[2]
+            layer = get_linear(out.blocks[int(block)], path)
+            set_linear(out.blocks[int(block)], path, _candidates(layer)[kernel])
+    return out
+
+
 @torch.inference_mode()
-def sparse_model(model: GPT, rows: int, reps: int = 20) -> tuple[GPT, dict[str, str]]:
-    """A copy of `model` whose block Linears each run the kernel measured fastest at `rows`
-    input rows (dense ones where no sparse kernel wins), and the choice per layer. Kernels
-    whose output differs from dense beyond float rounding are never chosen."""
-    out = copy.deepcopy(model)
+def choose_kernels(model: GPT, rows: int, reps: int = 20, timer=None,
+                   why: dict[str, str] | None = None) -> dict[str, str]:
+    """Per block Linear, the kernel measured fastest at `rows` input rows (dense where no
+    sparse kernel wins). Kernels whose output differs from dense beyond float rounding are
+    never timed. `timer` (name -> callable, timed side by side -> seconds per call) replaces
+    the default of `reps` calls each; `why` receives the times per layer."""
     chosen: dict[str, str] = {}
     g = torch.Generator().manual_seed(0)
-    for i, block in enumerate(out.blocks):
+    for i, block in enumerate(model.blocks):
         for path in LINEARS:
-            layer = _get(block, path)
+            layer = get_linear(block, path)
             x = torch.randn(rows, layer.in_features, generator=g).to(layer.weight.device)
             ref = layer(x)
-            best, best_t = "dense", _time(lambda: layer(x), reps)
-            for name, cand in _candidates(layer).items():
-                if name == "dense" or not torch.allclose(cand(x), ref, rtol=1e-4, atol=1e-5):
-                    continue
-                t = _time(lambda: cand(x), reps)
-                if t < best_t:
-                    best, best_t = name, t
-            chosen[f"blocks.{i}.{path}"] = best
-            if best != "dense":
-                _set(block, path, _candidates(layer)[best])
-    return out, chosen
+            calls = {name: (lambda c=cand: c(x)) for name, cand in _candidates(layer).items()
+                     if name == "dense" or torch.allclose(cand(x), ref, rtol=1e-4, atol=1e-5)}
+            times = timer(calls) if timer else {n: _time(f, reps) for n, f in calls.items()}
+            name = f"blocks.{i}.{path}"
+            chosen[name] = min(times, key=times.get)
+            if why is not None:
+                why[name] = ", ".join(f"{k} {t * 1e6:.1f} us" for k, t in times.items())
+    return chosen
+
+
+def sparse_model(model: GPT, rows: int, reps: int = 20) -> tuple[GPT, dict[str, str]]:
+    """A copy of `model` whose block Linears each run the kernel measured fastest at `rows`
+    input rows (`choose_kernels`), and the choice per layer."""
+    chosen = choose_kernels(model, rows, reps)
+    return with_kernels(model, chosen), chosen
 
 
 def compacted_model(model: GPT) -> tuple[GPT, str]:

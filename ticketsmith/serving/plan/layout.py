@@ -66,8 +66,9 @@ def shipped(plan: dict[str, Any]) -> dict[int, str]:
     return {int(b): order[0] for b, order in plan["ranking"].items() if order}
 
 
-def read_plan(folder: str | Path) -> dict[str, Any]:
-    """plan.json, checked: the right kind and version, and every file's digest."""
+def read_plan(folder: str | Path, kind: str = KIND, version: int = VERSION) -> dict[str, Any]:
+    """plan.json, checked: the right kind and version, and every file's digest (the image
+    plan's by default; the language-model plan passes its own kind)."""
     folder = Path(folder)
     path = folder / PLAN
     try:
@@ -75,8 +76,8 @@ def read_plan(folder: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PlanError(f"{path}: not a readable serving plan ({' '.join(str(exc).split())})"
                         ) from None
-    if not isinstance(plan, dict) or plan.get("kind") != KIND or plan.get("version") != VERSION:
-        raise PlanError(f"{path}: not a {KIND} version {VERSION}")
+    if not isinstance(plan, dict) or plan.get("kind") != kind or plan.get("version") != version:
+        raise PlanError(f"{path}: not a {kind} version {version}")
     for name, digest in plan.get("files", {}).items():
         f = folder / name
         if not f.is_file():
@@ -87,10 +88,11 @@ def read_plan(folder: str | Path) -> dict[str, Any]:
     return plan
 
 
-def write_plan(folder: Path, plan: dict[str, Any]) -> None:
-    """plan.json with the digests of the files beside it, written atomically."""
-    plan["files"] = {n: sha256(folder / n) for n in (WEIGHTS, ONNX, ONNX_INT8)
-                     if (folder / n).is_file()}
+def write_plan(folder: Path, plan: dict[str, Any],
+               files: tuple[str, ...] = (WEIGHTS, ONNX, ONNX_INT8)) -> None:
+    """plan.json with the digests of the `files` beside it (those present), written
+    atomically."""
+    plan["files"] = {n: sha256(folder / n) for n in files if (folder / n).is_file()}
     tmp = folder / (PLAN + ".tmp")
     tmp.write_text(json.dumps(plan, indent=1))
     tmp.replace(folder / PLAN)
