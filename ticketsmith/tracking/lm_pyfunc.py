@@ -1,7 +1,8 @@
 """MLflow "model from code" for a registered language-model ticket: prompts in, text out.
 
 Artifacts: `checkpoint`, the ticket's safetensors checkpoint (mask baked into the weights;
-nothing is unpickled), and, for a trained tokenizer, `tokenizer` (its saved folder).
+nothing is unpickled), `plan`, its checked serving plan (`serving.lm_plan`), and, for a
+trained tokenizer, `tokenizer` (its saved folder).
 
 Input: a string, a list of strings, a 1-D array of strings, or a DataFrame (its `prompt`
 column, else its first). Over HTTP: `{"inputs": "The "}`, `{"inputs": ["The ", "We "]}` or
@@ -14,8 +15,8 @@ request give the same text) and `stop` (strings that end a continuation).
 
 The text comes from one backend object with `generate(prompts, *, max_new_tokens,
 temperature, top_k, seed, stop)`: `serving.lm_backend` (KV cache, batched prompts; a
-structured ticket's compacted model where exact). A serving plan's runner with the same
-method can replace it in `_backend`. model_config: `format` ('serving', or 'masked_dense' to
+structured ticket's compacted model where exact), or the serving plan's runner, which has
+the same method and serves when the model ships a plan (`_backend`). model_config: `format` ('serving', or 'masked_dense' to
 serve the masked model as trained), `threads` (torch threads; 0: as the environment says).
 """
 import inspect
@@ -46,8 +47,16 @@ class LanguageModel(PythonModel):
 
 def _backend(artifacts, config):
     """The one object that generates: `generate(prompts, *, max_new_tokens, temperature,
-    top_k, seed, stop) -> list[str]`. A transformer serving plan shipped as an artifact
-    loads here instead (its runner has the same method); nothing else in this file changes."""
+    top_k, seed, stop) -> list[str]`. The checked serving plan shipped as the `plan` artifact
+    (`serving.lm_plan`: routes per phase and batch size, each checked against the masked
+    model, built for this checkpoint's digest) serves unless model_config asks for
+    'masked_dense'; without a plan, `serving.lm_backend` (compacted where exact)."""
+    if artifacts.get("plan") and (config.get("format") or "serving") == "serving":
+        from ticketsmith.serving.lm_plan import checkpoint_digest, load_lm_plan
+
+        return load_lm_plan(artifacts["plan"],
+                            expect_checkpoint_digest=checkpoint_digest(artifacts["checkpoint"]),
+                            threads=int(config.get("threads") or 0) or None)
     from ticketsmith.serving.lm_backend import load_backend
 
     return load_backend(artifacts["checkpoint"], artifacts.get("tokenizer"),
