@@ -175,3 +175,32 @@ def test_a_language_model_level_stopped_by_sigterm_resumes_bit_identical(tmp_pat
     assert (res.curve, res.test_loss) == (whole.curve, whole.test_loss)
     assert all(torch.equal(w[k], whole_w[k]) for k in w)
     assert all(torch.equal(res.saved_state[k], whole.saved_state[k]) for k in res.saved_state)
+
+
+def test_embeddings_norms_and_biases_are_pruned_only_when_the_config_says_so(tmp_path):
+    """`model.also_prune` adds them to the mask (the tied head is the token table: one mask);
+    the default leaves them dense (test_only_block_projections_are_pruned_and_the_mask_holds)
+    and keeps the experiment hash."""
+    cfg = tiny_lm(tmp_path, "model.also_prune=[embeddings, norms, biases]", "prune.levels=1",
+                  "train.iterations=10", "experiment.variants=[ticket]")
+    assert cfg.hash() != tiny_lm(tmp_path).hash()
+    assert tiny_lm(tmp_path, "model.also_prune=[]").hash() == tiny_lm(tmp_path).hash()
+    result = run_experiment(cfg, progress=False, echo=lambda s: None)
+    path = RunStore(result.run_root).checkpoint_path(0, 1, "ticket")
+    model, mask, _ = ckpt.model_from_checkpoint(path)
+    extra = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "blocks.1.ln2.weight",
+             "blocks.0.attn.qkv.bias", "blocks.1.mlp.proj.bias"}
+    assert extra <= set(mask)
+    for name in extra:
+        assert mask[name].float().mean() == pytest.approx(0.5, abs=0.02), name
+    weights = prunable_weights(model, also=cfg.model.also_prune)
+    assert not weights["wte.weight"][~mask["wte.weight"]].any()
+
+
+def test_unit_granularities_refuse_also_prune(tmp_path):
+    from ticketsmith.base.config import ConfigError
+    from ticketsmith.engine.lottery import prepare_experiment
+
+    cfg = tiny_lm(tmp_path, "model.also_prune=[embeddings]", "prune.granularity=head")
+    with pytest.raises(ConfigError, match="model.also_prune: .* takes prune.granularity 'weight'"):
+        prepare_experiment(cfg)

@@ -110,3 +110,18 @@ def test_a_head_level_of_gpt2_through_model_factory_compacts_exactly(tmp_path):
     x = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(small(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_gpt2s_tied_head_shares_the_pruned_token_embedding():
+    torch.manual_seed(0)
+    model = gpt2((16,), 50, layers=1, heads=2, width=16)
+    assert "transformer.wte.weight" not in prunable_weights(model)  # dense by default
+    weights = prunable_weights(model, also=["embeddings"])
+    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= set(weights)
+    assert not any(n.startswith("lm_head") for n in weights)  # one tensor, listed once
+    mask = Mask({n: torch.rand(w.shape) > 0.5 if "wte" in n else torch.ones_like(w, dtype=torch.bool)
+                 for n, w in weights.items()})
+    with torch.no_grad():
+        for name, w in weights.items():
+            w.mul_(mask[name])
+    assert torch.equal(model.lm_head.weight == 0, ~mask["transformer.wte.weight"])

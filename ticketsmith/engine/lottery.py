@@ -21,7 +21,7 @@ from ticketsmith.engine.data import Dataset
 from ticketsmith.engine.execution import check_resume, determinism, execution_facts
 from ticketsmith.engine.masks import (Mask, describe_plan, prune_magnitude, prune_n_m, random_mask_like,
                                       semi_structured_plan)
-from ticketsmith.engine.models import build_model, count_params, output_layer, prunable_weights
+from ticketsmith.engine.models import build_model, count_params, output_layer, prunable_for
 from ticketsmith.engine.events import NullTracker, Tracker
 from ticketsmith.engine.progress import Progress
 from ticketsmith.base.interrupts import interrupts_deferred
@@ -185,6 +185,8 @@ def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
     meta = {"model": cfg.model.name, "factory": cfg.model.factory, "options": cfg.model.options,
             "exclude": cfg.model.exclude, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "dataset": data.name}
+    if cfg.model.also_prune:  # absent otherwise: older checkpoints' metadata stays as it was
+        meta["also_prune"] = list(cfg.model.also_prune)
     if cfg.task != "image_classification":  # image checkpoints keep their metadata as it was
         meta.update(task=cfg.task, tokenizer=data.tokenizer.name)
     return meta
@@ -211,7 +213,7 @@ def check_model(cfg: Config, data: Dataset) -> None:
     leaves no run folder and no run behind."""
     task_for(cfg).check(cfg, data)
     model = seeded_model(cfg, data, cfg.experiment.seed)
-    weights = prunable_weights(model, cfg.model.exclude)
+    weights = prunable_for(model, model_meta(cfg, data))
     layer_fractions(cfg, dict(weights), output_layer(model, cfg.task == "language_model"))
     check_granularity(cfg, model, weights)
     rewind_at = cfg.prune.rewind_iteration
@@ -225,6 +227,9 @@ def check_granularity(cfg: Config, model: nn.Module, weights) -> None:
     granularity = cfg.prune.granularity
     if granularity == "weight":
         return
+    if cfg.model.also_prune:  # a unit's layout covers its weight matrices only
+        raise ConfigError(f"model.also_prune: {cfg.model.also_prune} takes prune.granularity "
+                          f"'weight', not {granularity!r}")
     if transformer_layout(model):
         if granularity not in ("head", "neuron"):
             raise ConfigError(f"prune.granularity: {granularity!r} does not apply to a "
@@ -325,7 +330,7 @@ class _Replicate:
                            cfg.model.factory, cfg.model.options)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return prunable_weights(self.model, self.cfg.model.exclude)
+        return prunable_for(self.model, self.meta)
 
 
 def _start_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore,
@@ -341,10 +346,10 @@ def _start_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore
         model.load_state_dict(ckpt.load_checkpoint(init_path, device).state)
     else:
         ckpt.save_checkpoint(init_path, model.state_dict(), meta=meta)
-    weights = prunable_weights(model, cfg.model.exclude)
+    weights = prunable_for(model, meta)
     rates = layer_fractions(cfg, dict(weights), output_layer(model, cfg.task == "language_model"))
     if cfg.prune.pattern == "2:4" and replicate == 0:
-        echo("  " + describe_plan(semi_structured_plan(prunable_weights(model, cfg.model.exclude))))
+        echo("  " + describe_plan(semi_structured_plan(weights)))
     return _Replicate(cfg, replicate, data, store, tracker, result, selection, device, progress,
                       seed, data_seed, meta, model,
                       {k: v.detach().clone() for k, v in model.state_dict().items()},
