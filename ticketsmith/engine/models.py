@@ -217,13 +217,10 @@ def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = ()
     if unknown:
         raise ModelError(f"model.exclude: no module named {unknown} in {type(model).__name__} "
                          f"(modules: {[m for m in modules if m][:20]})")
-    found, embeddings, seen = {}, _embedding_params(model), set()
+    found, embeddings = {}, _embedding_params(model)
     for mod_name, module in modules.items():
-        if any(excluded(mod_name, e) for e in exclude):
-            continue
-        for local, param in _candidates(module, embeddings, set(also)).items():
-            if id(param) not in seen:  # a shared tensor gets one mask
-                seen.add(id(param))
+        if not any(excluded(mod_name, e) for e in exclude):
+            for local, param in _candidates(module, embeddings, set(also)).items():
                 found[f"{mod_name}.{local}"] = param
     if not found:
         raise ModelError(f"{type(model).__name__} has no prunable Linear/Conv weights "
