@@ -100,7 +100,8 @@ def test_a_compacted_gpt2_has_fewer_heads_and_units_and_the_masked_logits():
 
 
 def test_a_head_level_of_gpt2_through_model_factory_compacts_exactly(tmp_path):
-    cfg = tiny_lm(tmp_path, *HF, "prune.granularity=head",
+    cfg = tiny_lm(tmp_path, *HF, "prune.granularity=head", "experiment.variants=[ticket]",
+                  "train.iterations=6", "train.eval_every=3",
                   "model.options={layers: 2, heads: 4, width: 32}")
     result = run_experiment(cfg, progress=False, echo=lambda s: None)
     path = RunStore(result.run_root).checkpoint_path(0, 1, "ticket")
