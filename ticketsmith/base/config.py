@@ -109,6 +109,18 @@ class ModelConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="Builder keyword arguments.")
     exclude: list[str] = Field(default_factory=list,
                                description="Module names whose weights are never pruned.")
+    # Empty by default, so every older config keeps its hash (defaults are left out of it).
+    also_prune: list[Literal["embeddings", "norms", "biases"]] = Field(
+        default_factory=list, description="Parameters pruned beside the Linear/Conv weights: "
+        "'embeddings' (token and position tables; a tied output head shares the token table's "
+        "mask), 'norms' (normalisation scales), 'biases' (every bias). Weight granularity only.")
+
+    @field_validator("also_prune")
+    @classmethod
+    def _once_each(cls, kinds: list[str]) -> list[str]:
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("must not repeat a kind")
+        return kinds
 
 
 class TrainConfig(_Section):

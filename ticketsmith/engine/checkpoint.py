@@ -98,7 +98,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     Every loader that rebuilds a model calls this. Registry models are always rebuilt; a
     factory only as `factory_allowed` says. Any problem is one CheckpointError naming the file.
     """
-    from ticketsmith.engine.models import ModelError, build_model, prunable_weights
+    from ticketsmith.engine.models import ModelError, build_model, prunable_for
 
     ck = load_checkpoint(path)
     meta = ck.meta
@@ -114,7 +114,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                             meta.get("factory"), meta.get("options"))
         model.load_state_dict(ck.state)
         if ck.mask is not None:
-            weights = prunable_weights(model, meta.get("exclude") or ())
+            weights = prunable_for(model, meta)
             ck.mask.check_fits(weights)
             apply_mask_(weights, ck.mask)
     except (ModelError, MaskError) as exc:

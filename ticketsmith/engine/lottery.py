@@ -19,14 +19,14 @@ from ticketsmith.engine import checkpoint as ckpt
 from ticketsmith.base.config import Config, ConfigError, dump_config
 from ticketsmith.engine.data import Dataset
 from ticketsmith.engine.execution import check_resume, determinism, execution_facts
-from ticketsmith.engine.masks import (Mask, describe_plan, prune_magnitude, prune_n_m, random_mask_like,
-                                      semi_structured_plan)
-from ticketsmith.engine.models import build_model, count_params, output_layer, prunable_weights
+from ticketsmith.engine.masks import (Mask, describe_plan, fraction_after, prune_magnitude, prune_n_m,
+                                      random_mask_like, semi_structured_plan)
+from ticketsmith.engine.models import build_model, count_params, output_layer, prunable_for
 from ticketsmith.engine.events import NullTracker, Tracker
 from ticketsmith.engine.progress import Progress
 from ticketsmith.base.interrupts import interrupts_deferred
 from ticketsmith.base.secrets import redact
-from ticketsmith.engine.structured import check_structured, level_units_mask, random_units_like
+from ticketsmith.engine.structured import check_structured, prune_units, random_units_like
 from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.transformer_units import (UnitGroup, prune_transformer_units,
                                                   random_transformer_units, transformer_layout)
@@ -68,6 +68,14 @@ def layer_fractions(cfg: Config, weights: dict[str, torch.Tensor], out_name: str
     return rates
 
 
+def pruning_targets(cfg: Config, model: nn.Module, meta: dict[str, Any]):
+    """(prunable weights, per-layer rates) of `model` under `cfg`: what every level prunes,
+    checked once up front (check_model) and used by each replicate."""
+    weights = prunable_for(model, meta)
+    return weights, layer_fractions(cfg, dict(weights),
+                                    output_layer(model, cfg.task == "language_model"))
+
+
 def _prune(weights: dict[str, torch.Tensor], mask: Mask, rates: dict[str, float], scope: str,
            shared_rate: float) -> Mask:
     """Layer-wise, or global for the layers at `shared_rate` with any layer given a rate of
@@ -81,32 +89,44 @@ def _prune(weights: dict[str, torch.Tensor], mask: Mask, rates: dict[str, float]
     return Mask({n: competing[n] if rates[n] == shared_rate else alone[n] for n in rates})
 
 
+@dataclass(frozen=True)
+class LevelStart:
+    """What a level prunes, by the schedule. Iterative: the previous ticket's weights and
+    mask, at each layer's rate. One-shot: the dense weights, all kept, at the rate that
+    reaches the level's density in one step (fraction_after)."""
+    weights: dict[str, torch.Tensor]
+    mask: Mask
+    rates: dict[str, float]       # per layer
+    shared_rate: float            # the rate the layers compete at (global) / heads and units
+
+
+def level_start(prune, level: int, prev_weights: dict[str, torch.Tensor], prev_mask: Mask,
+                dense_weights: dict[str, torch.Tensor], rates: dict[str, float]) -> LevelStart:
+    if prune.schedule == "oneshot":
+        return LevelStart(dense_weights, Mask.ones_like(dense_weights),
+                          {n: fraction_after(r, level) for n, r in rates.items()},
+                          fraction_after(prune.fraction, level))
+    return LevelStart(prev_weights, prev_mask, dict(rates), prune.fraction)
+
+
 def level_mask(cfg: Config, level: int, prev_weights: dict[str, torch.Tensor], prev_mask: Mask,
                dense_weights: dict[str, torch.Tensor], rates: dict[str, float],
                layout: list[UnitGroup] | None = None) -> Mask:
     """The mask of `level` (>0): pure function of trained weights and the schedule.
     layout: a transformer's heads and MLP units (transformer_units.py), for 'head'/'neuron'."""
     p = cfg.prune
+    start = level_start(p, level, prev_weights, prev_mask, dense_weights, rates)
     if p.granularity != "weight" and layout:  # whole heads / MLP hidden units
-        if p.schedule == "oneshot":
-            return prune_transformer_units(dense_weights, Mask.ones_like(dense_weights), layout,
-                                           p.granularity, 1 - (1 - p.fraction) ** level, p.scope)
-        return prune_transformer_units(prev_weights, prev_mask, layout, p.granularity,
-                                       p.fraction, p.scope)
+        return prune_transformer_units(start.weights, start.mask, layout, p.granularity,
+                                       start.shared_rate, p.scope)
     if p.granularity != "weight":  # whole neurons / channels (see structured.py)
-        return level_units_mask(p, level, prev_weights, prev_mask, dense_weights, rates)
-    if p.schedule == "oneshot":
-        # Straight from the dense weights to the density IMP would reach after `level` steps.
-        to_level = {n: 1 - (1 - r) ** level for n, r in rates.items()}
-        mask = _prune(dense_weights, Mask.ones_like(dense_weights), to_level, p.scope,
-                      1 - (1 - p.fraction) ** level)
-    else:
-        mask = _prune(prev_weights, prev_mask, rates, p.scope, p.fraction)
+        return prune_units(start.weights, start.mask, start.rates, granularity=p.granularity,
+                           norm=p.unit_norm, scope=p.scope, shared_rate=start.shared_rate)
+    mask = _prune(start.weights, start.mask, start.rates, p.scope, start.shared_rate)
     if p.pattern == "2:4":
-        source = dense_weights if p.schedule == "oneshot" else prev_weights
         # Only where a 2:4 kernel can serve it; other layers stay unstructured (see the plan).
-        runnable = [n for n, why in semi_structured_plan(source).items() if why is None]
-        mask = prune_n_m(source, mask, 2, 4, layers=runnable)
+        runnable = [n for n, why in semi_structured_plan(start.weights).items() if why is None]
+        mask = prune_n_m(start.weights, mask, 2, 4, layers=runnable)
     return mask
 
 
@@ -138,13 +158,12 @@ def _random_reinit(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
 def _random_prune(ctx: LevelContext) -> tuple[dict[str, torch.Tensor], Mask]:
     gen = torch.Generator().manual_seed(
         derive_seed(ctx.cfg.experiment.seed, ctx.replicate, ctx.level, "random_prune"))
-    granularity = ctx.cfg.prune.granularity
+    granularity, mask = ctx.cfg.prune.granularity, ctx.mask.to("cpu")
     if granularity != "weight" and ctx.layout:
-        return ctx.rewind_state, random_transformer_units(ctx.mask.to("cpu"), ctx.layout,
-                                                          granularity, gen)
+        return ctx.rewind_state, random_transformer_units(mask, ctx.layout, granularity, gen)
     if granularity != "weight":  # the same number of units per layer, chosen at random
-        return ctx.rewind_state, random_units_like(ctx.mask.to("cpu"), gen, granularity)
-    return ctx.rewind_state, random_mask_like(ctx.mask.to("cpu"), gen)
+        return ctx.rewind_state, random_units_like(mask, gen, granularity)
+    return ctx.rewind_state, random_mask_like(mask, gen)
 
 
 VARIANTS: dict[str, Callable[[LevelContext], tuple[dict[str, torch.Tensor], Mask]]] = {
@@ -185,6 +204,8 @@ def model_meta(cfg: Config, data: Dataset) -> dict[str, Any]:
     meta = {"model": cfg.model.name, "factory": cfg.model.factory, "options": cfg.model.options,
             "exclude": cfg.model.exclude, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "dataset": data.name}
+    if cfg.model.also_prune:  # absent otherwise: older checkpoints' metadata stays as it was
+        meta["also_prune"] = list(cfg.model.also_prune)
     if cfg.task != "image_classification":  # image checkpoints keep their metadata as it was
         meta.update(task=cfg.task, tokenizer=data.tokenizer.name)
     return meta
@@ -211,8 +232,7 @@ def check_model(cfg: Config, data: Dataset) -> None:
     leaves no run folder and no run behind."""
     task_for(cfg).check(cfg, data)
     model = seeded_model(cfg, data, cfg.experiment.seed)
-    weights = prunable_weights(model, cfg.model.exclude)
-    layer_fractions(cfg, dict(weights), output_layer(model, cfg.task == "language_model"))
+    weights, _ = pruning_targets(cfg, model, model_meta(cfg, data))
     check_granularity(cfg, model, weights)
     rewind_at = cfg.prune.rewind_iteration
     if rewind_at > (total := total_iterations(cfg.train, len(data.train_x))):
@@ -225,6 +245,9 @@ def check_granularity(cfg: Config, model: nn.Module, weights) -> None:
     granularity = cfg.prune.granularity
     if granularity == "weight":
         return
+    if cfg.model.also_prune:  # a unit's layout covers its weight matrices only
+        raise ConfigError(f"model.also_prune: {cfg.model.also_prune} takes prune.granularity "
+                          f"'weight', not {granularity!r}")
     if transformer_layout(model):
         if granularity not in ("head", "neuron"):
             raise ConfigError(f"prune.granularity: {granularity!r} does not apply to a "
@@ -325,7 +348,7 @@ class _Replicate:
                            cfg.model.factory, cfg.model.options)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return prunable_weights(self.model, self.cfg.model.exclude)
+        return prunable_for(self.model, self.meta)
 
 
 def _start_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore,
@@ -341,10 +364,9 @@ def _start_replicate(cfg: Config, replicate: int, data: Dataset, store: RunStore
         model.load_state_dict(ckpt.load_checkpoint(init_path, device).state)
     else:
         ckpt.save_checkpoint(init_path, model.state_dict(), meta=meta)
-    weights = prunable_weights(model, cfg.model.exclude)
-    rates = layer_fractions(cfg, dict(weights), output_layer(model, cfg.task == "language_model"))
+    weights, rates = pruning_targets(cfg, model, meta)
     if cfg.prune.pattern == "2:4" and replicate == 0:
-        echo("  " + describe_plan(semi_structured_plan(prunable_weights(model, cfg.model.exclude))))
+        echo("  " + describe_plan(semi_structured_plan(weights)))
     return _Replicate(cfg, replicate, data, store, tracker, result, selection, device, progress,
                       seed, data_seed, meta, model,
                       {k: v.detach().clone() for k, v in model.state_dict().items()},

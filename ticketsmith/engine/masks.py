@@ -102,6 +102,50 @@ def _prune_count(remaining: int, fraction: float) -> int:
     return int(round(fraction * remaining))
 
 
+def fraction_after(rate: float, levels: int) -> float:
+    """Share of the weights (or units) gone after `levels` levels that each remove `rate` of
+    what remains: 1 - (1 - rate)^levels (what one-shot pruning removes at once)."""
+    return 1 - (1 - rate) ** levels
+
+
+def check_fractions(fractions: Mapping[str, float]) -> None:
+    """Raise MaskError unless every pruning fraction is in [0, 1)."""
+    for name, f in fractions.items():
+        if not 0.0 <= f < 1.0:
+            raise MaskError(f"prune fraction for {name} must be in [0, 1), got {f}")
+
+
+def drop_lowest(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool per unit: the `k` lowest-scoring alive units, never every alive unit (a layer,
+    head group or MLP keeps one). Removed units score +inf; of equal scores the lower goes."""
+    k = min(k, int(alive.sum()) - 1)
+    drop = torch.zeros(len(scores), dtype=torch.bool)
+    if k > 0:
+        drop[_smallest(scores, k)] = True
+    return drop
+
+
+def drop_lowest_global(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
+                       rate: float) -> dict[str, torch.Tensor]:
+    """Bool per unit of each key: the lowest-scoring `rate` of all alive units together
+    (keys in order, then unit index, breaking ties), each key keeping one unit."""
+    names = list(scores)
+    flat = torch.cat([scores[n] for n in names])
+    owner = [(n, i) for n in names for i in range(len(scores[n]))]
+    left = {n: int(alive[n].sum()) for n in names}
+    drop = {n: torch.zeros(len(scores[n]), dtype=torch.bool) for n in names}
+    k = _prune_count(sum(left.values()), rate)
+    for j in torch.sort(flat, stable=True).indices.tolist():
+        if k == 0 or flat[j] == float("inf"):
+            break
+        n, i = owner[j]
+        if left[n] > 1:
+            drop[n][i] = True
+            left[n] -= 1
+            k -= 1
+    return drop
+
+
 def prune_magnitude(
     weights: Mapping[str, torch.Tensor],
     mask: Mask,
@@ -117,9 +161,7 @@ def prune_magnitude(
     on CPU and CUDA alike. Pure: inputs are not modified.
     """
     mask.check_fits(weights)
-    for name, f in fractions.items():
-        if not 0.0 <= f < 1.0:
-            raise MaskError(f"prune fraction for {name} must be in [0, 1), got {f}")
+    check_fractions(fractions)
     if scope == "layerwise":
         new = {}
         for name, w in weights.items():

@@ -1,8 +1,8 @@
 """Model builders by name, and discovery of prunable weights.
 
 Every builder takes (input_shape, num_classes, **options) and returns an nn.Module whose
-last Linear layer is the output layer. Prunable = weights of Linear and Conv layers; biases
-and normalisation layers are never pruned.
+last Linear layer is the output layer. Prunable = weights of Linear and Conv layers; biases,
+embeddings and normalisation layers are pruned only when `model.also_prune` names them.
 """
 from __future__ import annotations
 
@@ -178,11 +178,35 @@ def _embedding_params(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Parameter]:
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+ALSO_PRUNABLE = ("embeddings", "norms", "biases")  # what model.also_prune may name
+
+
+def _candidates(module: nn.Module, embeddings: set[int], also: set[str]) -> dict[str, nn.Parameter]:
+    """One module's prunable parameters, by local name, for the kinds asked for."""
+    weight = getattr(module, "weight", None)
+    found = {}
+    layer = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_conv1d(module)
+    if layer and id(weight) not in embeddings:
+        found["weight"] = weight
+    elif isinstance(module, nn.Embedding) and "embeddings" in also:
+        found["weight"] = weight
+    elif isinstance(module, _NORMS) and "norms" in also and weight is not None:
+        found["weight"] = weight
+    bias = getattr(module, "bias", None)
+    if "biases" in also and isinstance(bias, nn.Parameter):
+        found["bias"] = bias
+    return found
+
+
+def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = (),
+                     also: tuple[str, ...] | list[str] = ()) -> dict[str, nn.Parameter]:
     """Weights of Linear/Conv layers (and GPT-2's Conv1D) in module order, keyed
     `<module>.weight`; a Linear output head tied to an embedding is an embedding: kept dense.
 
-    `exclude` names modules (or prefixes of them) whose weights are left dense; a name that
+    `also` adds `model.also_prune`'s kinds: embedding tables, norm scales, biases (a tied
+    head's weight is its embedding's: one tensor, one mask, listed once, under the embedding).
+    `exclude` names modules (or prefixes of them) whose parameters are left dense; a name that
     matches no module is an error (a typo would otherwise silently prune the layer).
     """
     def excluded(mod_name: str, e: str) -> bool:
@@ -195,15 +219,19 @@ def prunable_weights(model: nn.Module, exclude: tuple[str, ...] | list[str] = ()
                          f"(modules: {[m for m in modules if m][:20]})")
     found, embeddings = {}, _embedding_params(model)
     for mod_name, module in modules.items():
-        layer = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_conv1d(module)
-        if layer and id(module.weight) not in embeddings:
-            if any(excluded(mod_name, e) for e in exclude):
-                continue
-            found[f"{mod_name}.weight"] = module.weight
+        if not any(excluded(mod_name, e) for e in exclude):
+            for local, param in _candidates(module, embeddings, set(also)).items():
+                found[f"{mod_name}.{local}"] = param
     if not found:
         raise ModelError(f"{type(model).__name__} has no prunable Linear/Conv weights "
                          f"(excluded: {list(exclude)})")
     return found
+
+
+def prunable_for(model: nn.Module, meta: dict) -> dict[str, nn.Parameter]:
+    """The prunable weights as a checkpoint's (or experiment's) metadata says: `exclude` and
+    `also_prune` (see lottery.model_meta). Every loader and the lottery call this."""
+    return prunable_weights(model, meta.get("exclude") or (), meta.get("also_prune") or ())
 
 
 def output_layer(model: nn.Module, language_model: bool = False) -> str | None:

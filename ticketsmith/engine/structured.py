@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ticketsmith.base.config import ConfigError
-from ticketsmith.engine.masks import Mask, MaskError, _prune_count, _smallest
+from ticketsmith.engine.masks import (Mask, MaskError, _prune_count, check_fractions, drop_lowest,
+                                      drop_lowest_global)
 
 GRANULARITIES = ("weight", "neuron", "channel")
 NORMS = ("l1", "l2")
@@ -103,15 +104,6 @@ def remove_units(mask: Mask, drop: Mapping[str, torch.Tensor]) -> Mask:
     return Mask(new)
 
 
-def _drop_smallest(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool per unit: the `k` lowest-scoring alive units (never every alive unit)."""
-    k = min(k, int(alive.sum()) - 1)
-    drop = torch.zeros(len(scores), dtype=torch.bool)
-    if k > 0:
-        drop[_smallest(scores, k)] = True
-    return drop
-
-
 def prune_units(weights: Mapping[str, torch.Tensor], mask: Mask, rates: Mapping[str, float], *,
                 granularity: str, norm: str = "l1", scope: str = "layerwise",
                 shared_rate: float | None = None) -> Mask:
@@ -127,9 +119,7 @@ def prune_units(weights: Mapping[str, torch.Tensor], mask: Mask, rates: Mapping[
     if scope not in ("layerwise", "global"):
         raise MaskError(f"pruning scope must be 'layerwise' or 'global', got {scope!r}")
     layers = [n for n in pruned_layers(weights, granularity) if rates.get(n, 0.0) > 0]
-    for n in layers:
-        if not 0.0 <= rates[n] < 1.0:
-            raise MaskError(f"prune fraction for {n} must be in [0, 1), got {rates[n]}")
+    check_fractions({n: rates[n] for n in layers})
     scores = {n: unit_scores(weights[n], mask[n], norm) for n in layers}
     alive = {n: alive_units(mask[n]).cpu() for n in layers}
     if scope == "global":
@@ -137,34 +127,11 @@ def prune_units(weights: Mapping[str, torch.Tensor], mask: Mask, rates: Mapping[
         shared = [n for n in layers if rates[n] == shared_rate]
     else:
         shared = []
-    drop = {n: _drop_smallest(scores[n], alive[n], _prune_count(int(alive[n].sum()), rates[n]))
+    drop = {n: drop_lowest(scores[n], alive[n], _prune_count(int(alive[n].sum()), rates[n]))
             for n in layers if n not in shared}
     if shared:
-        drop.update(_drop_global(scores, alive, shared, shared_rate))
+        drop.update(drop_lowest_global({n: scores[n] for n in shared}, alive, shared_rate))
     return remove_units(mask, drop)
-
-
-def _drop_global(scores, alive, names: list[str], rate: float) -> dict[str, torch.Tensor]:
-    """The lowest-scoring `rate` of all alive units of `names`, keeping one unit per layer."""
-    flat = torch.cat([scores[n] for n in names])
-    total = sum(int(alive[n].sum()) for n in names)
-    order = torch.sort(flat, stable=True).indices.tolist()
-    bounds, start = {}, 0
-    for n in names:
-        bounds[n] = (start, start + len(scores[n]))
-        start += len(scores[n])
-    left = {n: int(alive[n].sum()) for n in names}
-    drop = {n: torch.zeros(len(scores[n]), dtype=torch.bool) for n in names}
-    k = _prune_count(total, rate)
-    for i in order:
-        if k == 0 or flat[i] == float("inf"):
-            break
-        n = next(n for n, (a, b) in bounds.items() if a <= i < b)
-        if left[n] > 1:
-            drop[n][i - bounds[n][0]] = True
-            left[n] -= 1
-            k -= 1
-    return drop
 
 
 def random_units_like(mask: Mask, generator: torch.Generator, granularity: str) -> Mask:
@@ -179,15 +146,3 @@ def random_units_like(mask: Mask, generator: torch.Generator, granularity: str) 
         gone[chosen] = False
         drop[name] = gone
     return remove_units(full, drop)
-
-
-def level_units_mask(prune, level: int, prev_weights: Mapping[str, torch.Tensor], prev_mask: Mask,
-                     dense_weights: Mapping[str, torch.Tensor], rates: Mapping[str, float]) -> Mask:
-    """The structured mask of `level` (>0) under `prune` (a config.PruneConfig): iterative
-    from the previous ticket, or one-shot from the dense weights to the level's unit density."""
-    kw = {"granularity": prune.granularity, "norm": prune.unit_norm, "scope": prune.scope}
-    if prune.schedule == "oneshot":
-        to_level = {n: 1 - (1 - r) ** level for n, r in rates.items()}
-        return prune_units(dense_weights, Mask.ones_like(dense_weights), to_level,
-                           shared_rate=1 - (1 - prune.fraction) ** level, **kw)
-    return prune_units(prev_weights, prev_mask, rates, shared_rate=prune.fraction, **kw)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ticketsmith.engine.masks import Mask, _prune_count, _smallest
+from ticketsmith.engine.masks import Mask, _prune_count, drop_lowest, drop_lowest_global
 
 
 @dataclass(frozen=True)
@@ -123,37 +123,13 @@ def prune_transformer_units(weights: Mapping[str, torch.Tensor], mask: Mask,
     score = {g.block: scores(g, weights, mask) for g in groups}
     live = {g.block: alive(g, mask) for g in groups}
     if scope == "global":
-        drops = _global_drop(groups, score, live, rate)
+        drops = drop_lowest_global(score, live, rate)
     else:
-        drops = {}
-        for g in groups:
-            k = min(_prune_count(int(live[g.block].sum()), rate), int(live[g.block].sum()) - 1)
-            drops[g.block] = torch.zeros(g.units, dtype=torch.bool)
-            if k > 0:
-                drops[g.block][_smallest(score[g.block], k)] = True
+        drops = {b: drop_lowest(score[b], live[b], _prune_count(int(live[b].sum()), rate))
+                 for b in score}
     for g in groups:
         new.update(remove(Mask(new), g, drops[g.block]))
     return Mask(new)
-
-
-def _global_drop(groups, score, live, rate: float) -> dict[str, torch.Tensor]:
-    flat = torch.cat([score[g.block] for g in groups])
-    owner = [g for g in groups for _ in range(g.units)]
-    offset, start = {}, 0
-    for g in groups:
-        offset[g.block], start = start, start + g.units
-    left = {g.block: int(live[g.block].sum()) for g in groups}
-    drops = {g.block: torch.zeros(g.units, dtype=torch.bool) for g in groups}
-    k = _prune_count(sum(left.values()), rate)
-    for i in torch.sort(flat, stable=True).indices.tolist():
-        g = owner[i]
-        if k == 0 or flat[i] == float("inf"):
-            break
-        if left[g.block] > 1:
-            drops[g.block][i - offset[g.block]] = True
-            left[g.block] -= 1
-            k -= 1
-    return drops
 
 
 def random_transformer_units(mask: Mask, layout: list[UnitGroup], granularity: str,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ticketsmith.engine.checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint
-from ticketsmith.engine.models import count_params, prunable_weights
+from ticketsmith.engine.models import count_params, prunable_for
 from ticketsmith.engine.store import RunStore
 from ticketsmith.base.secrets import redact
 from ticketsmith.serving import agreement
@@ -52,7 +52,7 @@ def load_ticket(path: str | Path, device: str | torch.device = "cpu",
 
 
 def model_summary(model: nn.Module, mask, meta: dict) -> dict[str, Any]:
-    weights = prunable_weights(model, meta.get("exclude") or ())
+    weights = prunable_for(model, meta)
     size = sum(w.numel() for w in weights.values())
     kept = mask.kept() if mask is not None else sum(int(torch.count_nonzero(w))
                                                     for w in weights.values())

@@ -4,9 +4,12 @@ IMP leaves hidden units with no incoming weights (they output the constant relu(
 with no outgoing weights (nobody reads them) and input features no weight reads. Removing them
 shrinks dense layers, which is a speedup on any hardware. Works on a `Chain`: a straight
 pipeline of Linear / Conv2d layers with ReLU, MaxPool2d, Flatten, Identity or Dropout between;
-`compact_gpt` removes a transformer ticket's dead attention heads and MLP hidden units.
+`compact_gpt` removes a transformer ticket's dead attention heads and MLP hidden units, and
+`compact_hf_gpt2` does the same for a Hugging Face GPT-2 (transformers is not imported here).
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -210,3 +213,49 @@ def _at_least_one(keep: torch.Tensor) -> torch.Tensor:
         keep = keep.clone()
         keep[0] = True
     return keep
+
+
+def compact_hf_gpt2(model: nn.Module) -> tuple[nn.Module, str]:
+    """A smaller copy of a Hugging Face GPT-2 (`GPT2LMHeadModel` or `GPT2Model`) without the
+    heads and MLP hidden units whose output weights are all zero, as `compact_gpt` does.
+
+    Its `Conv1D` layers store weights (in, out): a head's output weights are its `head_dim`
+    rows of `attn.c_proj`, its q, k and v weights columns of `attn.c_attn` (q | k | v, each
+    heads × head_dim wide); an MLP unit is a column of `mlp.c_fc` and a row of `mlp.c_proj`.
+    GPT-2 splits q, k, v by `split_size` and heads by `head_dim`, so each block keeps its own
+    head count. Every block keeps at least one head and unit."""
+    small = copy.deepcopy(model).eval()
+    body = getattr(small, "transformer", small)
+    if not hasattr(body, "h") or any(hasattr(b.attn, "q_attn") for b in body.h):
+        raise CompactionError(f"{type(model).__name__}: not a decoder-only GPT-2 (expected "
+                              "transformer.h blocks without cross-attention)")
+    before, after = [0, 0], [0, 0]
+    for block in body.h:
+        a, m = block.attn, block.mlp
+        n, d = a.num_heads, a.head_dim
+        keep_h = _at_least_one(a.c_proj.weight.reshape(n, d, -1).ne(0).any(2).any(1))
+        rows = torch.arange(n * d).reshape(n, d)[keep_h].flatten()
+        a.c_attn = _conv1d(a.c_attn, torch.cat([rows + j * n * d for j in range(3)]), outputs=True)
+        a.c_proj = _conv1d(a.c_proj, rows, outputs=False)
+        a.num_heads, a.split_size = int(keep_h.sum()), int(keep_h.sum()) * d
+        units = _at_least_one(m.c_proj.weight.ne(0).any(1)).nonzero().flatten()
+        before[0], before[1] = before[0] + n, before[1] + m.c_proj.weight.shape[0]
+        m.c_fc = _conv1d(m.c_fc, units, outputs=True)
+        m.c_proj = _conv1d(m.c_proj, units, outputs=False)
+        after[0], after[1] = after[0] + a.num_heads, after[1] + len(units)
+    return small, (f"heads {before[0]} -> {after[0]}, MLP hidden units {before[1]} -> "
+                   f"{after[1]}")
+
+
+def _conv1d(old: nn.Module, index: torch.Tensor, outputs: bool) -> nn.Module:
+    """A GPT-2 `Conv1D` (weight (in, out)) keeping output columns `index` (and their biases),
+    or input rows `index` (the bias stays: it belongs to the outputs)."""
+    index = index.to(old.weight.device)
+    weight = old.weight[:, index] if outputs else old.weight[index]
+    bias = old.bias[index] if outputs else old.bias
+    new = type(old)(weight.shape[1], weight.shape[0])  # Conv1D(nf = out, nx = in)
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+    return new.requires_grad_(False)
