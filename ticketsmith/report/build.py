@@ -120,7 +120,7 @@ def build_report(client, experiment_ref: str | None, output_dir: str | Path = "r
     title = f"Executive summary — {inputs.name} ({inputs.exp_hash})"
     if is_language_model(inputs.records):  # bits per byte, perplexity and samples
         blocks: list[Block] = [*language_model_sections(facts, inputs, folder),
-                               *scorecard(facts), *registry_section(facts, inputs),
+                               *registry_section(facts, inputs),
                                *evidence(facts, inputs)]
     else:
         blocks = [Heading("The answer"), *answer(facts), *results_table(facts),
@@ -134,7 +134,7 @@ def build_report(client, experiment_ref: str | None, output_dir: str | Path = "r
     for run_id in inputs.parents.values():
         retry(lambda: client.log_artifacts(run_id, str(folder), "report"), "upload report")
         retry(lambda: client.set_tag(run_id, NOTE_TAG, parent_description(
-            facts, run_id, folder, blocks[1:3] if is_language_model(inputs.records) else None)),
+            facts, run_id, folder, blocks[1:4] if is_language_model(inputs.records) else None)),
               "describe parent run")
     return md
 
