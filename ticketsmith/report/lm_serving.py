@@ -15,6 +15,7 @@ from ticketsmith.report.render import Block, Bullets, Code, Heading, Table, para
 from ticketsmith.report.sections import serving_hardware
 from ticketsmith.report.stats import Facts
 from ticketsmith.serving.lm_levels import dense_row, served
+from ticketsmith.tracking.serving_tags import FORMAT, PLAN
 
 MIN_GAIN = 1.1  # a decode speedup below this is not called faster, whatever the noise floor
 
@@ -107,7 +108,7 @@ def scorecard(facts: Facts, bpb_delta: dict[int, float]) -> list[Block]:
         return out + [para("No serving benchmark recorded yet: tokens per second and cost are "
                            "unknown. Run prune with ", Code("--set experiment.benchmark=true"),
                            ", or ", Code("ticketsmith benchmark --checkpoint PATH_OR_URI"), "."),
-                      *deployed.section(facts.deployed)]
+                      *shipped(facts)]
     rows = []
     for level, b in benches.items():
         for bs in sorted({r["batch_size"] for r in b["results"]}):
@@ -142,8 +143,20 @@ def scorecard(facts: Facts, bpb_delta: dict[int, float]) -> list[Block]:
                      + noise_text(benches.values()) + ".",
                      (f"Price: {price(first)}; set ", Code("serving.usd_per_hour"), " or ",
                       Code("serving.node"), "."))),
-            *deployed.section(facts.deployed)]
+            *shipped(facts)]
     return out
+
+
+def shipped(facts: Facts) -> list[Block]:
+    """What the registered champion ships: its checked plan when it has one, else in words."""
+    d = facts.deployed
+    if d is None:
+        return []
+    if PLAN in d.tags:
+        return deployed.section(d)
+    return [para(f"The registered champion (v{d.version}) serves ", Code(d.tags[FORMAT]),
+                 ": no checked serving plan is recorded for it, so the formats above are what "
+                 "the benchmark measured, not what ships.")]
 
 
 def noise_text(benches) -> str:
