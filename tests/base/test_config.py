@@ -182,7 +182,10 @@ def test_hash_ignores_defaults_and_unhashed_fields():
     base = load_config(REPO / "configs/tiny.yaml")
     same = load_config(REPO / "configs/tiny.yaml", [
         "prune.scope=layerwise", "prune.rewind_iteration=0", "train.momentum=0.0",  # defaults
-        "experiment.output_dir=/elsewhere", "train.device=cuda", "experiment.name=renamed"])
+        "experiment.output_dir=/elsewhere", "train.device=cuda", "experiment.name=renamed",
+        # how a level is timed and priced changes no result of training
+        "serving.usd_per_hour=2.5", "serving.node=gpu", "serving.trials=9",
+        "serving.batch_sizes=[1, 4]", "serving.threads=1", "serving.prompt_tokens=64"])
     assert same.hash() == base.hash()
     assert config_from_dict({}).hash() == config_from_dict({"train": {"epochs": 1}}).hash()
     for change in ("train.lr=0.02", "prune.fraction=0.3", "experiment.seed=1",
