@@ -146,9 +146,11 @@ def parent_description(facts: Facts, run_id: str, folder: Path,
     then where the rest is."""
     answer_md = to_markdown("", lm_answer or answer(facts)).split("\n", 2)[-1].strip()
     if lm_answer is not None:  # a language model: bits per byte, its own figure
+        served = (", and with a serving benchmark `tokens_per_s/decode_batch_1`, "
+                  "`usd_per_m_tokens/decode_batch_1` and the like" if facts.bench else "")
         return (f"{answer_md}\n\nPer level: **Model metrics** (`bpb/ticket`, "
-                "`bpb/random_reinit`, `bpb/dense`, `bpb/random_reinit_minus_ticket`); the full "
-                "executive report is the artifact `report/executive_summary.html`.")
+                f"`bpb/random_reinit`, `bpb/dense`, `bpb/random_reinit_minus_ticket`{served}); "
+                "the full executive report is the artifact `report/executive_summary.html`.")
     figure = ""
     if (folder / FIGURE).is_file():
         figure = figure_markdown(run_id, f"report/{FIGURE}", "Test accuracy vs weights "

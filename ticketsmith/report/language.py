@@ -3,8 +3,9 @@
 The answer, the table, the breaking point and the paired statistics speak in test bits per
 byte (comparable across tokenizers); the figure plots it against weights remaining; the
 samples of dense, the champion and random re-init at the breaking point stand side by side so
-a reader sees what the quality loss looks like. The serving scorecard, registry and evidence
-sections are the shared ones.
+a reader sees what the quality loss looks like. Tokens per second and dollars per million tokens
+per level, the answer's cost line and the serving scorecard come from `lm_serving`; the registry
+and evidence sections are the shared ones.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from ticketsmith.report.stats import Facts, directional_verdict, paired_t_p, sig
 NAMES = {"dense": "dense", "ticket": "ticket", "random_reinit": "random re-init",
          "random_prune": "random prune"}
 LM_FIGURE = "figures/bpb_vs_weights.png"
-_SERVED = {True: "dense", False: "ticket"}  # what a level serves: dense at level 0, else the ticket
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ def table_section(table: list[Row], facts: Facts) -> list[Block]:
              r.text(r.bpb), r.text(r.ppl, 2),
              "—" if r.level == 0 else f"{r.mean - dense.mean:+.3f}",
              verdict.get(r.level, "—") if r.variant == "ticket" else "—",
-             *lm_serving.level_cells(facts, r.level, r.variant == _SERVED[r.level == 0])]
+             *lm_serving.level_cells(facts, r.level,  # what a level serves
+                                     r.variant == ("dense" if r.level == 0 else "ticket"))]
             for r in table]
     return [Heading("Results by level"),
             para("Test bits per byte and perplexity per token over replicates (mean ± sample "
