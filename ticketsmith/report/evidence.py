@@ -98,10 +98,13 @@ def registry_section(facts: Facts, inputs: ReportInputs) -> list[Block]:
                 " is ", Code("champion"),
                 f" (level {v.level}, {100 * (v.sparsity or 0):.1f}% sparse, run ",
                 Link(v.run_id, inputs.run_link(v.run_id)), ")."]
-        if v.serving.get(serving_tags.FORMAT):
+        if v.serving.get(serving_tags.PLAN):
             line += [" It ships its checked serving plan: ", Code(v.serving[serving_tags.FORMAT]),
                      " (version tags ", Code(serving_tags.PREFIX + "*"),
                      "; see the serving scorecard)."]
+        elif v.serving.get(serving_tags.FORMAT):  # a language model's, for now
+            line += [" It serves ", Code(v.serving[serving_tags.FORMAT]),
+                     "; no checked serving plan is recorded for it."]
     elif champ:
         line = ["Registered model ", Code(reg.model_name), ": ", Code("champion"),
                 f" is v{champ}, which does not come from this config hash."]
