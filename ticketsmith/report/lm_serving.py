@@ -93,7 +93,7 @@ def level_cells(facts: Facts, level: int, is_served: bool) -> tuple[str, str]:
 
 
 def _bounded(row: dict[str, Any], phase: str) -> str:
-    """'1.02× (0.98–1.10); bound 1.00×': the median speedup, its range over rounds, the bound."""
+    """'1.02× (0.98–1.10); bound 1.00×': median speedup, its range over rounds, the bound."""
     s = row[f"{phase}_speedup"]
     return (f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f}); "
             f"bound {row[f'{phase}_ideal_speedup']:.2f}×")
