@@ -104,6 +104,10 @@ def test_paper_protocols():
     ("experiment.variants=[random_reinit]", "experiment.variants"),
     ("experiment.variants=[ticket, lucky]", "experiment.variants.1"),
     ("train.epochs=2", "train"),  # both epochs and iterations set: the section is named
+    ("serving.usd_per_hour=-1", "serving.usd_per_hour"),
+    ("serving.batch_sizes=[1, 0]", "serving.batch_sizes.1"),
+    ("serving.new_tokens=1", "serving.new_tokens"),
+    ("serving.node=tpu", "serving.node"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key_path(override, path):
     with pytest.raises(ConfigError) as err:
