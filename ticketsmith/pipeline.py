@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from ticketsmith.base.config import Config
+from ticketsmith.base.errors import BenchmarkError
 from ticketsmith.gates import (LevelVerdict, described, evaluate_gates, format_table, label,
                                release_check)
 from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
@@ -69,8 +70,7 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo,
                             selection=selection, data=data)
     if cfg.experiment.benchmark and cfg.task == "language_model":
-        echo("benchmark: no serving benchmark for language models yet (tokens per second "
-             "comes with the KV-cache serving path); skipped")
+        benchmark_lm_levels(cfg, client, tracker, result, echo)
     elif cfg.experiment.benchmark:
         benchmark_levels(cfg, client, tracker, result, echo)
     # The store may hold more of this experiment than the config asks for now.
@@ -124,3 +124,38 @@ def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                                                        for k, v in best.items()])
         logged += 1
     echo(f"benchmark: serving results logged for {logged} level(s)")
+
+
+def benchmark_lm_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
+                        result: ExperimentResult, echo: Callable[[str], None]) -> None:
+    """Tokens/s and $ per million tokens of every level (replicate 0), side by side with
+    dense: the JSON and metrics on the level's child run, the per-level series on the parent."""
+    from ticketsmith.serving.lm_levels import benchmark_lm_experiment
+    from ticketsmith.tracking.benchmarks import BENCHMARK_DIR, lm_child_metrics
+    from ticketsmith.tracking.run_summary import lm_level_series
+
+    s = cfg.serving
+    settings = {"batch_sizes": s.batch_sizes, "prompt_tokens": s.prompt_tokens,
+                "new_tokens": s.new_tokens, "trials": s.trials, "prefill_reps": 3,
+                "usd_per_hour": s.usd_per_hour, "node": s.node}
+    try:
+        benches = benchmark_lm_experiment(result.run_root, result.records, settings,
+                                          threads=s.threads, device=str(result.device),
+                                          allow_factory=cfg.model.factory)
+    except BenchmarkError as exc:  # e.g. a Hugging Face model: trained and gated all the same
+        echo(f"benchmark: skipped: {exc}")
+        return
+    logged = 0
+    for bench in benches:
+        run = tracker.children.get((0, bench["level"], bench["variant"]))
+        if run is None:
+            continue
+        run_id, now = run.info.run_id, int(time.time() * 1000)
+        retry(lambda: client.log_artifact(run_id, bench["path"], BENCHMARK_DIR),
+              "upload benchmark")
+        tracker.log_batch(run_id, metrics=[Metric(k, v, now, 0)
+                                           for k, v in lm_child_metrics(bench).items()])
+        tracker.log_batch(tracker.parents[0], metrics=[
+            Metric(k, v, now, bench["level"]) for k, v in lm_level_series(bench).items()])
+        logged += 1
+    echo(f"benchmark: tokens per second and $ per million tokens logged for {logged} level(s)")

@@ -25,7 +25,7 @@ BUDGET = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 # Real section and field names mixed with junk, so inputs reach deep validation too.
-SECTIONS = ["data", "model", "train", "prune", "experiment", "gate", "tracking"]
+SECTIONS = ["data", "model", "train", "prune", "experiment", "gate", "tracking", "serving"]
 FIELDS = sorted({f for s in Config.model_fields.values()
                  for f in s.annotation.model_fields}) + ["", "x", "LR", "0", "a b"]
 NAMES = st.sampled_from(SECTIONS + FIELDS)

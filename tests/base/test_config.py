@@ -104,6 +104,10 @@ def test_paper_protocols():
     ("experiment.variants=[random_reinit]", "experiment.variants"),
     ("experiment.variants=[ticket, lucky]", "experiment.variants.1"),
     ("train.epochs=2", "train"),  # both epochs and iterations set: the section is named
+    ("serving.usd_per_hour=-1", "serving.usd_per_hour"),
+    ("serving.batch_sizes=[1, 0]", "serving.batch_sizes.1"),
+    ("serving.new_tokens=1", "serving.new_tokens"),
+    ("serving.node=tpu", "serving.node"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key_path(override, path):
     with pytest.raises(ConfigError) as err:
@@ -182,7 +186,10 @@ def test_hash_ignores_defaults_and_unhashed_fields():
     base = load_config(REPO / "configs/tiny.yaml")
     same = load_config(REPO / "configs/tiny.yaml", [
         "prune.scope=layerwise", "prune.rewind_iteration=0", "train.momentum=0.0",  # defaults
-        "experiment.output_dir=/elsewhere", "train.device=cuda", "experiment.name=renamed"])
+        "experiment.output_dir=/elsewhere", "train.device=cuda", "experiment.name=renamed",
+        # how a level is timed and priced changes no result of training
+        "serving.usd_per_hour=2.5", "serving.node=gpu", "serving.trials=9",
+        "serving.batch_sizes=[1, 4]", "serving.threads=1", "serving.prompt_tokens=64"])
     assert same.hash() == base.hash()
     assert config_from_dict({}).hash() == config_from_dict({"train": {"epochs": 1}}).hash()
     for change in ("train.lr=0.02", "prune.fraction=0.3", "experiment.seed=1",

@@ -271,6 +271,31 @@ class TrackingConfig(_Section):
                            **_NOT_HASHED)
 
 
+class ServingConfig(_Section):
+    """How `experiment.benchmark` times and prices a language model's levels (tokens per second,
+    dollars per million generated tokens). Quick by default: seconds per level at width 128."""
+    prompt_tokens: int = Field(32, ge=1, le=65_536, description="Language models: prefill prompt "
+                               "length in tokens (cut to half the model's context).", **_NOT_HASHED)
+    new_tokens: int = Field(32, ge=2, le=65_536, description="Language models: tokens decoded per "
+                            "request (cut so prompt + new tokens fit the context).", **_NOT_HASHED)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [1, 8], min_length=1, description="Language models: batch sizes "
+        "timed (prompts per request).", **_NOT_HASHED)
+    trials: int = Field(3, ge=1, le=1000, description="Language models: interleaved timing rounds "
+                        "per level (dense and every format take a turn each round).", **_NOT_HASHED)
+    threads: int | None = Field(None, ge=1, le=1024, description="Language models: torch "
+                                "threads for dense and every format alike (None: all cores, as a "
+                                "deployment would; 1 on a shared machine, where idle threads "
+                                "wait on busy cores).", **_NOT_HASHED)
+    node: Literal["cpu", "gpu"] = Field("cpu", description="Instance whose on-demand list price "
+                                        "turns tokens/s into dollars: cpu = AWS c7i.large "
+                                        "($0.08925/h), gpu = AWS g5.xlarge ($1.006/h); us-east-1 "
+                                        "Linux prices of 2024-06, from memory.", **_NOT_HASHED)
+    usd_per_hour: float | None = Field(None, gt=0, le=10_000, description="Instance price in US "
+                                       "dollars per hour instead of the node's list price.",
+                                       **_NOT_HASHED)
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -279,6 +304,7 @@ class Config(_Section):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @model_validator(mode="after")
     def _task_defaults(self) -> "Config":

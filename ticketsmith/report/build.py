@@ -120,7 +120,7 @@ def build_report(client, experiment_ref: str | None, output_dir: str | Path = "r
     title = f"Executive summary — {inputs.name} ({inputs.exp_hash})"
     if is_language_model(inputs.records):  # bits per byte, perplexity and samples
         blocks: list[Block] = [*language_model_sections(facts, inputs, folder),
-                               *scorecard(facts), *registry_section(facts, inputs),
+                               *registry_section(facts, inputs),
                                *evidence(facts, inputs)]
     else:
         blocks = [Heading("The answer"), *answer(facts), *results_table(facts),
@@ -134,7 +134,7 @@ def build_report(client, experiment_ref: str | None, output_dir: str | Path = "r
     for run_id in inputs.parents.values():
         retry(lambda: client.log_artifacts(run_id, str(folder), "report"), "upload report")
         retry(lambda: client.set_tag(run_id, NOTE_TAG, parent_description(
-            facts, run_id, folder, blocks[1:3] if is_language_model(inputs.records) else None)),
+            facts, run_id, folder, blocks[1:4] if is_language_model(inputs.records) else None)),
               "describe parent run")
     return md
 
@@ -146,9 +146,11 @@ def parent_description(facts: Facts, run_id: str, folder: Path,
     then where the rest is."""
     answer_md = to_markdown("", lm_answer or answer(facts)).split("\n", 2)[-1].strip()
     if lm_answer is not None:  # a language model: bits per byte, its own figure
+        served = (", and with a serving benchmark `tokens_per_s/decode_batch_1`, "
+                  "`usd_per_m_tokens/decode_batch_1` and the like" if facts.bench else "")
         return (f"{answer_md}\n\nPer level: **Model metrics** (`bpb/ticket`, "
-                "`bpb/random_reinit`, `bpb/dense`, `bpb/random_reinit_minus_ticket`); the full "
-                "executive report is the artifact `report/executive_summary.html`.")
+                f"`bpb/random_reinit`, `bpb/dense`, `bpb/random_reinit_minus_ticket`{served}); "
+                "the full executive report is the artifact `report/executive_summary.html`.")
     figure = ""
     if (folder / FIGURE).is_file():
         figure = figure_markdown(run_id, f"report/{FIGURE}", "Test accuracy vs weights "

@@ -6,12 +6,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ticketsmith import __version__
-from ticketsmith.gates import FAIL, label
+from ticketsmith.gates import FAIL, is_language_model, label
 from ticketsmith.serving.benchmark import format_bytes
 from ticketsmith.report import deployed
 from ticketsmith.tracking import serving_tags
 from ticketsmith.report.render import Block, Bullets, Code, Heading, Link, Strong, Table, para
-from ticketsmith.report.stats import ALPHA, Facts, min_rejecting_n
+from ticketsmith.report.stats import ALPHA, Facts, mean_bpb, min_rejecting_n
 
 if TYPE_CHECKING:
     from ticketsmith.report.sources import ReportInputs
@@ -98,10 +98,13 @@ def registry_section(facts: Facts, inputs: ReportInputs) -> list[Block]:
                 " is ", Code("champion"),
                 f" (level {v.level}, {100 * (v.sparsity or 0):.1f}% sparse, run ",
                 Link(v.run_id, inputs.run_link(v.run_id)), ")."]
-        if v.serving.get(serving_tags.FORMAT):
+        if v.serving.get(serving_tags.PLAN):
             line += [" It ships its checked serving plan: ", Code(v.serving[serving_tags.FORMAT]),
                      " (version tags ", Code(serving_tags.PREFIX + "*"),
                      "; see the serving scorecard)."]
+        elif v.serving.get(serving_tags.FORMAT):  # a language model's, for now
+            line += [" It serves ", Code(v.serving[serving_tags.FORMAT]),
+                     "; no checked serving plan is recorded for it."]
     elif champ:
         line = ["Registered model ", Code(reg.model_name), ": ", Code("champion"),
                 f" is v{champ}, which does not come from this config hash."]
@@ -169,12 +172,7 @@ def limits(facts: Facts, inputs: ReportInputs) -> list[Any]:
                    f"{100 * sparsest:.1f}% sparsity, which was not tested.")
     ch = facts.champion
     if ch is not None and facts.dense is not None:
-        worst = min(r["test_accuracy"] for r in facts.level(ch.level).by_replicate.values())
-        drop = facts.dense.accuracy.mean - 100 * worst
-        if drop > facts.gate.max_accuracy_drop:
-            out.append(f"The gate is on the mean: at the champion level one replicate alone is "
-                       f"{drop:.2f} points below dense, beyond the {facts.gate.max_accuracy_drop:g}"
-                       "-point gate.")
+        out += worst_replicate(facts)
         below = [v.level for v in facts.verdicts if not v.passed and v.sparsity < ch.sparsity]
         if below:
             out.append(f"Not monotone: level(s) {', '.join(map(str, below))} fail although the "
@@ -186,6 +184,22 @@ def limits(facts: Facts, inputs: ReportInputs) -> list[Any]:
     return out + list(inputs.notes)
 
 
+def worst_replicate(facts: Facts) -> list[str]:
+    """The gate is on the mean: say so when one replicate alone at the champion level is
+    beyond it (accuracy points for images, bits per byte for language models)."""
+    reps = facts.level(facts.champion.level).by_replicate.values()
+    if is_language_model(reps):
+        rise = max(r["test_bpb"] for r in reps) - mean_bpb(facts.dense)
+        bound = facts.gate.max_bpb_increase
+        return ([f"The gate is on the mean: at the champion level one replicate alone is "
+                 f"{rise:+.3f} bits per byte above dense, beyond the {bound:g} gate."]
+                if rise > bound else [])
+    drop = facts.dense.accuracy.mean - 100 * min(r["test_accuracy"] for r in reps)
+    return ([f"The gate is on the mean: at the champion level one replicate alone is "
+             f"{drop:.2f} points below dense, beyond the {facts.gate.max_accuracy_drop:g}"
+             "-point gate."] if drop > facts.gate.max_accuracy_drop else [])
+
+
 def determinism_text(policy: str) -> str:
     """The train.determinism policy in words (see ticketsmith.execution.determinism)."""
     what = {"strict": "deterministic kernels required (an op without one stops the run)",
@@ -195,13 +209,25 @@ def determinism_text(policy: str) -> str:
             "levels trained on another device or policy are refused on resume")
 
 
+def held_out(cfg) -> str:
+    """What the validation and test splits are: examples for images, whole documents for text."""
+    d = cfg.data
+    if cfg.task != "language_model":
+        return f"{d.val_size} validation examples held out"
+    if d.factory:
+        return "whole documents held out for validation and test, as the factory splits them"
+    return (f"whole documents held out: of every {d.holdout_every} in name order, the second-last "
+            f"goes to validation and the last to test, so no text is in two splits; tokenizer "
+            f"{d.tokenizer}")
+
+
 def evidence(facts: Facts, inputs: ReportInputs) -> list[Block]:
     cfg = inputs.config
     items: list[Any] = [("Source: ", inputs.source), ("Config hash: ", Code(inputs.exp_hash))]
     if cfg is not None:
         d, m, t, p = cfg.data, cfg.model, cfg.train, cfg.prune
         items += [("Data set: ", Code(d.factory or d.name), f" (options {d.options or 'none'}, "
-                   f"{d.val_size} validation examples held out)"),
+                   f"{held_out(cfg)})"),
                   ("Model: ", Code(m.factory or m.name), f" (options {m.options or 'none'})"),
                   ("Protocol: ", f"{p.levels} levels, {p.schedule} {p.scope} pruning of "
                    f"{p.fraction:g} of the remaining weights per level, rewind to iteration "

@@ -3,8 +3,9 @@
 The answer, the table, the breaking point and the paired statistics speak in test bits per
 byte (comparable across tokenizers); the figure plots it against weights remaining; the
 samples of dense, the champion and random re-init at the breaking point stand side by side so
-a reader sees what the quality loss looks like. The serving scorecard, registry and evidence
-sections are the shared ones.
+a reader sees what the quality loss looks like. Tokens per second and dollars per million tokens
+per level, the answer's cost line and the serving scorecard come from `lm_serving`; the registry
+and evidence sections are the shared ones.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from ticketsmith.report import lm_serving
 from ticketsmith.report.figures import COLORS, GATE_COLOR, LABELS, _save, _weights_axis, subplots
 from ticketsmith.report.render import Block, Figure, Heading, Table, para
 from ticketsmith.report.sources import ReportInputs
@@ -53,20 +55,16 @@ def rows(records: list[dict[str, Any]]) -> list[Row]:
     return sorted(out, key=lambda r: (r.level, order.index(r.variant) if r.variant in order else 9))
 
 
-def breaking(table: list[Row], variant: str, bound: float) -> Row | None:
-    """First level, in order of sparsity, whose mean test bpb is more than `bound` above dense."""
-    dense = next((r for r in table if r.variant == "dense"), None)
-    for r in sorted((r for r in table if r.variant == variant and r.level > 0),
-                    key=lambda r: -r.density):
-        if dense is not None and r.mean - dense.mean > bound:
-            return r
-    return None
+def breaking(table: list[Row], at) -> Row | None:
+    """The row of a breaking level found by `stats.analyse` (in bits per byte), None if none."""
+    return None if at is None else next(r for r in table
+                                        if r.level == at.level and r.variant == at.variant)
 
 
 def answer(facts: Facts, table: list[Row], rewind: int | None) -> list[Block]:
     bound, dense = facts.gate.max_bpb_increase, next(r for r in table if r.variant == "dense")
     ch = facts.champion
-    t_break, r_break = breaking(table, "ticket", bound), breaking(table, "random_reinit", bound)
+    t_break, r_break = breaking(table, facts.ticket_break), breaking(table, facts.random_break)
     head = (f"Safe optimisation zone: up to {ch.sparsity:.1%} sparsity"
             if ch else "No ticket passes every gate")
     detail = (f" ({1 - ch.sparsity:.1%} of the prunable weights left): the ticket's test bits "
@@ -74,6 +72,7 @@ def answer(facts: Facts, table: list[Row], rewind: int | None) -> list[Block]:
               f"the {bound:g} bits-per-byte gate." if ch else
               f" within {bound:g} bits per byte of dense ({dense.text(dense.bpb)}).")
     lines = [para(head, detail),
+             lm_serving.cost_line(facts, ch.ticket_bpb - dense.mean if ch else None),
              para(f"Ticket: {_broke(t_break)}. Random re-init of the same masks: "
                   f"{_broke(r_break)}. Lower is better; perplexity is per token. "
                   + (f"Survivors are rewound to iteration {rewind} of the dense run "
@@ -96,14 +95,21 @@ def table_section(table: list[Row], facts: Facts) -> list[Block]:
     body = [[NAMES.get(r.variant, r.variant), str(r.level), f"{1 - r.density:.1%}",
              r.text(r.bpb), r.text(r.ppl, 2),
              "—" if r.level == 0 else f"{r.mean - dense.mean:+.3f}",
-             verdict.get(r.level, "—") if r.variant == "ticket" else "—"] for r in table]
+             verdict.get(r.level, "—") if r.variant == "ticket" else "—",
+             *lm_serving.level_cells(facts, r.level,  # what a level serves
+                                     r.variant == ("dense" if r.level == 0 else "ticket"))]
+            for r in table]
     return [Heading("Results by level"),
             para("Test bits per byte and perplexity per token over replicates (mean ± sample "
                  f"std, n); Δ is the rise in bits per byte over dense; the gate bounds it by "
                  f"{facts.gate.max_bpb_increase:g} on validation and test and asks the ticket "
-                 "to beat random re-init."),
+                 "to beat random re-init. Decode tokens/s (speedup vs dense) and dollars per "
+                 "million generated tokens are for the model each level serves (level 0: "
+                 "dense; then the ticket), replicate 0, at batch 1; the serving scorecard has "
+                 "every batch and phase."),
             Table(("Variant", "Level", "Sparsity", "Bits per byte", "Perplexity", "Δ bpb",
-                   "Gate"), tuple(tuple(r) for r in body), numeric=(1, 2, 3, 4, 5))]
+                   "Gate", "Decode tok/s BS=1", "$/M tokens BS=1"),
+                  tuple(tuple(r) for r in body), numeric=(1, 2, 3, 4, 5, 7, 8))]
 
 
 def paired_section(table: list[Row]) -> list[Block]:
@@ -174,8 +180,7 @@ def _cell(text: str, limit: int = 160) -> str:
 
 def samples_section(table: list[Row], facts: Facts, inputs: ReportInputs) -> list[Block]:
     """Dense, the champion and random re-init at the breaking point (or the sparsest level)."""
-    bound = facts.gate.max_bpb_increase
-    broke = breaking(table, "ticket", bound)
+    broke = breaking(table, facts.ticket_break)
     at = broke or max((r for r in table if r.variant == "ticket"), key=lambda r: r.level,
                       default=None)
     picks = [("dense", 0, "dense")]
@@ -205,4 +210,10 @@ def language_model_sections(facts: Facts, inputs: ReportInputs, folder: Path) ->
     rewind = inputs.config.prune.rewind_iteration if inputs.config is not None else None
     return [Heading("The answer"), *answer(facts, table, rewind), *table_section(table, facts),
             *paired_section(table), *figure(table, facts.gate.max_bpb_increase, folder),
-            *samples_section(table, facts, inputs)]
+            *samples_section(table, facts, inputs),
+            *lm_serving.scorecard(facts, {r.level: r.mean - dense_mean(table) for r in table
+                                          if r.variant == "ticket"})]
+
+
+def dense_mean(table: list[Row]) -> float:
+    return next(r.mean for r in table if r.variant == "dense")

@@ -15,7 +15,8 @@ from statistics import mean, stdev
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ticketsmith.base.config import GateConfig
-from ticketsmith.gates import GateError, LevelVerdict, champion_level, evaluate_gates
+from ticketsmith.gates import (GateError, LevelVerdict, champion_level, evaluate_gates,
+                               is_language_model)
 from ticketsmith.report.deployed import Deployed, champion_deployed
 
 if TYPE_CHECKING:
@@ -77,6 +78,24 @@ def level_stats(records: list[dict[str, Any]]) -> list[LevelStats]:
                               spread(stops) if stops else None, reps))
     rank = {v: i for i, v in enumerate(VARIANT_ORDER)}
     return sorted(out, key=lambda s: (s.level, rank.get(s.variant, len(rank)), s.variant))
+
+
+def mean_bpb(s: LevelStats) -> float:
+    """Language models: mean test bits per byte over the replicates."""
+    return mean(r["test_bpb"] for r in s.by_replicate.values())
+
+
+def bpb_breaking_level(stats: list[LevelStats], variant: str, bound: float) -> LevelStats | None:
+    """Language models: the first pruned level (in order of sparsity) whose mean test bits per
+    byte are more than `bound` above the mean dense figure."""
+    dense = dense_baseline(stats)
+    if dense is None:
+        return None
+    for s in sorted((s for s in stats if s.variant == variant and s.level > 0),
+                    key=lambda s: s.sparsity):
+        if mean_bpb(s) - mean_bpb(dense) > bound:
+            return s
+    return None
 
 
 def find(stats: list[LevelStats], level: int, variant: str) -> LevelStats | None:
@@ -266,9 +285,14 @@ def analyse(inputs: ReportInputs) -> Facts:
             bench[level] = b  # sorted descending, so the lowest replicate wins
     paired = [p for lv in sorted({s.level for s in stats if s.level > 0})
               if (p := paired_comparison(stats, lv)) is not None]
+    if is_language_model(inputs.records):  # quality is bits per byte, not accuracy
+        breaks = [bpb_breaking_level(stats, v, gate.max_bpb_increase)
+                  for v in ("ticket", "random_reinit")]
+    else:
+        breaks = [breaking_level(stats, v, gate.max_accuracy_drop)
+                  for v in ("ticket", "random_reinit")]
     return Facts(stats, dense_baseline(stats), gate, verdicts, champion_level(verdicts),
-                 breaking_level(stats, "ticket", gate.max_accuracy_drop),
-                 breaking_level(stats, "random_reinit", gate.max_accuracy_drop), paired, bench, error,
+                 *breaks, paired, bench, error,
                  pooled_comparison(stats, [p.level for p in paired]),
                  inputs.config.prune.granularity if inputs.config is not None else "weight",
                  champion_deployed(inputs.registry))

@@ -181,7 +181,9 @@ def _figures(name: str, bs: int, prompt: int, turns: list[dict], dense: list[dic
              model: nn.Module, dense_model: nn.Module, bandwidth: float,
              price: float) -> dict[str, Any]:
     steps = [t for turn in turns for t in turn["steps"]]
-    decode_tps = bs * len(steps) / sum(steps)
+    # At the median step, like prefill: a busy machine's stalls (see p99) would swamp a mean,
+    # and $ per token then disagree with the median speedup beside it.
+    decode_tps = bs / median(steps)
     kv = turns[-1]["kv_bytes"]
     moved = bytes_per_decoded_token(model, kv, bs)
     return {"format": name, "batch_size": bs,
@@ -244,8 +246,9 @@ def _peak(module: nn.Module, prompts, new: int, device: torch.device) -> int:
 def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 128,
                        new_tokens: int = 128, trials: int = 5, prefill_reps: int = 3,
                        formats: list[str] | None = None, usd_per_hour: float | None = None,
-                       node: str = "cpu") -> dict[str, Any]:
-    """Every figure of the module docstring, as a JSON-ready dict (see FIGURES)."""
+                       node: str = "cpu", bandwidth: float | None = None) -> dict[str, Any]:
+    """Every figure of the module docstring, as a JSON-ready dict (see FIGURES).
+    bandwidth: the machine's `memory_bandwidth()` in bytes/s, if already measured."""
     if not isinstance(model, GPT):
         raise BenchmarkError(f"--checkpoint: the tokens-per-second benchmark runs the project's "
                              f"GPT, not {type(model).__name__} (generate works with both)")
@@ -256,7 +259,7 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
     env = timing_environment(device)  # the load average as the run starts
     entries = build_formats(model, list(batch_sizes), prompt, formats)
     _check_formats(entries, model, batch_sizes, prompt)
-    bandwidth = memory_bandwidth()
+    bandwidth = bandwidth or memory_bandwidth()
     results, floor = [], {}
     timed = [n for n, e in entries.items() if e["correct"]]
     for bs in batch_sizes:

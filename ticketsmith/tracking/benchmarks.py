@@ -66,3 +66,21 @@ def log_benchmark(result: dict[str, Any], artifact_file: str = BENCHMARK_ARTIFAC
                     if s is not None})
     mlflow.log_metrics(metrics)
     mlflow.log_dict(result, artifact_file)
+
+
+def lm_child_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """A level's language-model benchmark as child-run metrics, per exact format and batch:
+    tokens/s (prefill, decode), speedups vs dense, time to first token and p99 per-token
+    latency (ms), dollars per million generated tokens. The `speedup_` keys are what the
+    report looks for before it reads `BENCHMARK_ARTIFACT`."""
+    out: dict[str, float] = {}
+    for r in result["results"]:
+        key = metric_key(f"{r['format']}_bs{r['batch_size']}")
+        out.update({f"speedup_decode_{key}": r["decode_speedup"]["median"],
+                    f"speedup_prefill_{key}": r["prefill_speedup"]["median"],
+                    f"decode_tokens_per_s_{key}": r["decode_tokens_per_s"],
+                    f"prefill_tokens_per_s_{key}": r["prefill_tokens_per_s"],
+                    f"ttft_ms_{key}": r["ttft_ms"],
+                    f"token_latency_p99_ms_{key}": r["token_latency_ms"]["p99"],
+                    f"usd_per_m_tokens_{key}": r["usd_per_million_tokens"]})
+    return out

@@ -10,6 +10,12 @@ the key's prefix before '/'. So the parent run of a replicate logs, with step = 
                                               better; the gap is positive when the ticket wins)
     weights/sparsity, weights/density        (over prunable weights)
     speedup/batch_<n>                        (the ticket's best checked serving plan)
+    tokens_per_s/decode_batch_<n>, tokens_per_s/prefill_batch_<n>
+    speedup/decode_batch_<n>, speedup/prefill_batch_<n>
+    usd_per_m_tokens/decode_batch_<n>, usd_per_m_tokens/dense_decode_batch_<n>
+                                             (language models with experiment.benchmark: what
+                                              the level serves, against dense timed beside it;
+                                              dollars per million generated tokens)
 
 MLflow 3.17's default charts hold one metric key each, so the chart with ticket, random re-init
 and dense together is the report's figure, shown in the parent run's description (Overview tab)
@@ -77,6 +83,25 @@ def best_speedups(results: list[dict[str, Any]],
             key = f"speedup/batch_{row['batch_size']}"
             best[key] = max(best.get(key, 0.0), float(row["speedup"]))
     return best
+
+
+def lm_level_series(result: dict[str, Any]) -> dict[str, float]:
+    """A language-model level's point of the parent's tokens/s, speedup and cost series: the
+    format it serves per batch size (`serving.lm_levels.served`), dense beside it."""
+    from ticketsmith.serving.lm_levels import dense_row, served
+
+    out: dict[str, float] = {}
+    for bs in sorted({r["batch_size"] for r in result["results"]}):
+        row, dense = served(result, bs), dense_row(result, bs)
+        if row is None or dense is None:
+            continue
+        out.update({f"tokens_per_s/decode_batch_{bs}": row["decode_tokens_per_s"],
+                    f"tokens_per_s/prefill_batch_{bs}": row["prefill_tokens_per_s"],
+                    f"speedup/decode_batch_{bs}": row["decode_speedup"]["median"],
+                    f"speedup/prefill_batch_{bs}": row["prefill_speedup"]["median"],
+                    f"usd_per_m_tokens/decode_batch_{bs}": row["usd_per_million_tokens"],
+                    f"usd_per_m_tokens/dense_decode_batch_{bs}": dense["usd_per_million_tokens"]})
+    return out
 
 
 def experiment_description(cfg: Any) -> str:
