@@ -42,6 +42,9 @@ from typing import Any
 import numpy as np
 
 from ticketsmith.base.processes import start_group, stop_group
+from ticketsmith.serving.plan.layout import HEADLINE_BATCH_SIZES
+from ticketsmith.tracking.serving_tags import (FORMAT, HTTP, PYFUNC, THREADS, figure_key,
+                                               path_key, speedup_key)
 
 REPO = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
@@ -49,7 +52,8 @@ SCRATCH = "ticketsmith-scratch"
 MODELS = ("dense", "champion")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 START_TIMEOUT_S = 300.0  # one server start (imports, model download); a hang is a finding
-TARGETS = {1: 1.5, 256: 4.0}  # issue 12: champion pyfunc.predict vs the dense model's
+# issue 12: champion pyfunc.predict vs the dense model's, at each headline batch size
+TARGETS = dict(zip(HEADLINE_BATCH_SIZES, (1.5, 4.0)))
 
 
 class Refused(Exception):
@@ -365,19 +369,19 @@ def table(res: dict[str, Any]) -> str:
 def tags_of(res: dict[str, Any]) -> dict[str, str]:
     """One tag per figure for the champion's version (the report reads them)."""
     s, env = res["settings"], res["environment"]
-    tags = {"serving.http.measured": (
+    tags = {path_key("measured", HTTP): (
         f"{s['threads']} threads, concurrency {s['concurrency']}, {s['rounds']} rounds x "
         f"{s['requests']} requests, {res['date']}, {env['cpu']} ({env['cores']} cores), "
         f"load average {env['load_average']}")}
     for b, r in res["batches"].items():
         c = r["champion"]
-        tags.update({f"serving.http.speedup_bs{b}": f"{r['http_speedup']['median']:.2f}",
-                     f"serving.http.p50_ms_bs{b}": f"{c['p50_ms']:.2f}",
-                     f"serving.http.p99_ms_bs{b}": f"{c['p99_ms']:.2f}",
-                     f"serving.http.images_per_s_bs{b}": f"{c['images_per_s']:.0f}",
-                     f"serving.http.model_share_bs{b}": f"{c['model_share']:.2f}",
-                     f"serving.http.dense_p50_ms_bs{b}": f"{r['dense']['p50_ms']:.2f}",
-                     f"serving.pyfunc.speedup_bs{b}": f"{r['pyfunc_speedup']['median']:.2f}"})
+        tags.update({speedup_key(b, HTTP): f"{r['http_speedup']['median']:.2f}",
+                     figure_key("p50_ms", b, HTTP): f"{c['p50_ms']:.2f}",
+                     figure_key("p99_ms", b, HTTP): f"{c['p99_ms']:.2f}",
+                     figure_key("images_per_s", b, HTTP): f"{c['images_per_s']:.0f}",
+                     figure_key("model_share", b, HTTP): f"{c['model_share']:.2f}",
+                     figure_key("dense_p50_ms", b, HTTP): f"{r['dense']['p50_ms']:.2f}",
+                     speedup_key(b, PYFUNC): f"{r['pyfunc_speedup']['median']:.2f}"})
     return tags
 
 
@@ -422,8 +426,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for proc in procs.values():
                 stop_server(proc)
-    return {"model": mv.name, "version": mv.version, "champion": mv.tags.get("serving.format"),
-            "plan_threads": mv.tags.get("serving.threads"), "dense_model": uris["dense"],
+    return {"model": mv.name, "version": mv.version, "champion": mv.tags.get(FORMAT),
+            "plan_threads": mv.tags.get(THREADS), "dense_model": uris["dense"],
             "date": datetime.date.today().isoformat(), "batches": batches,
             "settings": {"threads": threads, "concurrency": args.concurrency,
                          "rounds": args.rounds, "requests": args.requests},
@@ -440,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=str(REPO / "data"), help="MNIST folder")
     p.add_argument("--threads", type=int, help="threads per server and in-process "
                    "(default: all cores)")
-    p.add_argument("--batch-sizes", default="1,256")
+    p.add_argument("--batch-sizes", default=",".join(map(str, HEADLINE_BATCH_SIZES)),
+                   help="comma-separated (default: the headline batch sizes, %(default)s)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per batch size")
     p.add_argument("--requests", type=int, default=10, help="requests per model and round")
     p.add_argument("--concurrency", type=int, default=1, help="parallel keep-alive connections")

@@ -23,16 +23,27 @@ from ticketsmith.serving.plan.layout import HEADLINE_BATCH_SIZES
 PREFIX = "serving."
 FORMAT, PLAN, THREADS, CHECKED, WARNING = (PREFIX + k for k in ("format", "plan", "threads",
                                                                 "checked", "warning"))
+PYFUNC, HTTP = "pyfunc.", "http."  # the end-to-end paths' key infixes
 # (key infix, what the reader calls that path): in-process first, then end to end.
-PATHS = (("", "in-process"), ("pyfunc.", "through pyfunc.predict"), ("http.", "over HTTP"))
+PATHS = (("", "in-process"), (PYFUNC, "through pyfunc.predict"), (HTTP, "over HTTP"))
 SPEEDUP = re.compile(r"serving\.(?:\w+\.)?speedup_bs(\d+)")   # any path's speedup key
 NOT_MEASURED = "not measured"
 _MAX = 4900  # characters: MLflow keeps at most 5000 per tag value
 
 
+def figure_key(name: str, bs: int | str, path: str = "") -> str:
+    """One figure at one batch size: ('p50_ms', 1, HTTP) → `serving.http.p50_ms_bs1`."""
+    return f"{PREFIX}{path}{name}_bs{bs}"
+
+
 def speedup_key(bs: int | str, path: str = "") -> str:
-    """`serving.speedup_bs1`, or with path 'http.' `serving.http.speedup_bs1`."""
-    return f"{PREFIX}{path}speedup_bs{bs}"
+    """`serving.speedup_bs1`, or with path HTTP `serving.http.speedup_bs1`."""
+    return figure_key("speedup", bs, path)
+
+
+def path_key(name: str, path: str) -> str:
+    """A figure of one end-to-end path as a whole: ('measured', HTTP) → `serving.http.measured`."""
+    return f"{PREFIX}{path}{name}"
 
 
 def serving_tags(plan_folder: Path, check: dict[str, Any]) -> dict[str, str]:
