@@ -96,7 +96,7 @@ def frontier_figure(by_granularity: dict[str, Facts], path: Path) -> Path | None
         ax.legend(fontsize=8.5)
     axes[0][0].set_ylabel("test accuracy (%)")
     fig.suptitle("Accuracy vs measured serving speedup, per granularity")
-    return _save(fig, path, rect=(0, 0, 1, 0.95))
+    return _save(fig, path, rect=(0, 0, 1, 0.95), top=0.45, gap=0.35)
 
 
 def frontier_section(facts: Facts, family: list[ReportInputs], folder: Path) -> list[Block]:
