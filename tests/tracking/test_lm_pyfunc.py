@@ -23,6 +23,8 @@ from mlflow import MlflowClient
 from ticketsmith.engine.generate import GenerationError, Sampling, generate_text
 from ticketsmith.pipeline import run_prune
 from ticketsmith.serving.lm_load import load_lm
+from ticketsmith.serving.lm_plan.check import shippable
+from ticketsmith.serving.lm_plan.runtime import shipped_line
 from ticketsmith.tracking.benchmarks import resolve_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
@@ -116,19 +118,23 @@ def test_a_stop_string_ends_the_continuation_before_it(champion):
     assert got[1] == free[1][:free[1].find(stop)] and stop not in got[1]
 
 
-def test_the_structured_ticket_serves_its_compacted_model_with_the_masked_models_text(
+def test_the_structured_ticket_ships_its_checked_plan_and_serves_the_masked_models_text(
         champion):
     served, masked_pyfunc, masked, _, name, uri = champion
-    backend = served.unwrap_python_model().backend
-    assert backend.route == "compacted"
-    heads = [b.attn.heads for b in backend.model.blocks]
-    assert heads < [b.attn.heads for b in masked.blocks]  # head-pruned: fewer heads served
+    runner = served.unwrap_python_model().backend  # the `plan` artifact's runner
+    assert [b.attn.heads for b in runner.models["compacted"].blocks] < \
+        [b.attn.heads for b in masked.blocks]  # head-pruned: fewer heads in the plan
     assert masked_pyfunc.unwrap_python_model().backend.route == "masked_dense"
-    assert served.predict(PROMPTS, params={"max_new_tokens": 12}) == \
-        masked_pyfunc.predict(PROMPTS, params={"max_new_tokens": 12})
+    shipped = {r for phase in runner.describe()["routes"].values() for r in phase.values()}
+    check = runner.plan["check"]
+    assert shipped <= set(shippable(check)) and shipped
+    text = served.predict(PROMPTS, params={"max_new_tokens": 12})
+    if "int8" not in shipped:  # exact routes: the masked model's greedy text, token for token
+        assert text == masked_pyfunc.predict(PROMPTS, params={"max_new_tokens": 12})
     tags = MlflowClient(uri).get_model_version_by_alias(name, "champion").tags
-    assert tags["serving.format"] == "compacted"
-    assert tags["serving.checked"].startswith("compacted (heads 4 -> 2")
+    assert tags["serving.format"] == "lm_plan"
+    assert tags["serving.routes"] == shipped_line(runner)
+    assert tags["serving.checked"].startswith("against the masked model: compacted max |logit")
 
 
 @pytest.mark.parametrize("image", [np.zeros((2, 28, 28), np.uint8), [[0.0, 0.5], [1.0, 0.2]],

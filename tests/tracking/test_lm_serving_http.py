@@ -123,7 +123,7 @@ def test_the_tokens_per_second_benchmark_prints_its_table_and_writes_its_figures
                               "--requests", "1", "--output", str(tmp_path / "lm.json")])
     text = out.getvalue()
     assert code == 0, err.getvalue()
-    assert text.startswith(f"{name} v1 @champion (compacted) against the dense level-0 network")
+    assert text.startswith(f"{name} v1 @champion (lm_plan) against the dense level-0 network")
     assert "batch 1: same text (1 rows); batch 2: same text (2 rows)" in text
     res = json.loads((tmp_path / "lm.json").read_text())
     assert set(res["batches"]) == {"1", "2"} and res["settings"]["new_tokens"] == 4

@@ -224,3 +224,18 @@ def cut(text: str, stop: tuple[str, ...]) -> str:
     """`text` up to (not including) the earliest stop string in it."""
     ends = [text.find(s) for s in stop if s and s in text]
     return text[:min(ends)] if ends else text
+
+
+def check_request(prompts: list[str], max_new_tokens: int, temperature: float,
+                  top_k: int | None) -> None:
+    """A generation request's arguments, each refused in one line naming it (GenerationError):
+    what the served champion's backend and its serving plan both check first."""
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens \
+            or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:  # also refuses NaN
+        raise GenerationError(f"temperature: expected >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and top_k < 0:
+        raise GenerationError(f"top_k: expected >= 1 (0 or none: every token), got {top_k!r}")
+    if not all(isinstance(p, str) for p in prompts):
+        raise GenerationError("prompts: expected strings")

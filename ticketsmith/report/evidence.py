@@ -102,7 +102,11 @@ def registry_section(facts: Facts, inputs: ReportInputs) -> list[Block]:
             line += [" It ships its checked serving plan: ", Code(v.serving[serving_tags.FORMAT]),
                      " (version tags ", Code(serving_tags.PREFIX + "*"),
                      "; see the serving scorecard)."]
-        elif v.serving.get(serving_tags.FORMAT):  # a language model's, for now
+        elif v.serving.get(serving_tags.ROUTES):  # a language model's plan
+            line += [" It ships its checked serving plan (", Code(serving_tags.ROUTES), "): ",
+                     v.serving[serving_tags.ROUTES], "; checked ",
+                     v.serving.get(serving_tags.CHECKED, ""), "."]
+        elif v.serving.get(serving_tags.FORMAT):
             line += [" It serves ", Code(v.serving[serving_tags.FORMAT]),
                      "; no checked serving plan is recorded for it."]
     elif champ:

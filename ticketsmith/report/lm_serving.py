@@ -16,7 +16,7 @@ from ticketsmith.report.render import Block, Bullets, Code, Heading, Table, para
 from ticketsmith.report.sections import serving_hardware
 from ticketsmith.report.stats import Facts
 from ticketsmith.serving.lm_levels import dense_row, served
-from ticketsmith.tracking.serving_tags import FORMAT, PLAN
+from ticketsmith.tracking.serving_tags import CHECKED, FORMAT, PLAN, ROUTES, THREADS
 
 MIN_GAIN = 1.1  # a decode speedup below this is not called faster, whatever the noise floor
 
@@ -163,6 +163,10 @@ def shipped(facts: Facts) -> list[Block]:
         return []
     if PLAN in d.tags:
         return deployed.section(d)
+    if ROUTES in d.tags:
+        return [para(f"The registered champion (v{d.version}) ships its checked serving plan "
+                     f"({d.tags.get(THREADS)} threads): {d.tags[ROUTES]}. Checked "
+                     f"{d.tags.get(CHECKED, '')}.")]
     return [para(f"The registered champion (v{d.version}) serves ", Code(d.tags[FORMAT]),
                  ": no checked serving plan is recorded for it, so the formats above are what "
                  "the benchmark measured, not what ships.")]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ticketsmith.engine.generate import GenerationError, Sampling, generate_text
+from ticketsmith.engine.generate import GenerationError, Sampling, check_request, generate_text
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.agreement import exact
 from ticketsmith.serving.compaction import compact_gpt
@@ -48,7 +48,7 @@ class LmBackend:
                  ) -> list[str]:
         """Continuations of `prompts` (text after each prompt, cut before a stop string).
         Bad arguments raise GenerationError in one line naming the argument."""
-        _check_request(prompts, max_new_tokens, temperature, top_k)
+        check_request(prompts, max_new_tokens, temperature, top_k)
         sampling = Sampling(float(temperature), int(top_k) if top_k else None, int(seed))
         return generate_text(self.model, self.tokenizer, list(prompts), int(max_new_tokens),
                              sampling, tuple(s for s in stop if s))
@@ -61,19 +61,6 @@ class LmBackend:
                     f"full-context sequences within {c['max_abs_error']:.2g} of the masked "
                     f"model's (tolerance {c['tolerance']:.2g})")
         return f"masked dense: {c.get('why', 'as trained')}"
-
-
-def _check_request(prompts: list[str], max_new_tokens: int, temperature: float,
-                   top_k: int | None) -> None:
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens \
-            or max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:  # also refuses NaN
-        raise GenerationError(f"temperature: expected >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and top_k < 0:
-        raise GenerationError(f"top_k: expected >= 1 (0 or none: every token), got {top_k!r}")
-    if not all(isinstance(p, str) for p in prompts):
-        raise GenerationError("prompts: expected strings")
 
 
 def load_backend(checkpoint: str | Path, tokenizer: str | Path | None = None,

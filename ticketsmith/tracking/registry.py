@@ -20,8 +20,8 @@ from mlflow.models import ModelSignature
 from ticketsmith.engine.store import RunStore
 from ticketsmith.gates import LevelVerdict, champion_level, label
 from ticketsmith.base.interrupts import interrupts_deferred
-from ticketsmith.tracking.serving_tags import (CHECKED, FORMAT, serving_description,
-                                               serving_tags)
+from ticketsmith.tracking.serving_tags import (CHECKED, FORMAT, lm_plan_tags,
+                                               serving_description, serving_tags)
 from ticketsmith.tracking.tracker import TAG, retry
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"
@@ -158,16 +158,18 @@ def lm_signature() -> ModelSignature:
 
 
 def log_language_model(checkpoint: Path, *, allow_factory: str | None = None,
-                       fmt: str = "serving", tokenizer: Path | None = None):
+                       fmt: str = "serving", tokenizer: Path | None = None,
+                       plan: Path | None = None):
     """Log a language-model ticket as a pyfunc in the active run (`ModelInfo`): prompts
     (strings) in, generated text out (`lm_pyfunc`); the experiment's trained tokenizer
     (`tokenizer`, default the one of the checkpoint's run folder, if any) travels with it.
     fmt 'masked_dense' serves the masked model as trained (the dense baseline of a
-    benchmark); 'serving' compacts a structured ticket where exact."""
+    benchmark); 'serving' serves `plan` (the checked serving plan folder) when given, else
+    compacts a structured ticket where exact."""
     import safetensors
     import torch
 
-    artifacts = {"checkpoint": str(checkpoint)}
+    artifacts = {"checkpoint": str(checkpoint), **({"plan": str(plan)} if plan else {})}
     if tokenizer is None:
         try:
             tokenizer = RunStore.tokenizer_next_to(checkpoint)
@@ -191,15 +193,6 @@ def log_language_model(checkpoint: Path, *, allow_factory: str | None = None,
             pip_requirements=requirements)
 
 
-def lm_serving_tags(checkpoint: Path, allow_factory: str | None) -> dict[str, str]:
-    """The version's tags for a language model: the route its pyfunc serves (compacted where
-    exact, else masked dense: `lm_backend.serving_model`) and the check that decided it."""
-    from ticketsmith.serving.lm_backend import load_backend
-
-    backend = load_backend(checkpoint, allow_factory=allow_factory)
-    return {FORMAT: backend.route, CHECKED: backend.checked(), "task": "language_model"}
-
-
 def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Path,
                     allow_factory: str | None = None, probe=None) -> str:
     """Log the ticket as a pyfunc model in its run and register it; idempotent per run.
@@ -216,10 +209,14 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
 
     mlflow.set_tracking_uri(client.tracking_uri)
     if load_checkpoint(checkpoint).meta.get("task") == "language_model":
-        # Prompts in, text out, with the KV cache; a structured ticket serves compacted.
-        tags = lm_serving_tags(Path(checkpoint), allow_factory)
+        # Prompts in, text out, through the checked serving plan (built and measured here
+        # when the benchmark wrote none for this checkpoint).
+        from ticketsmith.serving.lm_plan import ensure_lm_plan, load_lm_plan
+
+        plan = ensure_lm_plan(RunStore.serving_next_to(checkpoint), checkpoint, allow_factory)
+        tags = {**lm_plan_tags(load_lm_plan(plan)), "task": "language_model"}
         with interrupts_deferred(), mlflow.start_run(run_id=run_id):
-            info = log_language_model(Path(checkpoint), allow_factory=allow_factory)
+            info = log_language_model(Path(checkpoint), allow_factory=allow_factory, plan=plan)
     else:
         from ticketsmith.serving.plan.build import ensure_plan
         from ticketsmith.serving.plan.check import verify

@@ -23,6 +23,7 @@ from ticketsmith.serving.plan.layout import HEADLINE_BATCH_SIZES
 PREFIX = "serving."
 FORMAT, PLAN, THREADS, CHECKED, WARNING = (PREFIX + k for k in ("format", "plan", "threads",
                                                                 "checked", "warning"))
+ROUTES = PREFIX + "routes"   # a language-model plan: its route per phase and batch size
 PYFUNC, HTTP = "pyfunc.", "http."  # the end-to-end paths' key infixes
 # (key infix, what the reader calls that path): in-process first, then end to end.
 PATHS = (("", "in-process"), (PYFUNC, "through pyfunc.predict"), (HTTP, "over HTTP"))
@@ -100,3 +101,22 @@ def serving_description(name: str, version: str, tags: dict[str, str]) -> str:
         "Pixels outside 0..255 (negative, above 255, not finite) are refused with one line: "
         "already-normalised input must say so (`input` param, or "
         '`model_config={"input": "normalized"}`).'])
+
+
+def lm_plan_tags(runner) -> dict[str, str]:
+    """A language-model version's tags from its loaded serving plan (`serving.lm_plan`): the
+    route per phase and batch size, and the checks every route passed."""
+    said = runner.describe()
+    check = runner.plan.get("check") or {}
+    exact = ", ".join(f"{r} max |logit error| {c['max_abs_error']:.1e}"
+                      for r, c in sorted(check.get("exact", {}).items()))
+    int8 = check.get("int8")
+    if int8:
+        exact += (f"; int8 bits per byte {int8['bpb_delta']:+.4f} vs masked, greedy agreement "
+                  f"{int8['greedy_agreement']:.1%} ({'passed' if int8['passed'] else 'failed'})")
+    from ticketsmith.serving.lm_plan.runtime import shipped_line
+
+    return {FORMAT: "lm_plan", ROUTES: shipped_line(runner)[:_MAX],
+            THREADS: str(runner.threads), CHECKED: f"against the masked model: {exact}"[:_MAX],
+            **({WARNING: "fallbacks: " + ", ".join(said["fallbacks"])} if said["fallbacks"]
+               else {})}

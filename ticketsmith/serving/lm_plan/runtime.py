@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ticketsmith.base.files import sha256_file
-from ticketsmith.engine.generate import Decoder, Sampling, generate_text
+from ticketsmith.engine.generate import Decoder, Sampling, check_request, generate_text
 from ticketsmith.engine.tokenizer import from_json
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.lm_kernels import LINEARS, get_linear, set_linear, with_kernels
@@ -210,6 +210,7 @@ class LmPlanRunner:
                  ) -> list[str]:
         """Continuations of `prompts` (greedy at temperature 0, else a seeded top-k draw),
         each cut before its first stop string."""
+        check_request(prompts, max_new_tokens, temperature, top_k)
         if not prompts:
             return []
         first = self.model_for("prefill", len(prompts))[1]
