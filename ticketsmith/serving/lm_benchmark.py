@@ -241,11 +241,14 @@ def _peak(module: nn.Module, prompts, new: int, device: torch.device) -> int:
 def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 128,
                        new_tokens: int = 128, trials: int = 5, prefill_reps: int = 3,
                        formats: list[str] | None = None, usd_per_hour: float | None = None,
-                       node: str = "cpu") -> dict[str, Any]:
-    """Every figure of the module docstring, as a JSON-ready dict (see FIGURES)."""
+                       node: str = "cpu", baseline: GPT | None = None) -> dict[str, Any]:
+    """Every figure of the module docstring, as a JSON-ready dict (see FIGURES).
+    baseline: the experiment's trained dense model, timed as `dense` instead of the ticket's
+    masked weights (the formats are still checked against the masked ticket)."""
     if not isinstance(model, GPT):
         raise BenchmarkError(f"--checkpoint: the tokens-per-second benchmark runs the project's "
                              f"GPT, not {type(model).__name__} (generate works with both)")
+    _check_baseline(model, baseline)
     device = model.wte.weight.device
     prompt = min(prompt_tokens, model.context // 2)
     new = max(2, min(new_tokens, model.context - prompt))
@@ -253,6 +256,9 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
     env = timing_environment(device)  # the load average as the run starts
     entries = build_formats(model, list(batch_sizes), prompt, formats)
     _check_formats(entries, model, batch_sizes, prompt)
+    if baseline is not None:
+        entries["dense"] = {"module": baseline, "note": "the experiment's dense model, KV cache",
+                            "max_error": 0.0, "correct": True}
     bandwidth = memory_bandwidth()
     results, floor = [], {}
     timed = [n for n, e in entries.items() if e["correct"]]
@@ -260,7 +266,7 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
         prompts = _prompts(bs, prompt, model.vocab)
         for phase in ("decode", "prefill"):
             mods = {n: _module(entries[n], phase, bs, model) for n in timed}
-            mods[_AA] = model
+            mods[_AA] = mods["dense"]
             # Prefill rounds skip decoding: they time the prefill-chosen kernels.
             turns = _rounds(mods, prompts, new, trials, prefill_reps, device,
                             decode=phase == "decode")
@@ -297,6 +303,19 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
                         for n, e in entries.items()},
             "results": results,
             "cost": cost(results, price, node, usd_per_hour is None)}
+
+
+def _check_baseline(model: GPT, baseline: GPT | None) -> None:
+    """A dense baseline must be the ticket's architecture (only its weights differ)."""
+    if baseline is None:
+        return
+    def shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in m.state_dict().items()}
+
+    if not isinstance(baseline, GPT) or shapes(baseline) != shapes(model):
+        raise BenchmarkError("--dense-checkpoint: not the ticket's architecture (another "
+                             "experiment's model?); expected the dense level of the same "
+                             "experiment")
 
 
 def cost(results: list[dict], price: float, node: str, default: bool) -> dict[str, Any]:
@@ -348,21 +367,26 @@ def format_lm_scorecard(result: dict[str, Any]) -> str:
 
 def benchmark_lm_checkpoint(path, *, threads: int | None = None,
                             allow_factory: bool | str | None = False, device: str = "cpu",
-                            **options: Any) -> dict[str, Any]:
-    """`benchmark_lm_model` on a local language-model checkpoint (the CLI resolves URIs)."""
+                            dense_path=None, **options: Any) -> dict[str, Any]:
+    """`benchmark_lm_model` on a local language-model checkpoint (the CLI resolves URIs);
+    dense_path: the experiment's dense checkpoint, timed as the baseline."""
     from ticketsmith.base.secrets import redact
     from ticketsmith.engine.train import resolve_device
     from ticketsmith.serving.lm_load import load_lm
     from ticketsmith.serving.plan.layout import default_threads
 
     model, _, meta, _ = load_lm(path, resolve_device(device), allow_factory)
+    baseline = None
+    if dense_path is not None:
+        baseline = load_lm(dense_path, resolve_device(device), allow_factory)[0]
     before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
     try:
-        result = benchmark_lm_model(model, **options)
+        result = benchmark_lm_model(model, baseline=baseline, **options)
     finally:
         torch.set_num_threads(before)
     result["model"].update({k: meta[k] for k in ("level", "variant", "hash") if k in meta},
-                           checkpoint=redact(str(path)))
+                           checkpoint=redact(str(path)),
+                           dense_checkpoint=redact(str(dense_path)) if dense_path else None)
     return result
 
