@@ -5,10 +5,11 @@ and its ticket's serving format, side by side in one process, at one batch size.
         [--format compacted|sparse] [--batch 1] [--prompt 128] [--steps 64] [--rounds 3]
 
 Per model, the median over rounds of: wall time per step (ms), and the profiler's self CPU
-time per step grouped into Linears (block weights and the output head), attention over the KV cache, layer
-norms and GELU, copies and indexing (the cache writes), the rest; "Python and
-dispatch" is the wall time no operator accounts for. The speedup a format can reach is
-limited by the groups it does not shrink.
+time per step grouped into Linears (block weights and the output head), attention over the
+KV cache, layer norms and GELU, copies and indexing (the cache writes) and the rest; "Python
+and dispatch" is the wall time no operator accounts for. The profiler adds its own cost per
+operator, so compare the columns, not the walls with the benchmark's. The speedup a format
+can reach is limited by the groups it does not shrink.
 """
 from __future__ import annotations
 

@@ -59,8 +59,10 @@ def test_head_neuron_removes_heads_and_units_each_at_the_rate():
     x = torch.randint(0, 40, (3, 12))
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
-    rand = random_transformer_units(mask, layout, "head_neuron", torch.Generator().manual_seed(0))
-    assert [int(alive(g, rand).sum()) for g in layout] == [int(alive(g, mask).sum()) for g in layout]
+    rand = random_transformer_units(mask, layout, "head_neuron",
+                                    torch.Generator().manual_seed(0))
+    assert [int(alive(g, rand).sum()) for g in layout] == \
+        [int(alive(g, mask).sum()) for g in layout]
 
 
 def test_pruning_heads_is_pure_nested_and_keeps_a_head_per_block():
@@ -95,5 +97,6 @@ def test_head_granularity_needs_a_transformer(tmp_path, granularity):
                              f"experiment.output_dir={tmp_path}"])
     from ticketsmith.engine.lottery import experiment_data
 
-    with pytest.raises(ConfigError, match=f"prune.granularity: '{granularity}' needs a transformer"):
+    with pytest.raises(ConfigError,
+                       match=f"prune.granularity: '{granularity}' needs a transformer"):
         check_model(cfg, experiment_data(cfg, "cpu"))
