@@ -113,7 +113,7 @@ def test_lm_benchmark_json_holds_every_figure(checkpoints, tmp_path, capsys):
     assert cost["per_batch"]["1"]["dense_usd_per_million_tokens"] == \
         pytest.approx(dense["usd_per_million_tokens"])
     assert result["settings"] == {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1, 2],
-                                  "rounds": 2, "prefill_reps": 1}
+                                  "rounds": 2, "prefill_reps": 1, "clock": "wall"}
 
 
 def test_sparse_kernels_agree_with_the_masked_model_and_a_wrong_one_is_caught(checkpoints):
@@ -171,3 +171,24 @@ def test_a_dense_checkpoint_of_another_architecture_is_refused(checkpoints, tmp_
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--dense-checkpoint" in err, err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_cpu_clock_times_every_turn(checkpoints, monkeypatch):
+    """--clock cpu: every prefill and decode step is read from the thread's CPU-time clock."""
+    from ticketsmith.serving import lm_benchmark
+
+    reads = []
+
+    def clock():
+        reads.append(1)
+        return len(reads) * 1e-3  # 1 ms of CPU time between two reads
+
+    monkeypatch.setitem(lm_benchmark.CLOCKS, "cpu", clock)
+    model, _, _, _ = load_lm(checkpoints["structured"])
+    result = lm_benchmark.benchmark_lm_model(model, batch_sizes=(1,), prompt_tokens=4,
+                                             new_tokens=3, trials=1, prefill_reps=1,
+                                             formats=["compacted"], clock="cpu")
+    assert result["settings"]["clock"] == "cpu" and reads
+    for r in result["results"]:  # every step and prefill read as 1 ms
+        assert r["token_latency_ms"]["p50"] == pytest.approx(1.0)
+        assert r["ttft_ms"] == pytest.approx(1.0) and r["decode_tokens_per_s"] == pytest.approx(1e3)

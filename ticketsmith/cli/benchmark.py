@@ -45,6 +45,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     lm.add_argument("--dense-checkpoint", default=None,
                     help="the experiment's dense (level 0) checkpoint, path or URI: timed as "
                          "the baseline instead of the ticket's masked weights")
+    lm.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: what a user waits; cpu: the thread's CPU time, which a loaded "
+                         "machine's preemptions do not inflate (CPU only)")
     lm.add_argument("--node", choices=["cpu", "gpu"], default="cpu",
                     help="the instance whose list price turns tokens/s into dollars "
                          "(cpu: AWS c7i.large, gpu: AWS g5.xlarge; docs/serving.md)")
@@ -102,7 +105,8 @@ def _cmd_lm(args: argparse.Namespace, local) -> int:
         new_tokens=args.new_tokens, trials=args.trials or (2 if args.quick else 5),
         prefill_reps=1 if args.quick else 3,
         formats=args.formats.split(",") if args.formats else None,
-        usd_per_hour=args.usd_per_hour, node=args.node)
+        usd_per_hour=args.usd_per_hour, node=args.node,
+        clock=args.clock)
     result["model"]["checkpoint"] = redact(args.checkpoint)
     if dense is not None:
         result["model"]["dense_checkpoint"] = redact(args.dense_checkpoint)
