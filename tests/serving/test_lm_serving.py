@@ -189,6 +189,7 @@ def test_the_cpu_clock_times_every_turn(checkpoints, monkeypatch):
                                              new_tokens=3, trials=1, prefill_reps=1,
                                              formats=["compacted"], clock="cpu")
     assert result["settings"]["clock"] == "cpu" and reads
+    assert "thread_time" in result["environment"]["timer"]
     for r in result["results"]:  # every step and prefill read as 1 ms
         assert r["token_latency_ms"]["p50"] == pytest.approx(1.0)
         assert r["ttft_ms"] == pytest.approx(1.0) and r["decode_tokens_per_s"] == pytest.approx(1e3)

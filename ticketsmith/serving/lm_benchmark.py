@@ -261,6 +261,8 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
     new = max(2, min(new_tokens, model.context - prompt))
     price = NODES[node]["usd_per_hour"] if usd_per_hour is None else usd_per_hour
     env = timing_environment(device)  # the load average as the run starts
+    if clock == "cpu":
+        env["timer"] = "thread_time per call (the thread's CPU time)"
     entries = build_formats(model, list(batch_sizes), prompt, formats)
     _check_formats(entries, model, batch_sizes, prompt)
     if baseline is not None:
