@@ -49,6 +49,22 @@ def test_compaction_removes_the_units_and_keeps_the_logits(granularity, before, 
         torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
 
 
+def test_head_neuron_removes_heads_and_units_each_at_the_rate():
+    model, mask, layout = masked_gpt("head_neuron", 0.5)
+    for g in layout:  # 4 heads and 64 MLP units per block, each kind halved on its own
+        assert int(alive(g, mask).sum()) == g.units // 2, g.block
+    small, summary = compact_gpt(model)
+    assert [b.attn.heads for b in small.blocks] == [2, 2], summary
+    assert [b.mlp.fc.out_features for b in small.blocks] == [32, 32], summary
+    x = torch.randint(0, 40, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
+    rand = random_transformer_units(mask, layout, "head_neuron",
+                                    torch.Generator().manual_seed(0))
+    assert [int(alive(g, rand).sum()) for g in layout] == \
+        [int(alive(g, mask).sum()) for g in layout]
+
+
 def test_pruning_heads_is_pure_nested_and_keeps_a_head_per_block():
     model, mask, layout = masked_gpt("head", 0.5)
     weights = prunable_weights(model)
@@ -74,11 +90,13 @@ def test_a_head_level_runs_through_the_lottery(tmp_path):
     assert rand.mask.kept() == ticket.mask.kept()
 
 
-def test_head_granularity_needs_a_transformer(tmp_path):
+@pytest.mark.parametrize("granularity", ["head", "head_neuron"])
+def test_head_granularity_needs_a_transformer(tmp_path, granularity):
     cfg = load_config(None, ["data.name=synthetic", "data.val_size=100", "model.name=mlp",
-                             "train.iterations=5",
-                             "prune.granularity=head", f"experiment.output_dir={tmp_path}"])
+                             "train.iterations=5", f"prune.granularity={granularity}",
+                             f"experiment.output_dir={tmp_path}"])
     from ticketsmith.engine.lottery import experiment_data
 
-    with pytest.raises(ConfigError, match="prune.granularity: 'head' needs a transformer"):
+    with pytest.raises(ConfigError,
+                       match=f"prune.granularity: '{granularity}' needs a transformer"):
         check_model(cfg, experiment_data(cfg, "cpu"))

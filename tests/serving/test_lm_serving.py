@@ -41,7 +41,13 @@ def checkpoints(tmp_path_factory):
         for w in (b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc.weight, b.mlp.proj.weight):
             w.mul_(torch.rand(w.shape) > 0.9)
     image = build_model("mlp", (1, 8, 8), 4)
+    wide = build_model("gpt", (32,), 256, options={**OPTIONS, "width": 64})
     return {"structured": _save(root / "structured.safetensors", gpt, **lm_meta),
+            "dense": _save(root / "dense.safetensors", build_model("gpt", (32,), 256,
+                                                                   options=OPTIONS),
+                           **{**lm_meta, "level": 0, "variant": "dense"}),
+            "wide": _save(root / "wide.safetensors", wide, **{**lm_meta, "options":
+                                                                {**OPTIONS, "width": 64}}),
             "sparse": _save(root / "sparse.safetensors", sparse, **lm_meta),
             "image": _save(root / "image.safetensors", image, model="mlp", input_shape=[1, 8, 8],
                            num_classes=4, dataset="synthetic")}
@@ -107,7 +113,7 @@ def test_lm_benchmark_json_holds_every_figure(checkpoints, tmp_path, capsys):
     assert cost["per_batch"]["1"]["dense_usd_per_million_tokens"] == \
         pytest.approx(dense["usd_per_million_tokens"])
     assert result["settings"] == {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1, 2],
-                                  "rounds": 2, "prefill_reps": 1}
+                                  "rounds": 2, "prefill_reps": 1, "clock": "wall"}
 
 
 def test_sparse_kernels_agree_with_the_masked_model_and_a_wrong_one_is_caught(checkpoints):
@@ -137,3 +143,53 @@ def test_default_price_names_its_instance(checkpoints, tmp_path, capsys):
     cost = json.loads(out.read_text())["cost"]
     assert cost["usd_per_hour"] == 1.006 and "g5.xlarge" in cost["instance"] and cost["price_date"]
     assert isinstance(ByteTokenizer().decode([104, 105]), str)
+
+
+def test_the_experiments_dense_model_is_the_timed_baseline(checkpoints):
+    """--dense-checkpoint: the dense model of the same experiment runs every `dense` turn;
+    the formats are still checked against the masked ticket."""
+    from ticketsmith.serving.lm_benchmark import benchmark_lm_model
+
+    ticket, _, _, _ = load_lm(checkpoints["structured"])
+    dense, _, _, _ = load_lm(checkpoints["dense"])
+    calls = {"dense": 0, "ticket": 0}
+    for name, net in (("dense", dense), ("ticket", ticket)):
+        net.blocks[0].attn.qkv.register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    result = benchmark_lm_model(ticket, baseline=dense, batch_sizes=(1,), prompt_tokens=4,
+                                new_tokens=3, trials=1, prefill_reps=1, formats=["compacted"])
+    # the ticket runs only in the logit checks: prefill + 4 steps, once per phase
+    assert calls["dense"] > 0 and calls["ticket"] == 2 * (1 + 4)
+    assert "dense model" in result["formats"]["dense"]["note"]
+    assert result["formats"]["compacted"]["correct"]
+
+
+def test_a_dense_checkpoint_of_another_architecture_is_refused(checkpoints, tmp_path, capsys):
+    rc = main(["benchmark", "--checkpoint", str(checkpoints["structured"]), "--quick",
+               "--dense-checkpoint", str(checkpoints["wide"]), "--threads", "1",
+               "--output", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--dense-checkpoint" in err, err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_the_cpu_clock_times_every_turn(checkpoints, monkeypatch):
+    """--clock cpu: every prefill and decode step is read from the thread's CPU-time clock."""
+    from ticketsmith.serving import lm_benchmark
+
+    reads = []
+
+    def clock():
+        reads.append(1)
+        return len(reads) * 1e-3  # 1 ms of CPU time between two reads
+
+    monkeypatch.setitem(lm_benchmark.CLOCKS, "cpu", clock)
+    model, _, _, _ = load_lm(checkpoints["structured"])
+    result = lm_benchmark.benchmark_lm_model(model, batch_sizes=(1,), prompt_tokens=4,
+                                             new_tokens=3, trials=1, prefill_reps=1,
+                                             formats=["compacted"], clock="cpu")
+    assert result["settings"]["clock"] == "cpu" and reads
+    assert "thread_time" in result["environment"]["timer"]
+    for r in result["results"]:  # every step and prefill read as 1 ms
+        assert r["token_latency_ms"]["p50"] == pytest.approx(1.0)
+        assert r["ttft_ms"] == pytest.approx(1.0) and r["decode_tokens_per_s"] == pytest.approx(1e3)

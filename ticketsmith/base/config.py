@@ -212,10 +212,11 @@ class PruneConfig(_Section):
         json_schema_extra={"hash_default": 0})
     pattern: Literal["unstructured", "2:4"] = Field("unstructured", description="'2:4' adds "
                                                     "semi-structured sparsity for GPU serving.")
-    granularity: Literal["weight", "neuron", "channel", "head"] = Field(
+    granularity: Literal["weight", "neuron", "channel", "head", "head_neuron"] = Field(
         "weight", description="What a level removes: single weights; whole neurons (Linear rows, "
         "with their outgoing weights; in a transformer, MLP hidden units); whole channels (Conv "
-        "filters) and hidden neurons; or whole attention heads (transformers). Structured "
+        "filters) and hidden neurons; whole attention heads (transformers); or 'head_neuron', "
+        "heads and MLP hidden units together, each at `fraction` per block. Structured "
         "tickets compact into smaller dense networks; the output layer keeps every unit.")
     unit_norm: Literal["l1", "l2"] = Field("l1", description="Structured granularities: a unit's "
                                            "score, the norm of its incoming weights.")

@@ -43,6 +43,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                     help="prefill prompt length (default 128; at most half the context)")
     lm.add_argument("--new-tokens", type=int, default=128,
                     help="decoded tokens per request (default 128; cut to fit the context)")
+    lm.add_argument("--dense-checkpoint", default=None,
+                    help="the experiment's dense (level 0) checkpoint, path or URI: timed as "
+                         "the baseline instead of the ticket's masked weights")
+    lm.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: what a user waits; cpu: the thread's CPU time, which a loaded "
+                         "machine's preemptions do not inflate (CPU only)")
     lm.add_argument("--node", choices=["cpu", "gpu"], default="cpu",
                     help="the instance whose list price turns tokens/s into dollars "
                          "(cpu: AWS c7i.large, gpu: AWS g5.xlarge; docs/serving.md)")
@@ -91,15 +97,20 @@ def _cmd_lm(args: argparse.Namespace, local) -> int:
     sizes = _ints(args.batch_sizes) if args.batch_sizes != HEADLINE else [1, 8]
     _positive("--batch-sizes", min(sizes, default=0), 1)
     from ticketsmith.base.secrets import redact
+    from ticketsmith.tracking.benchmarks import resolve_checkpoint
 
+    dense = resolve_checkpoint(args.dense_checkpoint) if args.dense_checkpoint else None
     result = benchmark_lm_checkpoint(
-        local, threads=args.threads, allow_factory=args.allow_factory,
+        local, threads=args.threads, allow_factory=args.allow_factory, dense_path=dense,
         device=args.device, batch_sizes=sizes, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, trials=args.trials or (2 if args.quick else 5),
         prefill_reps=1 if args.quick else 3,
         formats=args.formats.split(",") if args.formats else None,
-        usd_per_hour=args.usd_per_hour, node=args.node)
+        usd_per_hour=args.usd_per_hour, node=args.node,
+        clock=args.clock)
     result["model"]["checkpoint"] = redact(args.checkpoint)
+    if dense is not None:
+        result["model"]["dense_checkpoint"] = redact(args.dense_checkpoint)
     print(format_lm_scorecard(result))
     if args.plan_dir:
         result["serving_plan"] = _lm_plan(args, local, sizes)

@@ -113,7 +113,8 @@ def level_mask(cfg: Config, level: int, prev_weights: dict[str, torch.Tensor], p
                dense_weights: dict[str, torch.Tensor], rates: dict[str, float],
                layout: list[UnitGroup] | None = None) -> Mask:
     """The mask of `level` (>0): pure function of trained weights and the schedule.
-    layout: a transformer's heads and MLP units (transformer_units.py), for 'head'/'neuron'."""
+    layout: a transformer's heads and MLP units (transformer_units.py), for 'head'/'neuron'/
+    'head_neuron'."""
     p = cfg.prune
     start = level_start(p, level, prev_weights, prev_mask, dense_weights, rates)
     if p.granularity != "weight" and layout:  # whole heads / MLP hidden units
@@ -249,12 +250,13 @@ def check_granularity(cfg: Config, model: nn.Module, weights) -> None:
         raise ConfigError(f"model.also_prune: {cfg.model.also_prune} takes prune.granularity "
                           f"'weight', not {granularity!r}")
     if transformer_layout(model):
-        if granularity not in ("head", "neuron"):
+        if granularity not in ("head", "neuron", "head_neuron"):
             raise ConfigError(f"prune.granularity: {granularity!r} does not apply to a "
-                              "transformer; use 'head', 'neuron' (MLP hidden units) or 'weight'")
-    elif granularity == "head":
-        raise ConfigError(f"prune.granularity: 'head' needs a transformer ({type(model).__name__} "
-                          "has no attention heads)")
+                              "transformer; use 'head', 'neuron' (MLP hidden units), "
+                              "'head_neuron' (both) or 'weight'")
+    elif granularity in ("head", "head_neuron"):
+        raise ConfigError(f"prune.granularity: {granularity!r} needs a transformer "
+                          f"({type(model).__name__} has no attention heads)")
     else:
         check_structured(model, weights, granularity)
 

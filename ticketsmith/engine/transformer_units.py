@@ -113,12 +113,25 @@ def remove(mask: Mask, group: UnitGroup, drop: torch.Tensor) -> dict[str, torch.
     return out
 
 
+def kinds(granularity: str) -> tuple[str, ...]:
+    """The unit kinds a transformer granularity removes: 'head_neuron' is both."""
+    return ("head", "neuron") if granularity == "head_neuron" else (granularity,)
+
+
 def prune_transformer_units(weights: Mapping[str, torch.Tensor], mask: Mask,
                             layout: list[UnitGroup], granularity: str, rate: float,
                             scope: str = "layerwise") -> Mask:
-    """Remove the lowest-scoring `rate` of the alive heads (granularity 'head') or MLP hidden
-    units ('neuron'): per block (layerwise) or across blocks (global); every block keeps one."""
-    groups = [g for g in layout if g.kind == granularity]
+    """Remove the lowest-scoring `rate` of the alive heads (granularity 'head'), MLP hidden
+    units ('neuron') or both ('head_neuron', each kind on its own): per block (layerwise) or
+    across blocks (global); every block keeps one."""
+    for kind in kinds(granularity):
+        mask = _prune_kind(weights, mask, [g for g in layout if g.kind == kind], rate, scope)
+    return mask
+
+
+def _prune_kind(weights: Mapping[str, torch.Tensor], mask: Mask, groups: list[UnitGroup],
+                rate: float, scope: str) -> Mask:
+    """One kind's units: heads and MLP units never compete (their scores are not comparable)."""
     new = {n: mask[n] for n in mask}
     score = {g.block: scores(g, weights, mask) for g in groups}
     live = {g.block: alive(g, mask) for g in groups}
@@ -136,7 +149,7 @@ def random_transformer_units(mask: Mask, layout: list[UnitGroup], granularity: s
                              generator: torch.Generator) -> Mask:
     """The same number of alive units per block as `mask`, chosen at random."""
     new = {n: torch.ones_like(t) for n, t in mask.items()}
-    for g in (g for g in layout if g.kind == granularity):
+    for g in (g for g in layout if g.kind in kinds(granularity)):
         kept = int(alive(g, mask).sum())
         drop = torch.ones(g.units, dtype=torch.bool)
         drop[torch.randperm(g.units, generator=generator)[:kept]] = False

@@ -43,6 +43,9 @@ NODES = {
             "price_date": "2024-06"},
 }
 LM_FORMATS = ("compacted", "sparse")  # beside dense, the baseline
+# wall: what a user waits. cpu: this thread's CPU time, which the preemptions of a loaded
+# machine do not inflate (a 2 ms step preempted for a 4 ms time slice reads 6 ms on the wall).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 FIGURES = ("prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "token_latency_ms",
            "peak_memory_bytes", "weight_bytes", "usd_per_million_tokens")
 
@@ -116,30 +119,31 @@ def check_logits(fmt: nn.Module, ref: nn.Module, prompt: int, steps: int = 4) ->
 
 @torch.inference_mode()
 def _turn(model: nn.Module, prompts: list[list[int]], new: int, reps: int,
-          device: torch.device, decode: bool = True) -> dict[str, Any]:
+          device: torch.device, decode: bool = True, clock=time.perf_counter) -> dict[str, Any]:
     """One format's turn: `reps` timed prefills, then `new` - 1 timed decode steps."""
     prefill, ttft = [], []
     for _ in range(reps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         dec = Decoder(model)
         logits = dec.prefill(prompts, new)
         tokens = pick(logits, Sampling(), None)
         _sync(device)
-        ttft.append(time.perf_counter() - t0)
+        ttft.append(clock() - t0)
         prefill.append(ttft[-1])  # the pick is a tiny argmax; prefill time = time to 1st token
     steps = []
     for _ in range(new - 1 if decode else 0):
-        t0 = time.perf_counter()
+        t0 = clock()
         tokens = pick(dec.step(tokens), Sampling(), None)
         _sync(device)
-        steps.append(time.perf_counter() - t0)
+        steps.append(clock() - t0)
     kv = dec.cache.nbytes() if isinstance(dec.cache, Cache) else 0
     return {"prefill": prefill, "ttft": ttft, "steps": steps, "kv_bytes": kv}
 
 
 def rounds(models: dict[str, nn.Module], prompts, new: int, trials: int, reps: int,
-            device: torch.device, decode: bool = True) -> dict[str, list[dict]]:
+           device: torch.device, decode: bool = True,
+           clock=time.perf_counter) -> dict[str, list[dict]]:
     """name -> per round, its turn (`_turn`): one warm-up each, then `trials` rounds that
     rotate who goes first. The language-model serving plan ranks its routes with this too."""
     names = list(models)
@@ -151,7 +155,7 @@ def rounds(models: dict[str, nn.Module], prompts, new: int, trials: int, reps: i
             _turn(models[n], prompts, min(new, 4), 1, device)
         for r in range(trials):
             for n in names[r % len(names):] + names[:r % len(names)]:
-                out[n].append(_turn(models[n], prompts, new, reps, device, decode))
+                out[n].append(_turn(models[n], prompts, new, reps, device, decode, clock))
     finally:
         if was:
             gc.enable()
@@ -246,19 +250,30 @@ def _peak(module: nn.Module, prompts, new: int, device: torch.device) -> int:
 def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 128,
                        new_tokens: int = 128, trials: int = 5, prefill_reps: int = 3,
                        formats: list[str] | None = None, usd_per_hour: float | None = None,
-                       node: str = "cpu", bandwidth: float | None = None) -> dict[str, Any]:
+                       node: str = "cpu", bandwidth: float | None = None,
+                       baseline: GPT | None = None, clock: str = "wall") -> dict[str, Any]:
     """Every figure of the module docstring, as a JSON-ready dict (see FIGURES).
-    bandwidth: the machine's `memory_bandwidth()` in bytes/s, if already measured."""
+    bandwidth: the machine's `memory_bandwidth()` in bytes/s, if already measured.
+    baseline: the experiment's trained dense model, timed as `dense` instead of the ticket's
+    masked weights (the formats are still checked against the masked ticket)."""
     if not isinstance(model, GPT):
         raise BenchmarkError(f"--checkpoint: the tokens-per-second benchmark runs the project's "
                              f"GPT, not {type(model).__name__} (generate works with both)")
+    _check_baseline(model, baseline)
+    if clock not in CLOCKS or (clock == "cpu" and model.wte.weight.device.type != "cpu"):
+        raise BenchmarkError(f"--clock: expected 'wall' or, on a CPU, 'cpu'; got {clock!r}")
     device = model.wte.weight.device
     prompt = min(prompt_tokens, model.context // 2)
     new = max(2, min(new_tokens, model.context - prompt))
     price = NODES[node]["usd_per_hour"] if usd_per_hour is None else usd_per_hour
     env = timing_environment(device)  # the load average as the run starts
+    if clock == "cpu":
+        env["timer"] = "thread_time per call (the thread's CPU time)"
     entries = build_formats(model, list(batch_sizes), prompt, formats)
     _check_formats(entries, model, batch_sizes, prompt)
+    if baseline is not None:
+        entries["dense"] = {"module": baseline, "note": "the experiment's dense model, KV cache",
+                            "max_error": 0.0, "correct": True}
     bandwidth = bandwidth or memory_bandwidth()
     results, floor = [], {}
     timed = [n for n, e in entries.items() if e["correct"]]
@@ -266,10 +281,10 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
         prompts = random_prompts(bs, prompt, model.vocab)
         for phase in ("decode", "prefill"):
             mods = {n: _module(entries[n], phase, bs, model) for n in timed}
-            mods[_AA] = model
+            mods[_AA] = mods["dense"]
             # Prefill rounds skip decoding: they time the prefill-chosen kernels.
             turns = rounds(mods, prompts, new, trials, prefill_reps, device,
-                            decode=phase == "decode")
+                           decode=phase == "decode", clock=CLOCKS[clock])
             for n in timed:
                 if phase == "decode":
                     results.append(_figures(n, bs, prompt, turns[n], turns["dense"], mods[n],
@@ -292,7 +307,7 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
     return {"kind": "language_model",
             "settings": {"prompt_tokens": prompt, "new_tokens": new,
                          "batch_sizes": list(batch_sizes), "rounds": trials,
-                         "prefill_reps": prefill_reps},
+                         "prefill_reps": prefill_reps, "clock": clock},
             "model": {"layers": len(model.blocks), "width": model.width,
                       "heads": [b.attn.heads for b in model.blocks],
                       "mlp_hidden": [b.mlp.fc.out_features for b in model.blocks],
@@ -303,6 +318,19 @@ def benchmark_lm_model(model: GPT, *, batch_sizes=(1, 8), prompt_tokens: int = 1
                         for n, e in entries.items()},
             "results": results,
             "cost": cost(results, price, node, usd_per_hour is None)}
+
+
+def _check_baseline(model: GPT, baseline: GPT | None) -> None:
+    """A dense baseline must be the ticket's architecture (only its weights differ)."""
+    if baseline is None:
+        return
+    def shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in m.state_dict().items()}
+
+    if not isinstance(baseline, GPT) or shapes(baseline) != shapes(model):
+        raise BenchmarkError("--dense-checkpoint: not the ticket's architecture (another "
+                             "experiment's model?); expected the dense level of the same "
+                             "experiment")
 
 
 def cost(results: list[dict], price: float, node: str, default: bool) -> dict[str, Any]:
@@ -329,6 +357,7 @@ def format_lm_scorecard(result: dict[str, Any]) -> str:
     s, env = result["settings"], result["environment"]
     lines = [f"GPT width {result['model']['width']}, {result['model']['layers']} layers; "
              f"prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new; {s['rounds']} rounds; "
+             f"{s.get('clock', 'wall')} clock; "
              f"{env.get('threads')} threads; load average "
              f"{(env.get('load_average') or [0])[0]:.1f}; memory bandwidth "
              f"{env['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"]
@@ -354,21 +383,26 @@ def format_lm_scorecard(result: dict[str, Any]) -> str:
 
 def benchmark_lm_checkpoint(path, *, threads: int | None = None,
                             allow_factory: bool | str | None = False, device: str = "cpu",
-                            **options: Any) -> dict[str, Any]:
-    """`benchmark_lm_model` on a local language-model checkpoint (the CLI resolves URIs)."""
+                            dense_path=None, **options: Any) -> dict[str, Any]:
+    """`benchmark_lm_model` on a local language-model checkpoint (the CLI resolves URIs);
+    dense_path: the experiment's dense checkpoint, timed as the baseline."""
     from ticketsmith.base.secrets import redact
     from ticketsmith.engine.train import resolve_device
     from ticketsmith.serving.lm_load import load_lm
     from ticketsmith.serving.plan.layout import default_threads
 
     model, _, meta, _ = load_lm(path, resolve_device(device), allow_factory)
+    baseline = None
+    if dense_path is not None:
+        baseline = load_lm(dense_path, resolve_device(device), allow_factory)[0]
     before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
     try:
-        result = benchmark_lm_model(model, **options)
+        result = benchmark_lm_model(model, baseline=baseline, **options)
     finally:
         torch.set_num_threads(before)
     result["model"].update({k: meta[k] for k in ("level", "variant", "hash") if k in meta},
-                           checkpoint=redact(str(path)))
+                           checkpoint=redact(str(path)),
+                           dense_checkpoint=redact(str(dense_path)) if dense_path else None)
     return result
 
