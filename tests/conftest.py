@@ -1,5 +1,7 @@
 """Shared fixtures: the repo root, tiny configs, a real `mlflow server` process, and the
-default Ctrl-C handling for tests that send SIGINT."""
+default Ctrl-C handling for tests that send SIGINT. Also how the README's command
+(`-n 2 --dist loadfile`) shares the suite: files with slow tests first, each worker on cores of
+its own, torch at one thread (checked by tests/test_suite_order.py)."""
 from __future__ import annotations
 
 import os
@@ -168,6 +170,35 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config):
+    """Keep the file order `pytest_collection_modifyitems` gives, and give each xdist worker
+    cores of its own."""
+    # pytest-xdist (3.5 on) re-sorts the files by their number of tests before handing them
+    # out, unless told not to: that undid the slow-first order below (a 1-test slow file
+    # went last).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+    own_cores()
+
+
+def own_cores() -> None:
+    """Pin this xdist worker, and every process it starts, to its share of the cores.
+
+    Unpinned, each of two workers on two cores sees both: torch and ONNX Runtime start two
+    threads each (the pipeline's benchmark uses every core it may run on), four threads fight
+    for two cores, and the benchmark's noise check then measures each level a second time.
+    Outside xdist, or with more workers than cores, nothing changes."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // count if count else 0
+    if share >= 1:
+        index = int(worker[2:])
+        os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
 
 
 def pytest_collection_modifyitems(config, items):
