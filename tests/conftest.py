@@ -208,3 +208,18 @@ def pytest_collection_modifyitems(config, items):
     tests keep their order and stay together."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
+
+
+def invoke(base: str, payload: dict) -> tuple[int, dict]:
+    """POST `payload` to a served model's /invocations: (HTTP status, JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{base}/invocations", json.dumps(payload).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())

@@ -14,13 +14,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import urllib.error
-import urllib.request
 
 import mlflow
 import pytest
 
-from conftest import free_port, load_benchmark, wait_for_http
+from conftest import free_port, invoke, load_benchmark, wait_for_http
 from test_lm_pyfunc import registered_lm
 from ticketsmith.engine.generate import Sampling, generate_text
 from ticketsmith.serving.lm_load import load_lm
@@ -59,15 +57,6 @@ def served(store):
     finally:
         bench.stop_server(proc)
 
-
-def invoke(base: str, payload: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{base}/invocations", json.dumps(payload).encode(),
-                                 {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def engine(served, prompts, n, sampling=Sampling()):

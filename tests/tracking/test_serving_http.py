@@ -16,7 +16,6 @@ import functools
 import io
 import json
 import os
-import urllib.error
 import urllib.request
 from datetime import date
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import free_port, load_benchmark, wait_for_http
+from conftest import free_port, invoke, load_benchmark, wait_for_http
 from ticketsmith.cli import main
 from ticketsmith.base.config import load_config
 from ticketsmith.engine.checkpoint import model_from_checkpoint
@@ -98,15 +97,6 @@ def reference(store):
         probs = torch.softmax(model.eval()(torch.from_numpy(x)), 1).numpy()
     return images, labels, probs, f"models:/{name}@champion"
 
-
-def invoke(base: str, payload: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{base}/invocations", json.dumps(payload).encode(),
-                                 {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 @pytest.mark.parametrize("form", ["uint8 (N, 28, 28)", "0..1 floats (N, 784)"])

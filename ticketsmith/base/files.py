@@ -1,10 +1,13 @@
-"""Atomic file writes: a reader (or a resume after a kill) never sees half a file."""
+"""Atomic file and folder writes: a reader (or a resume after a kill) never sees half of one."""
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def atomic_write(path: Path, write) -> None:
@@ -35,3 +38,20 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def atomic_folder(folder: Path, prefix: str = ".tmp-") -> Iterator[Path]:
+    """Yield an empty folder beside `folder` to fill; when the block ends without an error it
+    replaces `folder`, otherwise it is removed and `folder` is left as it was."""
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent if folder.parent.is_dir()
+                                else None))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ticketsmith.base.files import atomic_folder
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.compaction import compact_gpt, kept_heads
 from ticketsmith.serving.lm_kernels import LINEARS, choose_kernels, get_linear
@@ -142,9 +141,7 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
     kernels, why = _kernels(base, settings, prompt, kernels_timer or kernel_timer(settings))
     sparse = any(k != "dense" for table in kernels.values() for k in table.values())
     routes = ["dense"] + ["compacted"] * compacted + ["sparse"] * sparse + ["int8"]
-    parent = folder.parent if folder.parent.is_dir() else None
-    tmp = Path(tempfile.mkdtemp(prefix=".lm-plan-", dir=parent))
-    try:
+    with atomic_folder(folder, prefix=".lm-plan-") as tmp:
         _write_weights(tmp, dense, small if compacted else None, base, tokenizer)
         plan = {"kind": LM_KIND, "version": LM_VERSION, "routes": routes,
                 "models": {"dense": gpt_config(dense),
@@ -170,12 +167,6 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
         plan["check"]["shipped"] = check_shipped(LmPlanRunner(tmp, plan, threads), dense,
                                                  settings.check_steps)
         write_plan(tmp, plan, LM_FILES)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

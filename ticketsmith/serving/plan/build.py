@@ -7,13 +7,12 @@ benchmark's measured order.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from ticketsmith.base.files import atomic_folder
 from ticketsmith.serving.plan.inputs import input_spec
 from ticketsmith.serving.plan.layout import (INEXACT, KIND, NEEDS, ONNX, ONNX_INT8, PLAN, VERSION,
                                              WEIGHTS, default_threads, missing, write_plan)
@@ -55,9 +54,7 @@ def build_plan(model, meta: dict[str, Any], folder: str | Path, *,
             net, summary = chain, f"not compacted: {exc}"
     else:
         summary = f"not compacted: {type(model).__name__} is not a chain"
-    tmp = Path(tempfile.mkdtemp(prefix=".plan-", dir=folder.parent if folder.parent.is_dir()
-                                else None))
-    try:
+    with atomic_folder(folder, prefix=".plan-") as tmp:
         (tmp / ONNX).write_bytes(onnx_bytes(net, tuple(shape)))
         routes: dict[str, Any] = {"onnxruntime": {"needs": NEEDS["onnxruntime"]}}
         # int8 serves only where a benchmark measured it, so an unmeasured plan has none
@@ -86,12 +83,6 @@ def build_plan(model, meta: dict[str, Any], folder: str | Path, *,
                 "source": {k: meta[k] for k in ("model", "dataset", "level", "variant",
                                                  "replicate", "hash") if k in meta}}
         write_plan(tmp, plan)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
