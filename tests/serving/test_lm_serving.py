@@ -121,14 +121,14 @@ def test_sparse_kernels_agree_with_the_masked_model_and_a_wrong_one_is_caught(ch
     from ticketsmith.serving.lm_kernels import ScipyCSRLinear, sparse_model
 
     model, _, _, _ = load_lm(checkpoints["sparse"])
-    right, _ = sparse_model(model, rows=1, reps=1)
+    right, _ = sparse_model(model, rows=1, trials=1)
     for b, ref in zip(right.blocks, model.blocks):  # every layer through scipy CSR
         for path in ("qkv", "proj"):
             layer = getattr(ref.attn, path)
             setattr(b.attn, path, ScipyCSRLinear(layer.weight, layer.bias))
         b.mlp.fc = ScipyCSRLinear(ref.mlp.fc.weight, ref.mlp.fc.bias)
     assert check_logits(right, model, 8) <= 1e-4
-    wrong, _ = sparse_model(model, rows=1, reps=1)
+    wrong, _ = sparse_model(model, rows=1, trials=1)
     w = model.blocks[1].attn.qkv.weight  # block 1's weights in block 0
     wrong.blocks[0].attn.qkv = ScipyCSRLinear(w, None)
     assert check_logits(wrong, model, 8) > 1e-4

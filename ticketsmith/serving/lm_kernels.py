@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,16 +20,30 @@ from torch import nn
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.compaction import compact_gpt
 from ticketsmith.serving.formats import CSRLinear
-from ticketsmith.serving.measure import median
+from ticketsmith.serving.measure import Clock, median, time_side_by_side
 
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+# kernel name -> call, timed side by side -> kernel name -> seconds per call
+KernelTimer = Callable[[dict[str, Callable[[], object]]], dict[str, float]]
+
+
+try:  # scipy's own CSR matrix-vector loop (private): y += A x into an output we own
+    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
+except ImportError:  # moved or renamed in another scipy: the public product, same numbers
+    _csr_matvec = None
 
 
 class ScipyCSRLinear(nn.Module):
     """y = x W^T + b with W as a scipy CSR matrix; its arrays are buffers (so they count in
-    `formats.weight_bytes`) that the scipy matrix shares without copying. CPU, float32."""
+    `formats.weight_bytes`) that the scipy matrix shares without copying. CPU, float32.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    One row (decode at batch 1) costs about 20 us less per call than `matrix @ x` plus a
+    bias add: a copy of the bias is the output, scipy's `csr_matvec` accumulates W x into it
+    (numpy views of torch's memory both ways: no reshape, copy or dtype conversion), and
+    torch takes the result without a copy. `fast=False`, or a scipy without `csr_matvec`,
+    takes the public product instead (the same numbers: tests/serving/test_lm_kernels.py)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fast: bool = True):
         super().__init__()
         import scipy.sparse as sp
 
@@ -39,8 +54,17 @@ class ScipyCSRLinear(nn.Module):
                                      self.indptr.numpy()), shape=w.shape, copy=False)
         self.register_buffer("bias", bias.detach().cpu().clone() if bias is not None
                              else torch.zeros(weight.shape[0]))
+        # plain attributes: a buffer's lookup goes through nn.Module.__getattr__ (~1 us)
+        self._arrays = (*w.shape, self.matrix.indptr, self.matrix.indices, self.matrix.data)
+        self._bias = self.bias.numpy()
+        self._fast = fast and _csr_matvec is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_out, n_in = self._arrays[:2]
+        if self._fast and x.numel() == n_in and x.dtype == torch.float32:
+            y = self._bias.copy()
+            _csr_matvec(*self._arrays, x.numpy().ravel(), y)
+            return torch.from_numpy(y.reshape(*x.shape[:-1], n_out))
         flat = x.reshape(-1, x.shape[-1]).numpy()
         # One row: a matrix-vector product; more: (W x^T)^T, the sparse operand first.
         y = self.matrix @ flat[0] if len(flat) == 1 else (self.matrix @ flat.T).T
@@ -59,16 +83,47 @@ def set_linear(block: nn.Module, path: str, new: nn.Module) -> None:
     setattr(getattr(block, first), second, new)
 
 
-def _time(fn, reps: int = 20) -> float:
-    """Median seconds of `fn` over `reps` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return median(times)
+class ColdClock(Clock):
+    """The calling thread's CPU time around one call, taken after `evict()` has run (not
+    counted). Timed back to back, a layer's weights stay in the core's cache and dense wins
+    layers that lose inside a decode step, where the rest of the model's weights pass through
+    the caches between two calls of a layer; the CPU clock leaves out the time other
+    processes hold the core, which a loaded machine adds to wall time at random."""
+
+    def __init__(self, evict: Callable[[], object]):
+        self.evict = evict
+
+    def start(self) -> float:
+        self.evict()
+        return time.thread_time()
+
+    def stop(self, started: float) -> float:
+        return time.thread_time() - started
+
+
+def decode_traffic(model: GPT) -> Callable[[], None]:
+    """One row through every block Linear of `model`, dense: the weight bytes a decode step
+    moves, which is what passes through the caches between two calls of one layer."""
+    layers = [get_linear(b, p) for b in model.blocks for p in LINEARS]
+    rows = [torch.zeros(1, layer.in_features, device=layer.weight.device) for layer in layers]
+
+    @torch.inference_mode()
+    def run() -> None:
+        for layer, x in zip(layers, rows):
+            layer(x)
+    return run
+
+
+def cold_timer(model: GPT, trials: int = 5, block_s: float = 0.002) -> KernelTimer:
+    """Seconds per call of each kernel (median over `trials` interleaved rounds of about
+    `block_s` seconds of calls), each call timed by a `ColdClock` after `model`'s decode
+    traffic: how kernels are chosen by default."""
+    clock = ColdClock(decode_traffic(model))
+
+    def timer(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+        got = time_side_by_side(calls, trials=trials, warmup=2, block_s=block_s, clock=clock)
+        return {n: median([median(r) for r in rounds]) for n, rounds in got.items()}
+    return timer
 
 
 def _candidates(layer: nn.Linear) -> dict[str, nn.Module]:
@@ -94,12 +149,13 @@ def with_kernels(model: GPT, kernels: dict[str, str]) -> GPT:
 
 
 @torch.inference_mode()
-def choose_kernels(model: GPT, rows: int, reps: int = 20, timer=None,
+def choose_kernels(model: GPT, rows: int, trials: int = 5, timer: KernelTimer | None = None,
                    why: dict[str, str] | None = None) -> dict[str, str]:
     """Per block Linear, the kernel measured fastest at `rows` input rows (dense where no
     sparse kernel wins). Kernels whose output differs from dense beyond float rounding are
     never timed. `timer` (name -> callable, timed side by side -> seconds per call) replaces
-    the default of `reps` calls each; `why` receives the times per layer."""
+    the default, `cold_timer` over `trials` rounds; `why` receives the times per layer."""
+    timer = timer or cold_timer(model, trials)
     chosen: dict[str, str] = {}
     g = torch.Generator().manual_seed(0)
     for i, block in enumerate(model.blocks):
@@ -109,7 +165,7 @@ def choose_kernels(model: GPT, rows: int, reps: int = 20, timer=None,
             ref = layer(x)
             calls = {name: (lambda c=cand: c(x)) for name, cand in _candidates(layer).items()
                      if name == "dense" or torch.allclose(cand(x), ref, rtol=1e-4, atol=1e-5)}
-            times = timer(calls) if timer else {n: _time(f, reps) for n, f in calls.items()}
+            times = timer(calls)
             name = f"blocks.{i}.{path}"
             chosen[name] = min(times, key=times.get)
             if why is not None:
@@ -117,10 +173,10 @@ def choose_kernels(model: GPT, rows: int, reps: int = 20, timer=None,
     return chosen
 
 
-def sparse_model(model: GPT, rows: int, reps: int = 20) -> tuple[GPT, dict[str, str]]:
+def sparse_model(model: GPT, rows: int, trials: int = 5) -> tuple[GPT, dict[str, str]]:
     """A copy of `model` whose block Linears each run the kernel measured fastest at `rows`
     input rows (`choose_kernels`), and the choice per layer."""
-    chosen = choose_kernels(model, rows, reps)
+    chosen = choose_kernels(model, rows, trials)
     return with_kernels(model, chosen), chosen
 
 

@@ -21,8 +21,9 @@ import torch
 from ticketsmith.base.files import atomic_folder
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.compaction import compact_gpt, kept_heads
-from ticketsmith.serving.lm_kernels import LINEARS, choose_kernels, get_linear
-from ticketsmith.serving.measure import median, time_side_by_side
+from ticketsmith.serving.lm_kernels import (LINEARS, KernelTimer, choose_kernels, cold_timer,
+                                            get_linear)
+from ticketsmith.serving.measure import median
 from ticketsmith.serving.plan.layout import PLAN, PlanError, default_threads, write_plan
 from ticketsmith.serving.lm_plan.check import check_lm_routes, check_shipped, shippable
 from ticketsmith.serving.lm_plan.runtime import (COMPACTED, DENSE, INT8, LM_FILES, LM_KIND,
@@ -33,8 +34,6 @@ log = logging.getLogger("ticketsmith.serving")
 NOISE = "dense (again)"
 # models (route -> GPT), phase, batch size -> route -> seconds per token, measured side by side
 RouteTimer = Callable[[dict[str, GPT], str, int], dict[str, float]]
-# kernel name -> call, timed side by side -> kernel name -> seconds per call
-KernelTimer = Callable[[dict[str, Callable[[], object]]], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class LmPlanSettings:
     prompt_tokens: int = 128                # tokens per timed prompt (at most half the context)
     new_tokens: int = 32                    # decode steps timed per turn
     trials: int = 3                         # interleaved rounds per phase and batch size
-    kernel_trials: int = 3                  # rounds per layer kernel choice
+    kernel_trials: int = 5                  # rounds per layer kernel choice (`cold_timer`)
     kernel_block_s: float = 0.002           # seconds of calls per kernel turn
     check_steps: int = 8                    # greedy decode steps every route is checked over
 
@@ -70,15 +69,6 @@ def int8_arrays(model: GPT) -> dict[str, np.ndarray]:
             out[f"blocks.{i}.{path}.int8"] = q.numpy()
             out[f"blocks.{i}.{path}.scale"] = scale.double().numpy()
     return out
-
-
-def kernel_timer(settings: LmPlanSettings) -> KernelTimer:
-    """`measure.time_side_by_side` medians: the default way kernels are chosen."""
-    def timer(calls):
-        got = time_side_by_side(calls, trials=settings.kernel_trials, warmup=2,
-                                block_s=settings.kernel_block_s)
-        return {n: median([median(r) for r in rounds]) for n, rounds in got.items()}
-    return timer
 
 
 def route_timer(settings: LmPlanSettings, vocab: int, context: int) -> RouteTimer:
@@ -138,7 +128,8 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
     compacted = gpt_config(small) != gpt_config(dense)
     base = small if compacted else dense
     prompt = min(settings.prompt_tokens, dense.context // 2)
-    kernels, why = _kernels(base, settings, prompt, kernels_timer or kernel_timer(settings))
+    kernels, why = _kernels(base, settings, prompt, kernels_timer or cold_timer(
+        base, settings.kernel_trials, settings.kernel_block_s))
     sparse = any(k != "dense" for table in kernels.values() for k in table.values())
     routes = ["dense"] + ["compacted"] * compacted + ["sparse"] * sparse + ["int8"]
     with atomic_folder(folder, prefix=".lm-plan-") as tmp:
