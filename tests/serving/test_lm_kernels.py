@@ -1,7 +1,7 @@
 """The sparse decode kernel and how kernels are chosen: scipy's private matrix-vector loop and
 the public product give the masked Linear's numbers at every input shape a GPT feeds them,
-and every kernel's timed call comes after the decode traffic it would follow in a real step
-(CPU clock), so a layer is never judged with its weights hot in the cache."""
+and every kernel is timed inside whole passes of a model that runs it in every layer (CPU
+clock), so a layer is never judged alone with its weights hot in the cache."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving import lm_kernels
-from ticketsmith.serving.lm_kernels import ColdClock, ScipyCSRLinear, choose_kernels
+from ticketsmith.serving.lm_kernels import ScipyCSRLinear, choose_kernels
 
 
 def _masked_linear(n_in: int, n_out: int, bias: bool, seed: int = 0) -> torch.nn.Linear:
@@ -72,44 +72,35 @@ def _sparse_gpt() -> GPT:
     return model
 
 
-def test_decode_traffic_runs_every_block_linear_once_on_one_row():
+def test_every_kernel_is_timed_inside_whole_passes_of_a_model_running_it(monkeypatch):
+    """In-model timing: each timed call of a layer's kernel happens inside a forward pass of
+    the whole model, every one of whose layers runs that same kernel (the traffic between
+    two calls of one layer is the model's own, as in decode), at the asked row count."""
+    log: list[tuple[str, int]] = []
+    real = lm_kernels._Timed.forward
+
+    def spying(self, x):
+        log.append((type(self.inner).__name__, x.shape[0] * x.shape[1]))
+        return real(self, x)
+
+    monkeypatch.setattr(lm_kernels._Timed, "forward", spying)
     model = _sparse_gpt()
-    seen = []
-    for i, block in enumerate(model.blocks):
-        for path in lm_kernels.LINEARS:
-            lm_kernels.get_linear(block, path).register_forward_hook(
-                lambda m, inp, out, name=f"{i}.{path}": seen.append((name, inp[0].shape[0])))
-    lm_kernels.decode_traffic(model)()
-    assert seen == [(f"{i}.{p}", 1) for i in range(2) for p in lm_kernels.LINEARS]
+    why: dict[str, str] = {}
+    chosen = choose_kernels(model, rows=3, trials=2, why=why)
+    names = {f"blocks.{i}.{p}" for i in range(2) for p in lm_kernels.LINEARS}
+    assert set(chosen) == set(why) == names
+    assert all(w.count(" us") == 3 for w in why.values())  # dense, scipy_csr, torch_csr
+    # passes of 8 calls (2 blocks x 4 Linears), each pass one kernel throughout, 3 rows
+    assert len(log) % 8 == 0 and {rows for _, rows in log} == {3}
+    passes = [log[i:i + 8] for i in range(0, len(log), 8)]
+    assert all(len({kind for kind, _ in p}) == 1 for p in passes)
+    assert {p[0][0] for p in passes} == {"Linear", "ScipyCSRLinear", "CSRLinear"}
 
 
-def test_every_timed_kernel_call_follows_the_decode_traffic(monkeypatch):
-    """Only the warm-up calls (2 per kernel, untimed) run without the traffic before them;
-    `choose_kernels` times every exact kernel of every layer that way by default."""
-    log: list[str] = []
-    monkeypatch.setattr(lm_kernels, "decode_traffic", lambda model: lambda: log.append("evict"))
-    real = lm_kernels.time_side_by_side
-
-    def spying(calls, **kw):
-        return real({n: (lambda f=f: (log.append("call"), f())) for n, f in calls.items()}, **kw)
-
-    monkeypatch.setattr(lm_kernels, "time_side_by_side", spying)
-    chosen = choose_kernels(_sparse_gpt(), rows=1, trials=2)
-    assert set(chosen) == {f"blocks.{i}.{p}" for i in range(2) for p in lm_kernels.LINEARS}
-    calls = [i for i, e in enumerate(log) if e == "call"]
-    cold = [i for i in calls if i > 0 and log[i - 1] == "evict"]
-    kernels = 3 * 8  # dense, scipy_csr, torch_csr for each of the 8 Linears
-    assert len(calls) - len(cold) == 2 * kernels and len(cold) >= 2 * 3 * kernels
-
-
-def test_the_cold_clock_leaves_the_eviction_out_of_the_time():
-    """A call that does nothing takes less CPU time than the eviction before it."""
-    burn = []
-    clock = ColdClock(lambda: burn.append(sum(i * i for i in range(200_000))))
-    started = clock.start()
-    took = clock.stop(started)
-    assert burn and took >= 0.0
-    evict_started = ColdClock(lambda: None).start()
-    sum(i * i for i in range(200_000))
-    eviction = ColdClock(lambda: None).stop(evict_started)
-    assert took < eviction / 2
+def test_a_kernel_that_is_not_exact_is_never_timed_or_chosen(monkeypatch):
+    """A kernel whose output is off is left out of the in-model passes for that layer."""
+    real = ScipyCSRLinear.forward
+    monkeypatch.setattr(ScipyCSRLinear, "forward", lambda self, x: real(self, x) + 1.0)
+    why: dict[str, str] = {}
+    chosen = choose_kernels(_sparse_gpt(), rows=1, trials=1, why=why)
+    assert "scipy_csr" not in set(chosen.values()) and all("scipy" not in w for w in why.values())

@@ -20,7 +20,7 @@ from torch import nn
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.compaction import compact_gpt
 from ticketsmith.serving.formats import CSRLinear
-from ticketsmith.serving.measure import Clock, median, time_side_by_side
+from ticketsmith.serving.measure import median
 
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 # kernel name -> call, timed side by side -> kernel name -> seconds per call
@@ -83,49 +83,6 @@ def set_linear(block: nn.Module, path: str, new: nn.Module) -> None:
     setattr(getattr(block, first), second, new)
 
 
-class ColdClock(Clock):
-    """The calling thread's CPU time around one call, taken after `evict()` has run (not
-    counted). Timed back to back, a layer's weights stay in the core's cache and dense wins
-    layers that lose inside a decode step, where the rest of the model's weights pass through
-    the caches between two calls of a layer; the CPU clock leaves out the time other
-    processes hold the core, which a loaded machine adds to wall time at random."""
-
-    def __init__(self, evict: Callable[[], object]):
-        self.evict = evict
-
-    def start(self) -> float:
-        self.evict()
-        return time.thread_time()
-
-    def stop(self, started: float) -> float:
-        return time.thread_time() - started
-
-
-def decode_traffic(model: GPT) -> Callable[[], None]:
-    """One row through every block Linear of `model`, dense: the weight bytes a decode step
-    moves, which is what passes through the caches between two calls of one layer."""
-    layers = [get_linear(b, p) for b in model.blocks for p in LINEARS]
-    rows = [torch.zeros(1, layer.in_features, device=layer.weight.device) for layer in layers]
-
-    @torch.inference_mode()
-    def run() -> None:
-        for layer, x in zip(layers, rows):
-            layer(x)
-    return run
-
-
-def cold_timer(model: GPT, trials: int = 5, block_s: float = 0.002) -> KernelTimer:
-    """Seconds per call of each kernel (median over `trials` interleaved rounds of about
-    `block_s` seconds of calls), each call timed by a `ColdClock` after `model`'s decode
-    traffic: how kernels are chosen by default."""
-    clock = ColdClock(decode_traffic(model))
-
-    def timer(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
-        got = time_side_by_side(calls, trials=trials, warmup=2, block_s=block_s, clock=clock)
-        return {n: median([median(r) for r in rounds]) for n, rounds in got.items()}
-    return timer
-
-
 def _candidates(layer: nn.Linear) -> dict[str, nn.Module]:
     cands: dict[str, nn.Module] = {"dense": layer}
     if layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32:
@@ -148,29 +105,98 @@ def with_kernels(model: GPT, kernels: dict[str, str]) -> GPT:
     return out
 
 
-@torch.inference_mode()
-def choose_kernels(model: GPT, rows: int, trials: int = 5, timer: KernelTimer | None = None,
-                   why: dict[str, str] | None = None) -> dict[str, str]:
-    """Per block Linear, the kernel measured fastest at `rows` input rows (dense where no
-    sparse kernel wins). Kernels whose output differs from dense beyond float rounding are
-    never timed. `timer` (name -> callable, timed side by side -> seconds per call) replaces
-    the default, `cold_timer` over `trials` rounds; `why` receives the times per layer."""
-    timer = timer or cold_timer(model, trials)
-    chosen: dict[str, str] = {}
+class _Timed(nn.Module):
+    """A kernel whose every call adds its CPU seconds (the thread's clock) to `sink`."""
+
+    def __init__(self, inner: nn.Module, sink: list[float]):
+        super().__init__()
+        self.inner, self.sink = inner, sink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.thread_time()
+        y = self.inner(x)
+        self.sink.append(time.thread_time() - t0)
+        return y
+
+
+def _exact_kernels(model: GPT, rows: int) -> dict[str, list[str]]:
+    """Per block Linear, the kernels whose output at `rows` random rows is dense's to float
+    rounding (dense first)."""
+    out: dict[str, list[str]] = {}
     g = torch.Generator().manual_seed(0)
     for i, block in enumerate(model.blocks):
         for path in LINEARS:
             layer = get_linear(block, path)
             x = torch.randn(rows, layer.in_features, generator=g).to(layer.weight.device)
             ref = layer(x)
-            calls = {name: (lambda c=cand: c(x)) for name, cand in _candidates(layer).items()
-                     if name == "dense" or torch.allclose(cand(x), ref, rtol=1e-4, atol=1e-5)}
-            times = timer(calls)
-            name = f"blocks.{i}.{path}"
-            chosen[name] = min(times, key=times.get)
-            if why is not None:
-                why[name] = ", ".join(f"{k} {t * 1e6:.1f} us" for k, t in times.items())
-    return chosen
+            out[f"blocks.{i}.{path}"] = [
+                name for name, cand in _candidates(layer).items()
+                if name == "dense" or torch.allclose(cand(x), ref, rtol=1e-4, atol=1e-5)]
+    return out
+
+
+def in_model_times(model: GPT, rows: int, exact: dict[str, list[str]], trials: int = 5,
+                   block_s: float = 0.02) -> dict[str, dict[str, float]]:
+    """Layer -> kernel -> median CPU seconds per call, each call timed inside whole forward
+    passes of `rows` one-token sequences through a copy of `model` whose every layer runs
+    that kernel (where exact): the memory traffic of the other layers between two calls of
+    one layer is the model's own, as in a decode step. Timed alone, back to back, a layer's
+    weights stay hot in the cache and dense won layers that lose in the model. `trials`
+    interleaved rounds of about `block_s` seconds of passes per kernel; CPU time, so the
+    time other processes hold the core is left out."""
+    kinds = list(dict.fromkeys(k for ks in exact.values() for k in ks))
+    sinks: dict[tuple[str, str], list[float]] = {}
+    variants = {}
+    for kind in kinds:
+        variant = with_kernels(model, {n: kind if kind in ks else "dense"
+                                       for n, ks in exact.items()})
+        for name, ks in exact.items():
+            if kind in ks:
+                block, path = int(name.split(".")[1]), name.split(".", 2)[2]
+                sinks[name, kind] = []
+                set_linear(variant.blocks[block], path, _Timed(
+                    get_linear(variant.blocks[block], path), sinks[name, kind]))
+        variants[kind] = variant
+    ids = torch.randint(model.vocab, (rows, 1), generator=torch.Generator().manual_seed(0),
+                        device=model.wte.weight.device)
+    t0 = time.perf_counter()
+    for variant in variants.values():  # warm-up, and how long one pass takes
+        variant(ids)
+    passes = max(2, min(64, int(block_s * len(kinds) / (time.perf_counter() - t0))))
+    for sink in sinks.values():
+        sink.clear()
+    for r in range(trials):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            for _ in range(passes):
+                variants[kind](ids)
+    return {n: {k: median(sinks[n, k]) for k in ks} for n, ks in exact.items()}
+
+
+@torch.inference_mode()
+def choose_kernels(model: GPT, rows: int, trials: int = 5, timer: KernelTimer | None = None,
+                   why: dict[str, str] | None = None, block_s: float = 0.02) -> dict[str, str]:
+    """Per block Linear, the kernel measured fastest at `rows` input rows (dense where no
+    sparse kernel wins): `in_model_times` over `trials` rounds. Kernels whose output differs
+    from dense beyond float rounding are never timed. `timer` (name -> callable, timed side
+    by side -> seconds per call) replaces that measurement with one of each layer alone;
+    `why` receives the times per layer."""
+    exact = _exact_kernels(model, rows)
+    if timer is None:
+        times = in_model_times(model, rows, exact, trials, block_s)
+    else:
+        times = {n: timer(_alone(model, n, ks, rows)) for n, ks in exact.items()}
+    if why is not None:
+        why.update({n: ", ".join(f"{k} {t * 1e6:.1f} us" for k, t in ts.items())
+                    for n, ts in times.items()})
+    return {n: min(ts, key=ts.get) for n, ts in times.items()}
+
+
+def _alone(model: GPT, name: str, kernels: list[str], rows: int) -> dict[str, Callable]:
+    """kernel -> a call of layer `name` alone on `rows` random rows (what a `timer` times)."""
+    layer = get_linear(model.blocks[int(name.split(".")[1])], name.split(".", 2)[2])
+    x = torch.randn(rows, layer.in_features).to(layer.weight.device)
+    cands = _candidates(layer)
+    return {k: (lambda c=cands[k]: c(x)) for k in kernels}
 
 
 def sparse_model(model: GPT, rows: int, trials: int = 5) -> tuple[GPT, dict[str, str]]:

@@ -21,8 +21,7 @@ import torch
 from ticketsmith.base.files import atomic_folder
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving.compaction import compact_gpt, kept_heads
-from ticketsmith.serving.lm_kernels import (LINEARS, KernelTimer, choose_kernels, cold_timer,
-                                            get_linear)
+from ticketsmith.serving.lm_kernels import LINEARS, KernelTimer, choose_kernels, get_linear
 from ticketsmith.serving.measure import median
 from ticketsmith.serving.plan.layout import PLAN, PlanError, default_threads, write_plan
 from ticketsmith.serving.lm_plan.check import check_lm_routes, check_shipped, shippable
@@ -43,8 +42,8 @@ class LmPlanSettings:
     prompt_tokens: int = 128                # tokens per timed prompt (at most half the context)
     new_tokens: int = 32                    # decode steps timed per turn
     trials: int = 3                         # interleaved rounds per phase and batch size
-    kernel_trials: int = 5                  # rounds per layer kernel choice (`cold_timer`)
-    kernel_block_s: float = 0.002           # seconds of calls per kernel turn
+    kernel_trials: int = 5                  # rounds per kernel choice (`in_model_times`)
+    kernel_block_s: float = 0.02            # seconds of model passes per kernel turn
     check_steps: int = 8                    # greedy decode steps every route is checked over
 
 
@@ -103,14 +102,15 @@ def rank_lm_routes(measured: dict[str, dict[str, dict[str, float]]], allowed: li
     return out
 
 
-def _kernels(base: GPT, settings: LmPlanSettings, prompt: int, timer: KernelTimer
+def _kernels(base: GPT, settings: LmPlanSettings, prompt: int, timer: KernelTimer | None
              ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
     """Per phase and batch size ("decode_1"), the kernel of each block Linear and why."""
     kernels, why = {}, {}
     for b in settings.batch_sizes:
         for phase, rows in (("prefill", b * prompt), ("decode", b)):
             key, why[f"{phase}_{b}"] = f"{phase}_{b}", {}
-            kernels[key] = choose_kernels(base, rows, timer=timer, why=why[key])
+            kernels[key] = choose_kernels(base, rows, settings.kernel_trials, timer, why[key],
+                                          settings.kernel_block_s)
     return kernels, why
 
 
@@ -128,8 +128,7 @@ def build_lm_plan(model: GPT, tokenizer, meta: dict[str, Any], folder: str | Pat
     compacted = gpt_config(small) != gpt_config(dense)
     base = small if compacted else dense
     prompt = min(settings.prompt_tokens, dense.context // 2)
-    kernels, why = _kernels(base, settings, prompt, kernels_timer or cold_timer(
-        base, settings.kernel_trials, settings.kernel_block_s))
+    kernels, why = _kernels(base, settings, prompt, kernels_timer)
     sparse = any(k != "dense" for table in kernels.values() for k in table.values())
     routes = ["dense"] + ["compacted"] * compacted + ["sparse"] * sparse + ["int8"]
     with atomic_folder(folder, prefix=".lm-plan-") as tmp:
