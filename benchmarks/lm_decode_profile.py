@@ -3,6 +3,7 @@ and its ticket's serving format, side by side in one process, at one batch size.
 
     python benchmarks/lm_decode_profile.py --dense DENSE.safetensors --ticket TICKET.safetensors
         [--format compacted|sparse] [--batch 1] [--prompt 128] [--steps 64] [--rounds 3]
+        [--clock wall|cpu]
 
 Per model, the median over rounds of: wall time per step (ms); the block Linears' time, each
 call of a block's projection or MLP Linear under a `record_function` span, whatever kernel
@@ -12,6 +13,9 @@ attention over the KV cache, layer norms and GELU, copies and indexing (the cach
 the rest; "Python and dispatch" is the wall time no span or operator accounts for. The
 profiler adds its own cost per operator and span, so compare the columns, not the walls with
 the benchmark's. The speedup a format can reach is limited by the groups it does not shrink.
+With `--clock cpu` there is no profiler: the thread's CPU time per step, of its block Linears
+(every kernel) and of the rest (attention, norms, GELU, head, cache writes, Python), which a
+loaded machine's preemptions do not inflate.
 """
 from __future__ import annotations
 
@@ -42,22 +46,28 @@ def group_of(name: str) -> str:
 
 
 class Spanned(nn.Module):
-    """A block Linear (any kernel) whose calls the profiler sees as one SPAN each."""
+    """A block Linear (any kernel) whose calls the profiler sees as one SPAN each, and whose
+    CPU seconds per call (the thread's clock) are added to `sink`."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, sink: list[float]):
         super().__init__()
-        self.inner = inner
+        self.inner, self.sink = inner, sink
 
     def forward(self, x):
+        t0 = time.thread_time()
         with record_function(SPAN):
-            return self.inner(x)
+            y = self.inner(x)
+        self.sink.append(time.thread_time() - t0)
+        return y
 
 
 def spanned(model):
-    """`model` with each block Linear wrapped in a `Spanned` (in place; returns it)."""
+    """`model` with each block Linear wrapped in a `Spanned` (in place; returns it), all
+    adding to one list, `model.linear_seconds`."""
+    model.linear_seconds = []
     for block in model.blocks:
         for path in LINEARS:
-            set_linear(block, path, Spanned(get_linear(block, path)))
+            set_linear(block, path, Spanned(get_linear(block, path), model.linear_seconds))
     return model
 
 
@@ -71,12 +81,23 @@ def _in_span(event) -> bool:
 
 
 @torch.inference_mode()
-def profile_steps(model, batch: int, prompt: int, steps: int) -> dict[str, float]:
-    """ms per decode step: wall, and self CPU time per operator group."""
+def profile_steps(model, batch: int, prompt: int, steps: int, clock: str = "wall"
+                  ) -> dict[str, float]:
+    """ms per decode step: wall, and self CPU time per operator group; or with the "cpu"
+    clock (no profiler), the thread's CPU time of a step and of its block Linears."""
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(model.vocab, (batch, prompt), generator=g).tolist()
     dec = Decoder(model)
     tokens = dec.prefill(prompts, steps + 1).argmax(-1)
+    if clock == "cpu":
+        model.linear_seconds.clear()
+        t0 = time.thread_time()
+        for _ in range(steps):
+            tokens = dec.step(tokens).argmax(-1)
+        step = (time.thread_time() - t0) * 1e3 / steps
+        linears = sum(model.linear_seconds) * 1e3 / steps
+        return {"step (CPU)": step, "block Linears": linears,
+                "rest of the step": step - linears}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -105,6 +126,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: no profiler; the thread's CPU time of each step and of its "
+                        "block Linears (a loaded machine's preemptions inflate wall time)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dense = load_lm(args.dense)[0].eval()
@@ -115,10 +139,13 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in models}
     for r in range(args.rounds):  # interleaved, rotating who goes first
         for n in list(models)[r % 2:] + list(models)[:r % 2]:
-            runs[n].append(profile_steps(models[n], args.batch, args.prompt, args.steps))
-    keys = ["wall", *sorted({k for rs in runs.values() for r in rs for k in r} - {"wall"})]
+            runs[n].append(profile_steps(models[n], args.batch, args.prompt, args.steps,
+                                         args.clock))
+    first = next(iter(runs["dense"][0]))
+    keys = [first, *sorted({k for rs in runs.values() for r in rs for k in r} - {first})]
     print(f"ms per decode step, batch {args.batch}, prompt {args.prompt}, {args.steps} steps, "
-          f"median of {args.rounds} rounds, {args.threads} thread(s), torch {torch.__version__}")
+          f"median of {args.rounds} rounds, {args.threads} thread(s), {args.clock} clock, "
+          f"torch {torch.__version__}")
     print(f"{'':>22}" + "".join(f"{n:>12}" for n in models) + f"{'ratio':>8}")
     for k in keys:
         v = [statistics.median(r.get(k, 0.0) for r in runs[n]) for n in models]
