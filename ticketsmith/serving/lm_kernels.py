@@ -37,7 +37,7 @@ class ScipyCSRLinear(nn.Module):
     """y = x W^T + b with W as a scipy CSR matrix; its arrays are buffers (so they count in
     `formats.weight_bytes`) that the scipy matrix shares without copying. CPU, float32.
 
-    One row (decode at batch 1) costs about 20 us less per call than `matrix @ x` plus a
+    One row (decode at batch 1) costs 13-15 us less per call than `matrix @ x` plus a
     bias add: a copy of the bias is the output, scipy's `csr_matvec` accumulates W x into it
     (numpy views of torch's memory both ways: no reshape, copy or dtype conversion), and
     torch takes the result without a copy. `fast=False`, or a scipy without `csr_matvec`,
