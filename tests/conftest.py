@@ -1,5 +1,6 @@
-"""Shared fixtures: the repo root, tiny configs, a real `mlflow server` process, and the
-default Ctrl-C handling for tests that send SIGINT. Also how the README's command
+"""Shared fixtures: the repo root, tiny configs, a real `mlflow server` process, the
+default Ctrl-C handling for tests that send SIGINT, and brief serving-benchmark timing for tests
+that are not about the timing. Also how the README's command
 (`-n 2 --dist loadfile`) shares the suite: files with slow tests first, each worker on cores of
 its own, torch at one thread (checked by tests/test_suite_order.py)."""
 from __future__ import annotations
