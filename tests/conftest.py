@@ -1,5 +1,6 @@
-"""Shared fixtures: the repo root, tiny configs, a real `mlflow server` process, and the
-default Ctrl-C handling for tests that send SIGINT. Also how the README's command
+"""Shared fixtures: the repo root, tiny configs, a real `mlflow server` process, the
+default Ctrl-C handling for tests that send SIGINT, and brief serving-benchmark timing for tests
+that are not about the timing. Also how the README's command
 (`-n 2 --dist loadfile`) shares the suite: files with slow tests first, each worker on cores of
 its own, torch at one thread (checked by tests/test_suite_order.py)."""
 from __future__ import annotations
@@ -83,6 +84,24 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, before)
+
+
+# Timing rounds for tests about what a serving benchmark records, ships and reports, not about
+# its numbers: `--quick`'s 20 rounds of 3 ms turns (after 3 warm-up calls) time each of ~10
+# formats at two batch sizes per level, and were most of a benchmarked tiny experiment's CPU time.
+BRIEF_TIMING = {"trials": 3, "warmup": 1, "block_s": 0.001}
+
+
+@pytest.fixture(scope="module")
+def brief_benchmark():
+    """In-process serving benchmarks (`experiment.benchmark=true`) of this module at
+    `BRIEF_TIMING`: every format is still built, checked against the masked model, timed side
+    by side with dense and its noise floor; the plan still ranks measured routes and ships."""
+    from ticketsmith.serving import benchmark
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(benchmark, "QUICK", {**benchmark.QUICK, **BRIEF_TIMING})
+        yield
 
 
 @pytest.fixture(scope="session")

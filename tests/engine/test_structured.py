@@ -208,7 +208,7 @@ def test_structured_configs_are_shipped():
 # --- a tiny structured experiment end to end: tracking, benchmark, gates, registry, report ---
 
 @pytest.mark.slow
-def test_tiny_structured_experiment_end_to_end(tmp_path, monkeypatch):
+def test_tiny_structured_experiment_end_to_end(tmp_path, monkeypatch, brief_benchmark):
     import json
 
     import mlflow

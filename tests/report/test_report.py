@@ -85,7 +85,7 @@ def assert_png(path: Path) -> None:
 # --- a tiny real experiment: 2 replicates, 3 levels, ticket vs random re-init, benchmarked --
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
+def experiment(tmp_path_factory, brief_benchmark):
     tmp = tmp_path_factory.mktemp("report")
     cfg, client = tracked_experiment(tmp, "experiment.replicates=2",
                                      "experiment.benchmark=true")

@@ -56,7 +56,7 @@ EXACT = {"onnxruntime", "numpy"}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, brief_benchmark):
     """The tiny experiment pruned, benchmarked and registered: (tracking URI, model name)."""
     tmp = tmp_path_factory.mktemp("serving_http")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
