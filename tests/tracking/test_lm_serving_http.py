@@ -158,9 +158,9 @@ def test_the_tokens_per_second_benchmark_refuses_a_model_without_champion_in_one
                                       f"@champion in {uri}")
 
 
-def test_the_benchmark_refuses_a_model_that_ignores_max_new_tokens():
+def test_the_benchmark_refuses_a_model_registered_before_the_lm_signature():
     """A version registered before the language-model signature declares no params: MLflow
-    drops max_new_tokens and it decodes its default length, which tokens/s would miscount."""
+    drops max_new_tokens, and its pyfunc is the old code without the KV cache."""
     from types import SimpleNamespace
 
     from mlflow.models import Model, ModelSignature
@@ -170,9 +170,7 @@ def test_the_benchmark_refuses_a_model_that_ignores_max_new_tokens():
 
     old = SimpleNamespace(metadata=Model(signature=ModelSignature(
         Schema([ColSpec("string")]), Schema([ColSpec("string")]))))
-    new = SimpleNamespace(metadata=Model(signature=lm_signature()))
-    bench_lm.check_decodes("new", new, 128)
-    bench_lm.check_decodes("old", old, 64)  # its default length: measured as it serves
-    with pytest.raises(bench_lm.http_bench.Refused, match="--new-tokens: old's signature "
-                       "declares no max_new_tokens, so it decodes its default 64 tokens"):
-        bench_lm.check_decodes("old", old, 128)
+    bench_lm.check_decodes("new", SimpleNamespace(metadata=Model(signature=lm_signature())))
+    with pytest.raises(bench_lm.http_bench.Refused, match="--model-name: old's signature "
+                       "declares no max_new_tokens: it was registered before the KV-cache"):
+        bench_lm.check_decodes("old", old)
