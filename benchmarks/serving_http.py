@@ -385,6 +385,16 @@ def tags_of(res: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def record(tracking_uri: str, res: dict[str, Any], tags: dict[str, str]) -> None:
+    """Write the figures as tags on the champion's model version (`--record`)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for k, v in tags.items():
+        client.set_model_version_tag(res["model"], res["version"], k, v)
+    print(f"recorded: {len(tags)} serving.http/pyfunc tags on {res['model']} v{res['version']}")
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -463,13 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(res))
     if args.record:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(args.tracking_uri)
-        for k, v in tags_of(res).items():
-            client.set_model_version_tag(res["model"], res["version"], k, v)
-        print(f"recorded: {len(tags_of(res))} serving.http/pyfunc tags on {res['model']} "
-              f"v{res['version']}")
+        record(args.tracking_uri, res, tags_of(res))
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=2, sort_keys=True))
     return 0

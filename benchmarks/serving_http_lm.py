@@ -15,11 +15,13 @@ Per model and batch size it prints the request latency p50/p99 over HTTP, genera
 (batch x new tokens / request seconds) over HTTP and in-process, and the share of a request
 that is the model; then the champion's speedup (dense median / champion median per round:
 median and range over rounds) over HTTP beside the in-process one, the check that the
-champion's HTTP answer is its in-process text, and the environment.
+champion's HTTP answer is its in-process text, and the environment. --record writes the
+figures as `serving.http.*` and `serving.pyfunc.*` tags on the champion's model version (keys
+from `ticketsmith.tracking.serving_tags`, as serving_http.py does for images).
 
     python benchmarks/serving_http_lm.py [--tracking-uri sqlite:///mlflow.db] [--model-name NAME]
         [--threads 1] [--batch-sizes 1,8] [--new-tokens 128] [--rounds 5] [--requests 2]
-        [--prompt TEXT] [--output FILE.json]
+        [--prompt TEXT] [--record] [--output FILE.json]
 
 Ratios only; tests never assert on them.
 """
@@ -40,6 +42,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serving_http as http_bench  # noqa: E402  (the servers, client and champion lookup)
+
+from ticketsmith.tracking.serving_tags import (HTTP, PYFUNC, figure_key,  # noqa: E402
+                                               path_key, speedup_key)
 
 MODELS = http_bench.MODELS
 SCRATCH_NOTE = "dense baseline for benchmarks/serving_http_lm.py"
@@ -70,6 +75,20 @@ def dense_lm_model_uri(client, tracking_uri: str, run_id: str, allow_factory: st
                                   tokenizer=tokenizer)
         mlflow.set_tag(TAG + "model_uri", info.model_uri)
     return info.model_uri
+
+
+def check_decodes(name: str, model) -> None:
+    """Refuse a version registered before the language-model signature: MLflow drops the
+    params of a model whose signature declares none, so it would decode its default 64 tokens
+    while tokens/s counted --new-tokens, and its pyfunc (the code copied in at registration)
+    generates one prompt at a time without the KV cache: its speed is that code's, not the
+    ticket's (measured: 0.22x dense at batch 1, 0.05x at batch 8)."""
+    schema = model.metadata.get_params_schema()
+    if schema is None or "max_new_tokens" not in {p.name for p in schema.params}:
+        raise http_bench.Refused(
+            f"--model-name: {name}'s signature declares no max_new_tokens: it was registered "
+            "before the KV-cache pyfunc and measures that code, not the ticket; register it "
+            "again")
 
 
 def measure_batch(clients, models, body: bytes, prompts: list[str], new_tokens: int,
@@ -142,6 +161,30 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def tags_of(res: dict[str, Any]) -> dict[str, str]:
+    """One tag per figure for the champion's version: per batch size the speedup in generated
+    tokens/s over HTTP and through pyfunc.predict, the champion's HTTP latency (ms), tokens/s
+    and model share, and dense's tokens/s beside them; how it was measured in one tag."""
+    s, env = res["settings"], res["environment"]
+    tags = {path_key("measured", HTTP): (
+        f"{s['threads']} threads, {s['rounds']} rounds x {s['requests']} requests, "
+        f"{s['new_tokens']} new tokens per row (greedy), {res['date']}, {env['cpu']} "
+        f"({env['cores']} cores), load average {env['load_average']}")}
+    for b, r in res["batches"].items():
+        c, d = r["champion"], r["dense"]
+        tags.update({speedup_key(b, HTTP): f"{r['http_speedup']['median']:.2f}",
+                     speedup_key(b, PYFUNC): f"{r['pyfunc_speedup']['median']:.2f}",
+                     figure_key("p50_ms", b, HTTP): f"{c['p50_ms']:.1f}",
+                     figure_key("p99_ms", b, HTTP): f"{c['p99_ms']:.1f}",
+                     figure_key("tokens_per_s", b, HTTP): f"{c['http_tokens_per_s']:.0f}",
+                     figure_key("dense_tokens_per_s", b, HTTP): f"{d['http_tokens_per_s']:.0f}",
+                     figure_key("tokens_per_s", b, PYFUNC): f"{c['pyfunc_tokens_per_s']:.0f}",
+                     figure_key("dense_tokens_per_s", b, PYFUNC):
+                         f"{d['pyfunc_tokens_per_s']:.0f}",
+                     figure_key("model_share", b, HTTP): f"{c['model_share']:.2f}"})
+    return tags
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import mlflow
     import torch
@@ -166,6 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        http_bench.dense_run(client, mv),
                                        champ_cfg.get("allow_factory"), tokenizer)
     models["dense"] = mlflow.pyfunc.load_model(uris["dense"], model_config=config)
+    for m in MODELS:
+        check_decodes(uris[m], models[m])
     with tempfile.TemporaryDirectory(prefix="serving_http_lm-") as logs:
         ports = {m: http_bench.free_port() for m in MODELS}
         procs = {m: http_bench.serve(uris[m], ports[m], args.tracking_uri, args.threads,
@@ -216,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per batch size")
     p.add_argument("--requests", type=int, default=2, help="requests per model and round")
     p.add_argument("--prompt", default=PROMPT, help="the text every row continues")
+    p.add_argument("--record", action="store_true", help="write the figures as tags on the "
+                   "champion's model version")
     p.add_argument("--output", help="write the figures as JSON here")
     args = p.parse_args(argv)
     if min(args.rounds, args.requests, args.threads, args.new_tokens) < 1 or not args.prompt:
@@ -228,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serving_http_lm: {exc}", file=sys.stderr)
         return 2
     print(table(res))
+    if args.record:
+        http_bench.record(args.tracking_uri, res, tags_of(res))
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=2, sort_keys=True))
     return 0

@@ -332,6 +332,34 @@ def test_without_a_champion_the_answer_keeps_the_best_format(experiment, tmp_pat
     assert "Deployed:" not in text
 
 
+def test_a_language_model_champion_shows_its_recorded_end_to_end_figures():
+    """What `benchmarks/serving_http_lm.py --record` writes is shown under the champion's plan
+    in the language-model scorecard; before it ran, only the plan."""
+    from types import SimpleNamespace
+
+    from ticketsmith.report.deployed import Deployed
+    from ticketsmith.report.lm_serving import shipped
+    from ticketsmith.report.render import to_markdown
+
+    plan = {"serving.format": "lm_plan", "serving.threads": "1",
+            "serving.routes": "prefill batch 1: compacted; decode batch 1: compacted",
+            "serving.checked": "against the masked model: compacted max |logit error| 1e-6"}
+    recorded = {"serving.http.speedup_bs1": "1.91", "serving.http.speedup_bs8": "2.40",
+                "serving.pyfunc.speedup_bs1": "2.02", "serving.pyfunc.speedup_bs8": "2.51",
+                "serving.http.tokens_per_s_bs1": "310", "serving.http.dense_tokens_per_s_bs1":
+                "162", "serving.http.measured": "1 threads, 64 new tokens per row (greedy)"}
+    before = to_markdown("r", shipped(SimpleNamespace(deployed=Deployed("m", "2", 2, plan))))
+    assert "ships its checked serving plan" in before and "over HTTP" not in before
+    text = to_markdown("r", shipped(SimpleNamespace(
+        deployed=Deployed("m", "2", 2, {**plan, **recorded}))))
+    rows = table_rows(text, "Figure")
+    assert rows == [
+        ["speedup through pyfunc.predict", "the champion's pyfunc", "2.02×", "2.51×"],
+        ["speedup over HTTP", "mlflow models serve, JSON /invocations", "1.91×", "2.40×"],
+        ["HTTP dense tokens/s", "", "162", "—"], ["HTTP tokens/s", "", "310", "—"]]
+    assert "End to end: HTTP measured: 1 threads, 64 new tokens per row (greedy)." in text
+
+
 def test_deployed_speedups_below_dense_are_said_plainly():
     from ticketsmith.report.deployed import Deployed, headline
 

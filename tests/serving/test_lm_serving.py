@@ -193,3 +193,35 @@ def test_the_cpu_clock_times_every_turn(checkpoints, monkeypatch):
     for r in result["results"]:  # every step and prefill read as 1 ms
         assert r["token_latency_ms"]["p50"] == pytest.approx(1.0)
         assert r["ttft_ms"] == pytest.approx(1.0) and r["decode_tokens_per_s"] == pytest.approx(1e3)
+
+
+def test_log_mlflow_logs_the_lm_benchmark_to_a_run(checkpoints, tmp_path, monkeypatch, capsys):
+    """--log-mlflow on a language-model checkpoint: one `benchmark` run in a real SQLite store
+    with the tokens/s, speedups and $ per million tokens of the JSON, and the JSON itself."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ticketsmith.tracking.benchmarks import BENCHMARK_ARTIFACT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "lm.json"
+    rc = main(["benchmark", "--checkpoint", str(checkpoints["structured"]), "--quick",
+               "--dense-checkpoint", str(checkpoints["dense"]), "--batch-sizes", "1",
+               "--prompt-tokens", "4", "--new-tokens", "3", "--formats", "compacted",
+               "--threads", "1", "--output", str(out), "--log-mlflow"])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    mlflow.set_tracking_uri(None)
+    assert [r.info.run_name for r in runs] == ["benchmark"]
+    run = runs[0]
+    assert run.data.tags["ticketsmith.checkpoint"] == str(checkpoints["structured"])
+    row = next(r for r in result["results"] if r["format"] == "compacted")
+    m = run.data.metrics
+    assert m["speedup_decode_compacted_bs1"] == pytest.approx(row["decode_speedup"]["median"])
+    assert m["decode_tokens_per_s_compacted_bs1"] == pytest.approx(row["decode_tokens_per_s"])
+    assert m["usd_per_m_tokens_dense_bs1"] > 0 and "prefill_tokens_per_s_dense_bs1" in m
+    logged = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{BENCHMARK_ARTIFACT}")
+    assert logged["results"] == result["results"]

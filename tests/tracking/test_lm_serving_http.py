@@ -20,7 +20,10 @@ import pytest
 
 from conftest import free_port, invoke, load_benchmark, wait_for_http
 from test_lm_pyfunc import registered_lm
+from mlflow import MlflowClient
 from ticketsmith.engine.generate import Sampling, generate_text
+from ticketsmith.report.deployed import end_to_end_figures
+from ticketsmith.tracking.serving_tags import HTTP, PYFUNC, figure_key, path_key, speedup_key
 from ticketsmith.serving.lm_load import load_lm
 from ticketsmith.tracking.benchmarks import resolve_checkpoint
 
@@ -109,7 +112,8 @@ def test_the_tokens_per_second_benchmark_prints_its_table_and_writes_its_figures
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = bench_lm.main(["--tracking-uri", uri, "--model-name", name, "--new-tokens", "4",
                               "--prompt", "The ", "--batch-sizes", "1,2", "--rounds", "2",
-                              "--requests", "1", "--output", str(tmp_path / "lm.json")])
+                              "--requests", "1", "--record", "--output",
+                              str(tmp_path / "lm.json")])
     text = out.getvalue()
     assert code == 0, err.getvalue()
     assert text.startswith(f"{name} v1 @champion (lm_plan) against the dense level-0 network")
@@ -124,8 +128,23 @@ def test_the_tokens_per_second_benchmark_prints_its_table_and_writes_its_figures
         assert r["http_speedup"]["median"] > 0 and r["pyfunc_speedup"]["median"] > 0
     # the baseline is the dense level-0 network, served as trained (never compacted)
     flavor = mlflow.models.get_model_info(res["dense_model"]).flavors["python_function"]
+    # --record: the figures are tags on the champion's version, under the keys the report reads
+    tags = MlflowClient(uri).get_model_version(name, "1").tags
     mlflow.set_tracking_uri(None)
     assert flavor["config"]["format"] == "masked_dense"
+    for b, r in res["batches"].items():
+        assert float(tags[speedup_key(b, HTTP)]) == pytest.approx(r["http_speedup"]["median"],
+                                                                  abs=0.005)
+        assert float(tags[speedup_key(b, PYFUNC)]) == pytest.approx(
+            r["pyfunc_speedup"]["median"], abs=0.005)
+        assert float(tags[figure_key("tokens_per_s", b, HTTP)]) == pytest.approx(
+            r["champion"]["http_tokens_per_s"], abs=0.5)
+        assert float(tags[figure_key("dense_tokens_per_s", b, HTTP)]) == pytest.approx(
+            r["dense"]["http_tokens_per_s"], abs=0.5)
+    assert "4 new tokens per row" in tags[path_key("measured", HTTP)]
+    rows, _ = end_to_end_figures(tags, ["1", "2"])
+    assert {w for w, *_ in rows} >= {"HTTP tokens/s", "HTTP dense tokens/s", "HTTP p50",
+                                     "pyfunc tokens/s"}
 
 
 def test_the_tokens_per_second_benchmark_refuses_a_model_without_champion_in_one_line(store):
@@ -137,3 +156,21 @@ def test_the_tokens_per_second_benchmark_refuses_a_model_without_champion_in_one
     assert code == 2
     assert err.getvalue().strip() == (f"serving_http_lm: --model-name: no-such-model has no "
                                       f"@champion in {uri}")
+
+
+def test_the_benchmark_refuses_a_model_registered_before_the_lm_signature():
+    """A version registered before the language-model signature declares no params: MLflow
+    drops max_new_tokens, and its pyfunc is the old code without the KV cache."""
+    from types import SimpleNamespace
+
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from ticketsmith.tracking.registry import lm_signature
+
+    old = SimpleNamespace(metadata=Model(signature=ModelSignature(
+        Schema([ColSpec("string")]), Schema([ColSpec("string")]))))
+    bench_lm.check_decodes("new", SimpleNamespace(metadata=Model(signature=lm_signature())))
+    with pytest.raises(bench_lm.http_bench.Refused, match="--model-name: old's signature "
+                       "declares no max_new_tokens: it was registered before the KV-cache"):
+        bench_lm.check_decodes("old", old)

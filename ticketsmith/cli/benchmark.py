@@ -116,6 +116,7 @@ def _cmd_lm(args: argparse.Namespace, local) -> int:
         result["serving_plan"] = _lm_plan(args, local, sizes)
         print(f"serving plan {args.plan_dir}: {result['serving_plan']['line']}")
     print(f"wrote {write_benchmark(result, args.output)}")
+    _log_mlflow(result, args.checkpoint, args.log_mlflow)
     return 0
 
 

@@ -113,22 +113,39 @@ def section(d: Deployed | None) -> list[Block]:
         return []
     sizes = d.batch_sizes
     rows = [("speedup in-process", d.tags[FORMAT],
-             *(times(d.speedup(bs)) for bs in sizes))]
-    rows += [(f"speedup {name}", "the champion's pyfunc" if p == "pyfunc." else
-              "mlflow models serve, JSON /invocations", *(times(d.speedup(bs, p)) for bs in sizes))
-             for p, name in d.end_to_end]
-    figures, other = end_to_end_figures(d.tags, sizes)
+             *(times(d.speedup(bs)) for bs in sizes)), *end_to_end_rows(d)]
+    other = end_to_end_figures(d.tags, sizes)[1]
     out: list[Block] = [
         Heading("What is deployed", 3),
         para("Registered model ", Code(d.model_name), f" v{d.version} (", Code("champion"),
              f"), {threads(d)}, speedups vs the dense model side by side; plan ",
              Code(d.tags.get(PLAN, "?")), "; checked on ",
              d.tags.get(CHECKED, "no check recorded"), "."),
-        Table(("Figure", "Route", *(f"Batch {bs}" for bs in sizes)), tuple(rows + figures),
+        Table(("Figure", "Route", *(f"Batch {bs}" for bs in sizes)), tuple(rows),
               numeric=tuple(range(2, 2 + len(sizes))))]
     if not d.end_to_end:
         return out + [para(*how_to_measure())]
     return out + ([para("End to end: " + "; ".join(other) + ".")] if other else [])
+
+
+def end_to_end_rows(d: Deployed) -> list[tuple]:
+    """The table rows of the end-to-end paths: their speedups, then their other figures."""
+    sizes = d.batch_sizes
+    rows = [(f"speedup {name}", "the champion's pyfunc" if p == "pyfunc." else
+             "mlflow models serve, JSON /invocations", *(times(d.speedup(bs, p)) for bs in sizes))
+            for p, name in d.end_to_end]
+    return rows + end_to_end_figures(d.tags, sizes)[0]
+
+
+def end_to_end_table(d: Deployed) -> list[Block]:
+    """The end-to-end figures alone (a language-model champion, whose in-process figures are
+    the per-level table's), with how they were measured; nothing when none are recorded."""
+    if not d.end_to_end:
+        return []
+    other = end_to_end_figures(d.tags, d.batch_sizes)[1]
+    return [Table(("Figure", "Route", *(f"Batch {bs}" for bs in d.batch_sizes)),
+                  tuple(end_to_end_rows(d)), numeric=tuple(range(2, 2 + len(d.batch_sizes)))),
+            *([para("End to end: " + "; ".join(other) + ".")] if other else [])]
 
 
 def end_to_end_figures(tags: dict[str, Any], sizes: list[str]) -> tuple[list[tuple], list[str]]:

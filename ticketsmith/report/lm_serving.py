@@ -163,10 +163,10 @@ def shipped(facts: Facts) -> list[Block]:
         return []
     if PLAN in d.tags:
         return deployed.section(d)
-    if ROUTES in d.tags:
+    if ROUTES in d.tags:  # and its end-to-end figures once serving_http_lm.py --record ran
         return [para(f"The registered champion (v{d.version}) ships its checked serving plan "
                      f"({d.tags.get(THREADS)} threads): {d.tags[ROUTES]}. Checked "
-                     f"{d.tags.get(CHECKED, '')}.")]
+                     f"{d.tags.get(CHECKED, '')}."), *deployed.end_to_end_table(d)]
     return [para(f"The registered champion (v{d.version}) serves ", Code(d.tags[FORMAT]),
                  ": no checked serving plan is recorded for it, so the formats above are what "
                  "the benchmark measured, not what ships.")]

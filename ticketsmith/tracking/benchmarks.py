@@ -49,9 +49,14 @@ def metric_key(text: str) -> str:
 
 
 def log_benchmark(result: dict[str, Any], artifact_file: str = BENCHMARK_ARTIFACT) -> None:
-    """Log speedups, latencies, accuracies and the JSON to the active MLflow run."""
+    """Log speedups, latencies, accuracies (a language model: tokens/s, speedups, $ per
+    million tokens, as `lm_child_metrics`) and the JSON to the active MLflow run."""
     import mlflow
 
+    if result.get("kind") == "language_model":
+        mlflow.log_metrics(lm_child_metrics(result))
+        mlflow.log_dict(result, artifact_file)
+        return
     metrics = {}
     for r in result["results"]:
         key = metric_key(f"{r['format']}_bs{r['batch_size']}")

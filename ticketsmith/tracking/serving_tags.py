@@ -1,7 +1,8 @@
 """The `serving.*` tags of a registered ticket: their keys, and what the registry writes there.
 
 The one owner of the keys: the registry writes them, the report reads them
-(`report.deployed`), `benchmarks/serving_http.py --record` adds the end-to-end ones. No MLflow
+(`report.deployed`), `benchmarks/serving_http.py --record` (images) and
+`benchmarks/serving_http_lm.py --record` (language models) add the end-to-end ones. No MLflow
 here: the report imports the keys without the tracking client.
 
     serving.format          the route that ships per batch size ("batch 1: numpy, ...")
