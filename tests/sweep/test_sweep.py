@@ -1,7 +1,8 @@
 """Optuna sweeps: real tiny studies on SQLite, worker processes, heartbeats, trial pruning,
 the MLproject entry point, sweep configs and the cluster manifests.
 
-Every trial really trains (generated 8x8 data, a 32-unit MLP, 2-3 levels: seconds each).
+Every trial really trains (generated 8x8 data, a 32-unit MLP, 1-3 levels: seconds each). One level
+unless a test needs more: a level is all a trial's objective, run tree or worker sharing needs.
 Waiting on other processes always polls the study storage with a deadline; the only clocks
 are Optuna's own heartbeat settings.
 """
@@ -34,9 +35,9 @@ SPACE = {"prune.fraction": {"type": "float", "low": 0.3, "high": 0.8},
 
 def write_sweep(tmp_path: Path, name: str = "s", *, overrides=(), search_space=None,
                 **study) -> Path:
-    """A sweep over configs/tiny.yaml (2 levels, ticket only) with storage and runs in tmp."""
+    """A sweep over configs/tiny.yaml (1 level, ticket only) with storage and runs in tmp."""
     doc = {"base": str(REPO / "configs" / "tiny.yaml"),
-           "overrides": [f"experiment.output_dir={tmp_path / 'runs'}", "prune.levels=2",
+           "overrides": [f"experiment.output_dir={tmp_path / 'runs'}", "prune.levels=1",
                          "experiment.variants=[ticket]", *overrides],
            "study": {"name": name, "storage": f"sqlite:///{tmp_path / 'sweeps.db'}",
                      "heartbeat_interval": 2, "grace_period": 20, **study},
@@ -205,9 +206,9 @@ def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout
 
 
 def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried(tmp_path, sqlite_uri):
-    # 3 levels, so the worker is killed with levels still to train. Heartbeat every second; a
-    # trial without one for 4 s belongs to a dead worker.
-    path = write_sweep(tmp_path, "hb", overrides=["prune.levels=3"], heartbeat_interval=1,
+    # 2 levels, so the worker is killed after level 1 with level 2 still to train. Heartbeat
+    # every second; a trial without one for 4 s belongs to a dead worker.
+    path = write_sweep(tmp_path, "hb", overrides=["prune.levels=2"], heartbeat_interval=1,
                        grace_period=4, trial_pruning={"pruner": "none"})
     proc = subprocess.Popen([sys.executable, "-m", "ticketsmith", "sweep", "--config", str(path),
                              "--n-trials", "2", "--worker", "0"], cwd=tmp_path,
@@ -248,13 +249,13 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried(tmp_path, sql
     assert rep.data.tags["mlflow.parentRunId"] == redo.info.run_id
     assert rep.info.status == "FINISHED"
     levels = sorted(int(r.data.tags[TAG + "level"]) for r in runs(client, "child", hash=exp_hash))
-    assert levels == [0, 1, 2, 3]
+    assert levels == [0, 1, 2]
 
 
 def test_trial_pruning_stops_a_hopeless_trial_between_levels(tmp_path, sqlite_uri):
     # Every level passes the gate (a 100-point allowance), so the reported value after level k is
     # that level's sparsity: 0.9-fraction trials lead, a 0.05-fraction trial cannot catch up.
-    path = write_sweep(tmp_path, "tp", overrides=["prune.levels=3", "gate.max_accuracy_drop=100"],
+    path = write_sweep(tmp_path, "tp", overrides=["prune.levels=2", "gate.max_accuracy_drop=100"],
                        search_space={"prune.fraction": {"type": "float", "low": 0.05, "high": 0.9}},
                        trial_pruning={"pruner": "median", "n_startup_trials": 1, "n_warmup_steps": 0})
     assert main(["sweep", "--config", str(path), "--create-only"]) == 0
@@ -264,9 +265,9 @@ def test_trial_pruning_stops_a_hopeless_trial_between_levels(tmp_path, sqlite_ur
     study.enqueue_trial({"prune.fraction": 0.05})
     assert main(["sweep", "--config", str(path), "--n-trials", "2"]) == 0
     good, hopeless = load(tmp_path, "tp").trials
-    assert good.state == TrialState.COMPLETE and sorted(good.intermediate_values) == [1, 2, 3]
+    assert good.state == TrialState.COMPLETE and sorted(good.intermediate_values) == [1, 2]
     assert hopeless.state == TrialState.PRUNED
-    assert sorted(hopeless.intermediate_values) == [1]      # stopped after level 1 of 3
+    assert sorted(hopeless.intermediate_values) == [1]      # stopped after level 1 of 2
     client = MlflowClient(sqlite_uri)
     run = client.get_run(hopeless.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags[TAG + "sweep.state"] == "PRUNED"
@@ -285,7 +286,8 @@ def test_mlproject_sweep_entry_point_takes_n_trials_as_a_string(tmp_path):
     project = _project_spec.load_project(str(REPO))
     command = project.get_entry_point("sweep").compute_command(
         {"config": "configs/sweep_tiny.yaml", "n_trials": "2",
-         "overrides": f"experiment.output_dir={tmp_path / 'runs'}"}, str(tmp_path / "storage"))
+         "overrides": f"experiment.output_dir={tmp_path / 'runs'} prune.levels=1"},
+        str(tmp_path / "storage"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "TICKETSMITH_ARTIFACT_LOCATION": str(tmp_path / "artifacts"),
            STORAGE_ENV: f"sqlite:///{tmp_path / 'sweeps.db'}",

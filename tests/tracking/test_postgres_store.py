@@ -19,7 +19,7 @@ from conftest import free_port, load_benchmark, start_mlflow_server, stop
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
-RUNS = 7  # dense + 3 levels x (ticket, random re-init)
+RUNS = 5  # dense + 2 levels x (ticket, random re-init): a champion and a replaced version
 chaos = load_benchmark("chaos")
 
 # MLflow's HTTP client retries 503s (the server's answer while its database is down) inside
@@ -34,10 +34,13 @@ DB_DOWN = re.compile(r"ERROR mlflow\.server\.handlers: .*OperationalError")
 @pytest.fixture(scope="module")
 def pg_server(postgres, tmp_path_factory):
     """`mlflow server` on a fresh PostgreSQL database (its migrations take ~30 s here: one
-    server for the module), proxied artifacts in a temporary folder."""
+    server for the module), proxied artifacts in a temporary folder. Without MLflow's job
+    runner (huey: 8 more processes, each importing MLflow), which tracking never uses."""
     root = tmp_path_factory.mktemp("mlflow-pg")
     database = postgres.create_database("mlflow")
-    proc = start_mlflow_server(root, free_port(), postgres.url(database))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        proc = start_mlflow_server(root, free_port(), postgres.url(database))
     port = proc.args[proc.args.index("--port") + 1]
     try:
         yield f"http://127.0.0.1:{port}", database, root / "server.log"
@@ -84,7 +87,7 @@ def assert_complete(postgres, database: str, uri: str, name: str, tmp_path: Path
 @pytest.mark.slow
 def test_a_full_experiment_through_mlflow_server_on_postgresql(postgres, pg_server, tmp_path):
     uri, database, _ = pg_server
-    cmd, env = prune(tmp_path, uri, "pg-full")
+    cmd, env = prune(tmp_path, uri, "pg-full", "prune.levels=2")
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert_complete(postgres, database, uri, "pg-full", tmp_path)
@@ -92,7 +95,7 @@ def test_a_full_experiment_through_mlflow_server_on_postgresql(postgres, pg_serv
     gated = rows(postgres, database, "SELECT t.value, count(*) FROM tags t JOIN runs r ON "
                  "t.run_uuid = r.run_uuid JOIN experiments e ON r.experiment_id = e.experiment_id "
                  "WHERE e.name = 'pg-full' AND t.key = 'quality_gate' GROUP BY t.value")
-    assert sum(n for _, n in gated) >= 3 and {v for v, _ in gated} <= {"passed", "rejected"}
+    assert sum(n for _, n in gated) >= 2 and {v for v, _ in gated} <= {"passed", "rejected"}
     aliases = rows(postgres, database, "SELECT alias FROM registered_model_aliases a JOIN "
                    "model_versions v ON a.name = v.name AND a.version = v.version JOIN runs r ON "
                    "v.run_id = r.run_uuid JOIN experiments e ON r.experiment_id = e.experiment_id "

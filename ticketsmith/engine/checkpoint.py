@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ticketsmith.engine.masks import Mask, MaskError, apply_mask_
 from ticketsmith.base.files import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
+from ticketsmith.base.interrupts import interrupts_deferred
 from ticketsmith.base.errors import CheckpointError  # noqa: F401 (re-exported)
 
 FORMAT = "ticketsmith-checkpoint/1"
@@ -67,9 +68,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+        # Ctrl-C inside safetensors' reader comes out as a reader error (its Rust layer drops
+        # the KeyboardInterrupt), which would call a good file corrupt and exit 2: the signal
+        # waits for the read to end (milliseconds for a ticket) and then acts.
+        with interrupts_deferred():
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a safetensors checkpoint ({exc})") from None
     if metadata.get("format") != FORMAT:
