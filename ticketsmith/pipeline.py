@@ -19,6 +19,7 @@ from ticketsmith.gates import (LevelVerdict, described, evaluate_gates, format_t
                                release_check)
 from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
 from ticketsmith.engine.events import Tracker
+from ticketsmith.tracking.background import Background
 from ticketsmith.tracking.registry import (Prepared, Promotion, model_name_for, prepare_ticket,
                                            promote, ticket_runs)
 from ticketsmith.tracking.run_summary import best_speedups, ui_link
@@ -63,8 +64,14 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     report_dir: write the executive report there at the end (None: no report)."""
     # Data and model first: a config error (unknown model, data set or factory) must be
     # found before the tracking store records anything.
-    data = prepare_experiment(cfg)
-    prepare_store(client.tracking_uri if client is not None else None)
+    uri = client.tracking_uri if client is not None else None
+    warm = Background()  # about 1 s of imports, beside the data loading (files, torch)
+    warm.submit(import_tracking_modules, uri)
+    try:
+        data = prepare_experiment(cfg)
+    finally:
+        warm.abandon()  # ends once the imports are done; an import error shows where used
+    prepare_store(uri)
     client = client or MlflowClient()
     tracker = tracker or MlflowTracker(client, echo=echo)
     prepared = prepare_tickets_ahead(cfg, client, tracker, data)
@@ -96,6 +103,17 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
         echo(f"report: {build_report(client, ref, report_dir)}")
     echo(f"MLflow UI: {ui_link(client.tracking_uri, tracker.exp_id)}")
     return PipelineResult(result, verdicts, promotion, ok, reason)
+
+
+def import_tracking_modules(uri: str | None) -> None:
+    """Import what the first store call and the first run's figures need: SQLAlchemy's
+    mappers and Alembic for a SQLite store, matplotlib for the figures."""
+    import mlflow
+
+    if (uri or mlflow.get_tracking_uri()).startswith("sqlite:"):
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import ticketsmith.tracking.figures  # noqa: F401
 
 
 def probe(data):
