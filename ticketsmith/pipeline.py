@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 
 from ticketsmith.base.config import Config
 from ticketsmith.base.errors import BenchmarkError
@@ -19,7 +19,9 @@ from ticketsmith.gates import (LevelVerdict, described, evaluate_gates, format_t
                                release_check)
 from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
 from ticketsmith.engine.events import Tracker
-from ticketsmith.tracking.registry import Promotion, model_name_for, promote, ticket_runs
+from ticketsmith.tracking.background import Background
+from ticketsmith.tracking.registry import (Prepared, Promotion, model_name_for, prepare_ticket,
+                                           promote, ticket_runs)
 from ticketsmith.tracking.run_summary import best_speedups, ui_link
 from ticketsmith.tracking.regate import gate_experiment  # noqa: F401 (`ticketsmith gate`)
 from ticketsmith.tracking.tracker import MlflowTracker, load_records, prepare_store, retry
@@ -35,19 +37,18 @@ class PipelineResult:
 
 
 def log_gates(client: MlflowClient, tracker: MlflowTracker, verdicts: list[LevelVerdict]) -> None:
-    """Gate numbers on every ticket child run (tags + metrics) and a table on the parents."""
+    """Gate numbers on every ticket child run (tags + metrics, one batch per run) and a
+    table on the parents."""
+    now = int(time.time() * 1000)
     for (rep, level, variant), run in tracker.children.items():
         v = next((v for v in verdicts if v.level == level), None)
         if variant != "ticket" or v is None:
             continue
-        for g in v.gates:
-            decision = label(g.passed)
-            retry(lambda: client.set_tag(run.info.run_id, f"gate.{g.name}", decision), "tag gate")
-            if g.value is not None:
-                retry(lambda: client.log_metric(run.info.run_id, f"gate_{g.name}", g.value),
-                      "log gate metric")
-        retry(lambda: client.set_tag(run.info.run_id, "quality_gate",
-                                     "passed" if v.passed else "rejected"), "tag gate")
+        tags = [RunTag(f"gate.{g.name}", label(g.passed)) for g in v.gates]
+        tags.append(RunTag("quality_gate", "passed" if v.passed else "rejected"))
+        metrics = [Metric(f"gate_{g.name}", float(g.value), now, 0) for g in v.gates
+                   if g.value is not None]
+        tracker.log_batch(run.info.run_id, metrics=metrics, tags=tags)
     table = format_table(verdicts)
     for run_id in tracker.parents.values():
         retry(lambda: client.log_text(run_id, table, "gates/gates.txt"), "upload gate table")
@@ -63,10 +64,17 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     report_dir: write the executive report there at the end (None: no report)."""
     # Data and model first: a config error (unknown model, data set or factory) must be
     # found before the tracking store records anything.
-    data = prepare_experiment(cfg)
-    prepare_store(client.tracking_uri if client is not None else None)
+    uri = client.tracking_uri if client is not None else None
+    warm = Background()  # about 1 s of imports, beside the data loading (files, torch)
+    warm.submit(import_tracking_modules, uri)
+    try:
+        data = prepare_experiment(cfg)
+    finally:
+        warm.abandon()  # ends once the imports are done; an import error shows where used
+    prepare_store(uri)
     client = client or MlflowClient()
     tracker = tracker or MlflowTracker(client, echo=echo)
+    prepared = prepare_tickets_ahead(cfg, client, tracker, data)
     result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo,
                             selection=selection, data=data)
     if cfg.experiment.benchmark and cfg.task == "language_model":
@@ -84,8 +92,8 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
         name = model_name_for(cfg.experiment.name, result.exp_hash)
         promotion = promote(client, name, runs, verdicts,
                             legacy_stages=legacy_stages, echo=echo,
-                            allow_factory=cfg.model.factory,
-                            probe=result.data.test_x[:1000].cpu())  # real inputs for the check
+                            allow_factory=cfg.model.factory, prepared=prepared,
+                            probe=probe(result.data))
     ok, reason = release_check(verdicts, cfg.gate)
     echo(f"release check: {label(ok)} ({reason})")
     if report_dir is not None:
@@ -95,6 +103,49 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
         echo(f"report: {build_report(client, ref, report_dir)}")
     echo(f"MLflow UI: {ui_link(client.tracking_uri, tracker.exp_id)}")
     return PipelineResult(result, verdicts, promotion, ok, reason)
+
+
+def import_tracking_modules(uri: str | None) -> None:
+    """Import what the first store call and the first run's figures need: SQLAlchemy's
+    mappers and Alembic for a SQLite store, matplotlib for the figures."""
+    import mlflow
+
+    if (uri or mlflow.get_tracking_uri()).startswith("sqlite:"):
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import ticketsmith.tracking.figures  # noqa: F401
+
+
+def probe(data):
+    """The inputs (a tensor) a ticket's serving plan is checked on before it is registered:
+    real test inputs."""
+    return data.test_x[:1000].cpu()
+
+
+def prepare_tickets_ahead(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
+                          data) -> dict[str, Prepared]:
+    """Log each newly trained candidate ticket (replicate 0) as a pyfunc model on the
+    tracker's background thread while the next level trains (plan build and check, model
+    files): run id → what `promote` registers. Not when the benchmark is on (it writes the
+    measured plan only after the last level), nor for a language model (its plan is
+    measured when it is built: timings beside a training are noise, and the measurement sets
+    torch's process-wide thread count), nor when nothing is registered."""
+    prepared: dict[str, Prepared] = {}
+    if (not cfg.tracking.register_model or cfg.experiment.benchmark
+            or cfg.task == "language_model"):
+        return prepared
+
+    def job(run_id: str, checkpoint: Path) -> None:
+        prepared[run_id] = prepare_ticket(client, run_id, checkpoint, cfg.model.factory,
+                                          probe(data))
+
+    def hook(record: dict, run_id: str) -> None:
+        if record["variant"] == "ticket" and record["replicate"] == 0:
+            key = (0, record["level"], "ticket")
+            tracker.background.submit(job, run_id, tracker.store.checkpoint_path(*key))
+
+    tracker.on_finished.append(hook)
+    return prepared
 
 
 def benchmark_levels(cfg: Config, client: MlflowClient, tracker: MlflowTracker,

@@ -294,3 +294,19 @@ def test_natural_input_is_never_changed_in_place():
         for fm in (False, True):
             to_model_input(images, spec, feature_major=fm)
             np.testing.assert_array_equal(images, before)
+
+
+def test_checking_a_plan_leaves_torchs_thread_count_as_it_was(mnist):
+    """A ticket is checked while the next level trains (tracking/background.py): the check
+    must not change the process-wide thread count the training runs at."""
+    from ticketsmith.serving.plan.layout import default_threads
+
+    ckpt, bench, data = mnist
+    before = torch.get_num_threads()
+    odd = default_threads() + 1  # neither the plan's own count nor the suite's one thread
+    torch.set_num_threads(odd)
+    try:
+        verify(bench["serving"]["path"], ckpt, data.test_x[:200])
+        assert torch.get_num_threads() == odd
+    finally:
+        torch.set_num_threads(before)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import mlflow
 import numpy as np
@@ -110,12 +111,27 @@ def log_ticket_model(checkpoint: Path, serving: Path | None, *,
         pass
     # The model carries its own code (ticketsmith/) and states its requirements, so MLflow
     # need not infer them by re-importing the model in a subprocess (~10 s per version).
+    # The input example is saved as always (input_example.json, serving_input_example.json)
+    # but not served once more: `verify` checked the plan against the masked model on real
+    # inputs just before, and MLflow's own try loads the whole model again (the plan's ONNX
+    # Runtime session, ~0.2 s of CPU per version) to run two zero images through it.
     with _requirements_from_this_interpreter():
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=MODEL_CODE, artifacts=artifacts,
+        return mlflow.models.Model.log(
+            artifact_path=None, name="model", flavor=_PYFUNC_UNVALIDATED, validate_serving_input=False,
+            python_model=MODEL_CODE, artifacts=artifacts,
             input_example=input_example(meta), signature=serving_signature(meta),
             code_paths=[str(Path(__file__).parents[1])], model_config=config,
             pip_requirements=requirements)
+
+
+def _save_pyfunc(*, validate_serving_input: bool = True, **kwargs):  # noqa: ARG001
+    """`mlflow.pyfunc.save_model`, taking `Model.log`'s `validate_serving_input` switch, which
+    Model.log also hands to the flavor and pyfunc's save_model refuses as unknown."""
+    return mlflow.pyfunc.save_model(**kwargs)
+
+
+# mlflow.pyfunc as the flavor `Model.log` saves with (its name is what MLflow records).
+_PYFUNC_UNVALIDATED = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
 
 
 @contextmanager
@@ -202,9 +218,22 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
     seeded batch) before it is logged; its figures become the version's `serving.*` tags.
     allow_factory: the model factory the experiment's config names; the pyfunc imports that
     one and no other (`checkpoint.factory_allowed`)."""
-    existing = _find_version(client, name, run_id)
-    if existing is not None:
-        return existing.version
+    return _register(client, name, run_id, checkpoint, allow_factory, probe).version
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A ticket logged as a pyfunc model in its run, not registered yet."""
+    model_uri: str
+    model_id: str | None
+    tags: dict[str, str]              # its `serving.*` tags
+
+
+def prepare_ticket(client: MlflowClient, run_id: str, checkpoint: Path,
+                   allow_factory: str | None = None, probe=None) -> Prepared:
+    """Everything of `register_ticket` before the version: the serving plan built (when the
+    benchmark wrote none) and checked, the model logged in its run. Touches no registry entry,
+    so it may run while a later level trains (see background.py)."""
     from ticketsmith.engine.checkpoint import load_checkpoint
 
     mlflow.set_tracking_uri(client.tracking_uri)
@@ -214,7 +243,7 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
         from ticketsmith.serving.lm_plan import ensure_lm_plan, load_lm_plan
 
         plan = ensure_lm_plan(RunStore.serving_next_to(checkpoint), checkpoint, allow_factory)
-        tags = {**lm_plan_tags(load_lm_plan(plan)), "task": "language_model"}
+        serving = {**lm_plan_tags(load_lm_plan(plan)), "task": "language_model"}
         with interrupts_deferred(), mlflow.start_run(run_id=run_id):
             info = log_language_model(Path(checkpoint), allow_factory=allow_factory, plan=plan)
     else:
@@ -227,19 +256,31 @@ def register_ticket(client: MlflowClient, name: str, run_id: str, checkpoint: Pa
         # be cut in half (see interrupts.py).
         with interrupts_deferred(), mlflow.start_run(run_id=run_id):
             info = log_ticket_model(Path(checkpoint), plan, allow_factory=allow_factory)
-        tags = serving_tags(plan, check)
+        serving = serving_tags(plan, check)
+    # MLflow may close the run it reopened; keep the ticket run FINISHED as the engine left it.
+    retry(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
+    return Prepared(info.model_uri, info.model_id, serving)
+
+
+def _register(client: MlflowClient, name: str, run_id: str, checkpoint: Path,
+              allow_factory: str | None = None, probe=None, tags: dict[str, str] | None = None,
+              prepared: Prepared | None = None):
+    """`register_ticket`, returning the model version (with its tags); `tags` (e.g. the gate
+    results) are written with the version in the same store call as its `serving.*` tags.
+    prepared: the run's model, logged already (`prepare_ticket`)."""
+    existing = _find_version(client, name, run_id)
+    if existing is not None:
+        return existing
+    prepared = prepared or prepare_ticket(client, run_id, checkpoint, allow_factory, probe)
     try:
         retry(lambda: client.get_registered_model(name), "get registered model")
     except Exception:
         retry(lambda: client.create_registered_model(
             name, description="TicketSmith ticket candidates; `champion` is the sparsest ticket "
                               "passing every quality gate."), "create registered model")
-    mv = retry(lambda: client.create_model_version(name, info.model_uri, run_id=run_id,
-                                                   model_id=info.model_id, tags=tags),
-               "create model version")
-    # MLflow may close the run it reopened; keep the ticket run FINISHED as the engine left it.
-    retry(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
-    return mv.version
+    return retry(lambda: client.create_model_version(
+        name, prepared.model_uri, run_id=run_id, model_id=prepared.model_id,
+        tags={**prepared.tags, **(tags or {})}), "create model version")
 
 
 def version_description(verdict: LevelVerdict, serving: str | None = None) -> str:
@@ -256,38 +297,46 @@ def version_description(verdict: LevelVerdict, serving: str | None = None) -> st
     return "\n".join(lines)
 
 
+def gate_tags(verdict: LevelVerdict, run_id: str) -> dict[str, str]:
+    """The gate results a version carries: level, sparsity, source run, verdict, each gate."""
+    tags = {"level": str(verdict.level), "sparsity": f"{verdict.sparsity:.6f}",
+            "source_run": run_id, "quality_gate": "passed" if verdict.passed else "rejected"}
+    for g in verdict.gates:
+        tags[f"gate.{g.name}"] = label(g.passed) + (f" {g.value:.4f}" if g.value is not None
+                                                    else "")
+    return tags
+
+
 def promote(client: MlflowClient, name: str, ticket_runs: dict[int, tuple[str, Path]],
             verdicts: list[LevelVerdict], *, legacy_stages: bool = False,
             echo: Callable[[str], None] = print, allow_factory: str | None = None,
-            register: bool = True, probe=None) -> Promotion:
+            register: bool = True, probe=None,
+            prepared: dict[str, Prepared] | None = None) -> Promotion:
     """Register every level's candidate, tag gate results, move the aliases.
 
     register=False: re-gate only the versions already registered (`ticketsmith gate
     --update-registry`, which may run where the checkpoints are not); others are skipped.
+    prepared: run id → its model, logged while later levels trained (`prepare_ticket`).
     """
     by_level = {v.level: v for v in verdicts}
     versions, rejected = {}, []
     for level, (run_id, checkpoint) in sorted(ticket_runs.items()):
         if level not in by_level:
             continue
-        if register:
-            version = register_ticket(client, name, run_id, checkpoint, allow_factory, probe)
-        elif (found := _find_version(client, name, run_id)) is not None:
-            version = found.version
-        else:
-            continue
-        versions[level] = version
         v = by_level[level]
-        tags: dict[str, Any] = {"level": level, "sparsity": f"{v.sparsity:.6f}",
-                                "source_run": run_id,
-                                "quality_gate": "passed" if v.passed else "rejected"}
-        for g in v.gates:
-            tags[f"gate.{g.name}"] = label(g.passed) + (
-                f" {g.value:.4f}" if g.value is not None else "")
-        for k, val in tags.items():
-            retry(lambda: client.set_model_version_tag(name, version, k, str(val)), "tag version")
-        mv = retry(lambda: client.get_model_version(name, version), "get model version")
-        serving = serving_description(name, version, mv.tags)
+        tags = gate_tags(v, run_id)
+        if register:  # a new version gets its gate tags in the call that creates it
+            mv = _register(client, name, run_id, checkpoint, allow_factory, probe, tags,
+                           (prepared or {}).get(run_id))
+        elif (found := _find_version(client, name, run_id)) is None:
+            continue
+        else:
+            mv = found
+        version = versions[level] = mv.version
+        for k, val in tags.items():  # a version registered before: only what changed
+            if mv.tags.get(k) != val:
+                retry(lambda: client.set_model_version_tag(name, version, k, val), "tag version")
+        serving = serving_description(name, version, {**mv.tags, **tags})
         retry(lambda: client.update_model_version(name, version,
                                                   version_description(v, serving or None)),
               "describe version")

@@ -27,6 +27,7 @@ from ticketsmith.base.interrupts import interrupts_deferred, raise_if_interrupte
 from ticketsmith.base.environment import environment as base_environment, git_commit
 from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.events import TrackingError, UnknownExperiment
+from ticketsmith.tracking.background import Background
 from ticketsmith.tracking.run_summary import (EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, experiment_description,
                                               level_metrics, quality_key, replicate_description)
 from ticketsmith.base.secrets import redact
@@ -126,6 +127,10 @@ class MlflowTracker:
         self._replicate: int | None = None
         self._monitor = None
         self._progress_uploaded = False
+        # Work that may overlap the next level's training (see background.py), and what to
+        # hand it when a level's run has finished: hook(record, run_id).
+        self.background = Background()
+        self.on_finished: list[Callable[[dict[str, Any], str], None]] = []
 
     # --- lookup ---------------------------------------------------------------------------
     def _runs(self, role: str) -> list[Any]:
@@ -218,9 +223,12 @@ class MlflowTracker:
         self._progress_uploaded = True
 
     def run_finished(self, record: dict[str, Any], run_dir: Path) -> None:
-        self._finish(self.current, record, Path(run_dir))
-        self._drop_progress(self.current)
+        run_id = self.current
+        self._finish(run_id, record, Path(run_dir))
+        self._drop_progress(run_id)
         self.current = None
+        for hook in self.on_finished:
+            hook(record, run_id)
 
     def _drop_progress(self, run_id: str) -> None:
         """The finished level's progress checkpoint is of no more use: delete the uploaded
@@ -257,6 +265,7 @@ class MlflowTracker:
 
     def replicate_finished(self, replicate: int, records: list[dict[str, Any]]) -> None:
         run_id = self.parents[replicate]
+        self.background.wait()  # its failure ends the replicate FAILED (experiment_failed)
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
@@ -274,6 +283,7 @@ class MlflowTracker:
 
     def close_open_runs(self, status: str) -> None:
         """Terminate the current child and replicate runs with `status` (best effort)."""
+        self.background.abandon()
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None

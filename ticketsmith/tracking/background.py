@@ -1,0 +1,45 @@
+"""Tracking work that overlaps training: one background thread, jobs in order, failures kept.
+
+Torch trains at one thread, so on a two-core machine the second core is idle while a level
+trains. Work that needs only what an earlier level left on disk (e.g. logging a ticket as a
+pyfunc model: plan build, check, model files) runs here meanwhile. `wait()` is the barrier:
+it returns once every job has ended and raises the first failure, so a run that waits on its
+jobs before it is closed ends FAILED when one of them failed, never FINISHED without them.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+
+class Background:
+    """A single worker thread (jobs run one at a time, in the order submitted)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self._pool is None:  # no thread until there is work
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ticketsmith-background")
+        job = self._pool.submit(fn, *args)
+        self._jobs.append(job)
+        return job
+
+    def wait(self) -> None:
+        """Block until every submitted job has ended; raise the first failure."""
+        jobs, self._jobs = self._jobs, []
+        errors = [job.exception() for job in jobs]  # waits for each, in order
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+    def abandon(self) -> None:
+        """After an error or an interrupt: drop the jobs not started yet and let the running
+        one end (what it records lands whole); its failure, if any, is not raised."""
+        for job in self._jobs:
+            job.cancel()
+        for job in self._jobs:
+            if not job.cancelled():
+                job.exception()
+        self._jobs = []
