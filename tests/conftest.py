@@ -140,18 +140,20 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         stop(proc)
 
 
-def start_mlflow_server(root: Path, port: int, backend_store_uri: str | None = None
-                        ) -> subprocess.Popen:
+def start_mlflow_server(root: Path, port: int, backend_store_uri: str | None = None,
+                        jobs: bool = False) -> subprocess.Popen:
     """`mlflow server` on `port` with its store in `root` (SQLite, or `backend_store_uri`, +
     proxied artifacts), once it answers, in a process group of its own (`stop` ends it with its
     uvicorn, job runner and huey consumers). Starting it again on the same root and port serves
-    the same store."""
+    the same store. MLflow's job runner (eight processes that each import MLflow, about 16 s of
+    CPU per start) is off unless `jobs`: tracking never uses it."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
     with open(root / "server.log", "a") as log:
         proc = start_group(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                           env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+                           env={**os.environ, "MLFLOW_TRACKING_URI": "",
+                                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": str(jobs).lower()})
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300)  # a loaded CI box
     except RuntimeError:

@@ -45,14 +45,10 @@ def test_the_audit_sees_duplicates_running_runs_and_changed_metrics():
 
 
 @pytest.mark.slow
-def test_a_tracking_server_outage_is_waited_out_or_fails_in_one_line(tmp_path, monkeypatch):
+def test_a_tracking_server_outage_is_waited_out_or_fails_in_one_line(tmp_path):
     """Kill the `mlflow server` while level 1 trains, restart it on the same store and port:
     the experiment waits it out (tracking.retry) or exits 1 with the one-line tracking error;
     a rerun completes with nothing lost or duplicated."""
-    # Without MLflow's job runner (huey: 8 more processes, each importing MLflow, ~16 s of CPU
-    # per server start here), which tracking never uses; tests/tracking/test_server_stop.py
-    # keeps it, to show that stopping a server ends those processes too.
-    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     root = tmp_path / "server"
     root.mkdir()
     port = free_port()

@@ -38,9 +38,7 @@ def pg_server(postgres, tmp_path_factory):
     runner (huey: 8 more processes, each importing MLflow), which tracking never uses."""
     root = tmp_path_factory.mktemp("mlflow-pg")
     database = postgres.create_database("mlflow")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        proc = start_mlflow_server(root, free_port(), postgres.url(database))
+    proc = start_mlflow_server(root, free_port(), postgres.url(database))
     port = proc.args[proc.args.index("--port") + 1]
     try:
         yield f"http://127.0.0.1:{port}", database, root / "server.log"

@@ -32,7 +32,7 @@ def pgid(p: psutil.Process) -> int | None:
 
 @pytest.mark.slow  # one real `mlflow server` start: seconds idle, a minute on a loaded machine
 def test_stopping_the_mlflow_server_ends_every_process_it_started(tmp_path):
-    proc = start_mlflow_server(tmp_path, free_port())
+    proc = start_mlflow_server(tmp_path, free_port(), jobs=True)  # every child it can start
     try:
         leader = psutil.Process(proc.pid)
         started = leader.children(recursive=True)
