@@ -181,10 +181,12 @@ def postgres_url(postgres) -> str:
     return postgres.url(postgres.create_database())
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """Tests train tiny models, where a second OpenMP thread only adds contention (on a busy
-    2-core machine, 10x slower). Session scope: in force before any module's fixtures."""
+    2-core machine, 10x slower). Set again for every module, before its own fixtures: loading
+    a served model sets torch's process-wide thread count to the plan's, and a later module's
+    tiny training at two threads sums in another order (its gates flipped)."""
     import torch
 
     before = torch.get_num_threads()

@@ -13,13 +13,24 @@ from typing import Any, Callable
 
 
 class Background:
-    """A single worker thread (jobs run one at a time, in the order submitted)."""
+    """A single worker thread (jobs run one at a time, in the order submitted), or, with
+    `threaded=False`, each job run at once in the caller's thread with the same contract: its
+    failure is kept and raised by `wait()`, not where it was submitted."""
 
-    def __init__(self) -> None:
+    def __init__(self, threaded: bool = True) -> None:
+        self._threaded = threaded
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: list[Future] = []
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if not self._threaded:
+            job: Future = Future()
+            try:
+                job.set_result(fn(*args))
+            except Exception as error:  # kept for wait(); Ctrl-C and SIGTERM stop at once
+                job.set_exception(error)
+            self._jobs.append(job)
+            return job
         if self._pool is None:  # no thread until there is work
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="ticketsmith-background")
         job = self._pool.submit(fn, *args)

@@ -127,9 +127,12 @@ class MlflowTracker:
         self._replicate: int | None = None
         self._monitor = None
         self._progress_uploaded = False
-        # Work that may overlap the next level's training (see background.py), and what to
-        # hand it when a level's run has finished: hook(record, run_id).
-        self.background = Background()
+        # A level's ticket logging (plan build and check, model files), and what to hand it
+        # when a level's run has finished: hook(record, run_id). Run in this thread, before
+        # the next level trains: on a thread beside training it built torch modules from the
+        # process-wide random generator and torch's one thread pool while the next level drew
+        # from them, so a level's weights depended on timing (a test suite's gates flipped).
+        self.background = Background(threaded=False)
         self.on_finished: list[Callable[[dict[str, Any], str], None]] = []
 
     # --- lookup ---------------------------------------------------------------------------
