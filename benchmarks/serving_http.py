@@ -246,6 +246,11 @@ def ratio_summary(dense: list[float], champion: list[float]) -> dict[str, float]
     return {"median": statistics.median(r), "min": min(r), "max": max(r)}
 
 
+def ratio_text(x: dict[str, float]) -> str:
+    """A `ratio_summary` as the tables print it: "1.23x (1.10-1.40)"."""
+    return f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
+
+
 def check(clients: dict[str, list[Client]], models: dict[str, Any], body: bytes,
           x: np.ndarray) -> dict[str, float]:
     """The champion's HTTP answer against its in-process predict on the same payload; the
@@ -342,8 +347,7 @@ def table(res: dict[str, Any]) -> str:
     lines += [f"speedup champion/dense, median (range) over {s['rounds']} rounds:",
               f"{'batch':>5}  {'over HTTP':<24}{'pyfunc.predict in-process':<28}target"]
     for b, r in res["batches"].items():
-        h, p = (f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
-                for x in (r["http_speedup"], r["pyfunc_speedup"]))
+        h, p = ratio_text(r["http_speedup"]), ratio_text(r["pyfunc_speedup"])
         target = f">= {TARGETS[int(b)]}x" if int(b) in TARGETS else ""
         lines.append(f"{b:>5}  {h:<24}{p:<28}{target}")
     checks = "; ".join(f"batch {b}: max |diff| {r['check']['max_abs_diff']:.2g}, argmax "

@@ -147,8 +147,8 @@ def table(res: dict[str, Any]) -> str:
     lines += [f"speedup champion/dense in generated tokens/s, median (range) over "
               f"{s['rounds']} rounds:", f"{'batch':>5}  {'over HTTP':<24}pyfunc.predict in-process"]
     for b, r in res["batches"].items():
-        h, p = (f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
-                for x in (r["http_speedup"], r["pyfunc_speedup"]))
+        h, p = (http_bench.ratio_text(r["http_speedup"]),
+                http_bench.ratio_text(r["pyfunc_speedup"]))
         lines.append(f"{b:>5}  {h:<24}{p}")
     checks = "; ".join(f"batch {b}: " + ("same text" if r["check"]["http_equals_pyfunc"]
                                          else "TEXT DIFFERS") + f" ({r['check']['rows']} rows)"

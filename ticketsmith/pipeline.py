@@ -124,12 +124,12 @@ def probe(data):
 
 def prepare_tickets_ahead(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
                           data) -> dict[str, Prepared]:
-    """Log each newly trained candidate ticket (replicate 0) as a pyfunc model on the
-    tracker's background thread while the next level trains (plan build and check, model
-    files): run id → what `promote` registers. Not when the benchmark is on (it writes the
-    measured plan only after the last level), nor for a language model (its plan is
-    measured when it is built: timings beside a training are noise, and the measurement sets
-    torch's process-wide thread count), nor when nothing is registered."""
+    """Log each newly trained candidate ticket (replicate 0) as a pyfunc model as its level
+    ends, before the next one trains (plan build and check, model files; `tracker.background`
+    keeps a failure until the replicate ends): run id → what `promote` registers. Not when
+    the benchmark is on (it writes the measured plan only after the last level), nor for a
+    language model (its plan is measured when it is built, and the measurement sets torch's
+    process-wide thread count), nor when nothing is registered."""
     prepared: dict[str, Prepared] = {}
     if (not cfg.tracking.register_model or cfg.experiment.benchmark
             or cfg.task == "language_model"):

@@ -78,6 +78,12 @@ def get_linear(block: nn.Module, path: str) -> nn.Linear:
     return getattr(getattr(block, first), second)
 
 
+def site(name: str) -> tuple[int, str]:
+    """A block Linear's name ("blocks.1.mlp.fc") as (block index, path in the block)."""
+    _, block, path = name.split(".", 2)
+    return int(block), path
+
+
 def set_linear(block: nn.Module, path: str, new: nn.Module) -> None:
     first, second = path.split(".")
     setattr(getattr(block, first), second, new)
@@ -99,9 +105,9 @@ def with_kernels(model: GPT, kernels: dict[str, str]) -> GPT:
     out = copy.deepcopy(model, shared)
     for name, kernel in kernels.items():
         if kernel != "dense":
-            block, path = name.split(".", 2)[1], name.split(".", 2)[2]
-            layer = get_linear(out.blocks[int(block)], path)
-            set_linear(out.blocks[int(block)], path, _candidates(layer)[kernel])
+            block, path = site(name)
+            layer = get_linear(out.blocks[block], path)
+            set_linear(out.blocks[block], path, _candidates(layer)[kernel])
     return out
 
 
@@ -152,7 +158,7 @@ def in_model_times(model: GPT, rows: int, exact: dict[str, list[str]], trials: i
                                        for n, ks in exact.items()})
         for name, ks in exact.items():
             if kind in ks:
-                block, path = int(name.split(".")[1]), name.split(".", 2)[2]
+                block, path = site(name)
                 sinks[name, kind] = []
                 set_linear(variant.blocks[block], path, _Timed(
                     get_linear(variant.blocks[block], path), sinks[name, kind]))
@@ -193,7 +199,8 @@ def choose_kernels(model: GPT, rows: int, trials: int = 5, timer: KernelTimer | 
 
 def _alone(model: GPT, name: str, kernels: list[str], rows: int) -> dict[str, Callable]:
     """kernel -> a call of layer `name` alone on `rows` random rows (what a `timer` times)."""
-    layer = get_linear(model.blocks[int(name.split(".")[1])], name.split(".", 2)[2])
+    block, path = site(name)
+    layer = get_linear(model.blocks[block], path)
     x = torch.randn(rows, layer.in_features).to(layer.weight.device)
     cands = _candidates(layer)
     return {k: (lambda c=cands[k]: c(x)) for k in kernels}
