@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ticketsmith.engine.generate import (Decoder, GenerationError, Sampling, generate_ids,
-                                         generate_text)
+                                         generate_text, gpt_step)
 from ticketsmith.engine.lm_train import generate as recompute
 from ticketsmith.engine.models import prunable_weights
 from ticketsmith.engine.transformer import GPT
@@ -101,6 +101,26 @@ def test_every_cached_step_gives_the_full_forward_logits(models, name):
     steps = [dec.prefill([seq[0, :10].tolist()], seq.shape[1] - 10)]
     steps += [dec.step(seq[:, t]) for t in range(10, seq.shape[1])]
     torch.testing.assert_close(torch.cat(steps), full[9:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[12], [12, 5, 9]], ids=["batch 1", "padded batch"])
+@pytest.mark.parametrize("name", ["masked", "compacted"])
+def test_the_decode_fast_path_gives_the_general_steps_logits(models, name, lengths):
+    """`Decoder.step` (decode_step.StepPlan) against `gpt_step`, the path prefill takes, from
+    the same prefilled cache, token for token: a left-padded batch included."""
+    model = models[name]
+    prompts = [list(ZEN.encode()[40:40 + n]) for n in lengths]
+    fast, general = Decoder(model), Decoder(model)
+    logits, ref = fast.prefill(prompts, 12), general.prefill(prompts, 12)
+    pos, cache = general.next_pos[:, None], general.cache
+    for _ in range(12):
+        tokens = ref.argmax(-1)
+        logits = fast.step(tokens)
+        cache.valid[:, cache.filled] = True
+        ref = gpt_step(model, tokens[:, None], pos, cache)
+        pos = pos + 1
+        torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+    assert fast.cache.filled == cache.filled
 
 
 def test_compacted_model_continues_like_the_masked_one(models):

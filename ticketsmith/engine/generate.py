@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ticketsmith.base.errors import ConfigError
+from ticketsmith.engine.decode_step import StepPlan
 from ticketsmith.engine.transformer import GPT
 
 
@@ -53,7 +54,18 @@ class Cache:
         self.v = [torch.zeros_like(k) for k in self.k]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.padded = False
+        self.bias: torch.Tensor | None = None
         self.filled = 0
+
+    def pad(self, valid: torch.Tensor) -> None:
+        """Mark the prompt's keys, `valid` (batch, width): False where a row is left-padded."""
+        width = valid.shape[1]
+        self.valid[:, :width] = valid
+        self.padded = not bool(valid.all())
+        if self.padded:
+            self.bias = torch.zeros(self.valid.shape, dtype=self.k[0].dtype,
+                                    device=valid.device)
+            self.bias[:, :width].masked_fill_(~valid, -math.inf)
 
     def nbytes(self) -> int:
         """Bytes of the keys and values in use (what a decode step reads)."""
@@ -117,6 +129,7 @@ class Decoder:
             raise GenerationError(f"{type(model).__name__} is not a language model (expected "
                                   "the GPT or a Hugging Face causal LM)")
         self.max_length = max_length
+        self.plan: StepPlan | None = None
         self.device = next(model.parameters()).device
 
     def prefill(self, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
@@ -143,23 +156,32 @@ class Decoder:
             return out.logits[:, -1]
         self.cache = Cache(self.model, len(prompts), width + new_tokens, self.device,
                            self.model.wte.weight.dtype)
-        self.cache.valid[:, :width] = valid
-        self.cache.padded = min(lengths) != width
+        self.cache.pad(valid)
         return gpt_step(self.model, ids, pos, self.cache)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch,) → logits (batch, vocab) of the position after them."""
+        if self.family == "gpt":
+            return self._gpt_step(tokens)
         pos = self.next_pos[:, None]
         self.next_pos = self.next_pos + 1
-        if self.family == "hf":
-            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
-            out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
-                             position_ids=pos, use_cache=True, **{self.past_name: self.past})
-            self.past = getattr(out, self.past_name)
-            return out.logits[:, -1]
-        if self.cache.padded:  # only a padded batch builds a mask from `valid`
-            self.cache.valid[:, self.cache.filled] = True
-        return gpt_step(self.model, tokens[:, None], pos, self.cache)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
+                         position_ids=pos, use_cache=True, **{self.past_name: self.past})
+        self.past = getattr(out, self.past_name)
+        return out.logits[:, -1]
+
+    def _gpt_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode step's fast path (`decode_step.StepPlan`, one per model: a plan's
+        Decoder swaps models between prefill and decode)."""
+        cache = self.cache
+        if self.plan is None or self.plan.model is not self.model:
+            self.plan = StepPlan(self.model)
+        if not cache.padded:  # every row is at the same position: the cache's length
+            return self.plan(tokens, cache.filled, cache)
+        cache.valid[:, cache.filled] = True  # what `gpt_step`'s mask reads, if it runs next
+        pos, self.next_pos = self.next_pos, self.next_pos + 1
+        return self.plan(tokens, pos, cache)
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
