@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from ticketsmith.engine.decode_step import linear_call, linear_into
 from ticketsmith.engine.generate import Decoder
 from ticketsmith.serving.lm_kernels import (LINEARS, compacted_model, get_linear, set_linear,
                                             sparse_model)
@@ -53,13 +54,22 @@ class Spanned(nn.Module):
     def __init__(self, inner: nn.Module, sink: list[float] | None):
         super().__init__()
         self.inner, self.sink = inner, sink
+        # as a decode step calls the layer itself (`engine.decode_step`): what is timed
+        self._call, self._into = linear_call(inner), linear_into(inner)
 
     def forward(self, x):
+        return self._timed(self._call if x.dim() == 2 else self.inner, x)
+
+    def forward_into(self, x, out):
+        """A decode step's qkv projection, written into the KV cache (`linear_into`)."""
+        return self._timed(self._into, x, out)
+
+    def _timed(self, call, *args):
         if self.sink is None:
             with record_function(SPAN):
-                return self.inner(x)
+                return call(*args)
         t0 = time.thread_time()
-        y = self.inner(x)
+        y = call(*args)
         self.sink.append(time.thread_time() - t0)
         return y
 

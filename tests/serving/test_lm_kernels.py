@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ticketsmith.engine.generate import Decoder, gpt_step
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving import lm_kernels
-from ticketsmith.serving.lm_kernels import ScipyCSRLinear, choose_kernels
+from ticketsmith.serving.lm_kernels import LINEARS, ScipyCSRLinear, choose_kernels, with_kernels
 
 
 def _masked_linear(n_in: int, n_out: int, bias: bool, seed: int = 0) -> torch.nn.Linear:
@@ -61,6 +62,46 @@ def test_a_scipy_without_the_private_loop_takes_the_public_product(monkeypatch):
     with torch.inference_mode():
         assert not kernel._fast
         torch.testing.assert_close(kernel(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("target", ["contiguous", "row of a cache"])
+def test_writing_into_an_output_gives_the_forward_numbers(rows, target):
+    """`forward_into` (a decode step's qkv projection into its KV cache): one row into a
+    contiguous output takes scipy's loop there; any other output gets a copy. Nothing
+    outside the output is written."""
+    layer = _masked_linear(48, 40, True)
+    kernel = ScipyCSRLinear(layer.weight, layer.bias)
+    x = torch.randn(rows, 48)
+    buf = torch.full((rows, 3, 40), 7.0)  # (rows, positions, features): position 1 written
+    out = buf[:, 1] if target == "row of a cache" else torch.full((rows, 40), 7.0)
+    with torch.inference_mode():
+        kernel.forward_into(x, out)
+        torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
+    assert (buf[:, 0] == 7).all() and (buf[:, 2] == 7).all()
+    torch.testing.assert_close(kernel.bias, layer.bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lengths", [[9], [9, 4]], ids=["batch 1", "padded batch"])
+def test_a_model_on_sparse_kernels_decodes_like_the_general_step(lengths):
+    """Every block Linear on scipy's CSR (the qkv projection writing into the KV cache): the
+    decode fast path gives `gpt_step`'s logits, and the masked model's."""
+    masked = _sparse_gpt()
+    model = with_kernels(masked, {f"blocks.{i}.{p}": "scipy_csr" for i in range(2)
+                                  for p in LINEARS})
+    assert isinstance(model.blocks[0].attn.qkv, ScipyCSRLinear)
+    prompts = [list(range(30, 30 + n)) for n in lengths]
+    fast, general, ref = Decoder(model), Decoder(model), Decoder(masked)
+    with torch.inference_mode():
+        a, b, c = (d.prefill(prompts, 6) for d in (fast, general, ref))
+        pos, cache = general.next_pos[:, None], general.cache
+        for _ in range(6):
+            tokens = c.argmax(-1)
+            a, c = fast.step(tokens), ref.step(tokens)
+            cache.valid[:, cache.filled] = True
+            b, pos = gpt_step(model, tokens[:, None], pos, cache), pos + 1
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
 
 
 def _sparse_gpt() -> GPT:

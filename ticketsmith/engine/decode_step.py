@@ -1,17 +1,21 @@
-"""The decode step of our GPT without nn.Module calls: one new token per row after a filled
-KV cache (engine/generate.py's `Cache`), the same arithmetic as `generate.gpt_step` at t = 1.
+"""The KV cache of our GPT and its decode step without nn.Module calls: one new token per row
+after a filled cache, the same arithmetic as `generate.gpt_step` at t = 1.
 
 At batch 1 on the serving-sized GPT (width 384) a decoded token's block Linears take about
 0.7 ms of CPU and everything else (embeddings, norms, cache writes, attention, the head) took
 about 0.5 ms more, as ~45 small torch calls plus nn.Module dispatch: a cost pruning cannot
-remove, so it diluted every speedup. Here each block's weights and sizes are looked up once
-per model (`StepPlan`), a plain nn.Linear runs as one `torch.addmm` on its stored transpose
-(`F.linear` dispatches `t` and `addmm`), a kernel module (sparse, int8) runs its own
-`forward`, the hidden state stays (batch, width) and residual adds are in place. A padded
-batch adds a -inf bias over its padding keys (`Cache.bias`), so its rows decode as alone.
+remove, so it diluted every speedup. Between two block Linears, which stream megabytes of
+weights through the caches, even a tiny torch call costs ~5 us, so the step makes few:
+each block's weights and sizes are looked up once per model (`StepPlan`), a plain nn.Linear
+runs as one `torch.addmm` on its stored transpose (`F.linear` dispatches `t` and `addmm`), a
+kernel module (sparse, int8) runs its own `forward`, the hidden state stays (batch, width),
+residual adds are in place, and the qkv projection is written straight into the cache
+(`Cache.qkv`), so storing this token's keys and values costs no copy. A padded batch adds a
+-inf bias over its padding keys (`Cache.bias`), so its rows decode as alone.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -19,6 +23,70 @@ import torch.nn.functional as F
 from torch import nn
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+LinearInto = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+class Cache:
+    """Queries, keys and values per block as one buffer, `qkv[i]` (batch, length, 3, heads,
+    head_dim), preallocated to `length` positions and filled up to `filled`: one position's
+    row is the layout of the qkv projection's output, so a decode step writes it there
+    directly. `k[i]`, `v[i]` (and `q[i]`) are views of it, (batch, heads, length, head_dim).
+    `valid` (batch, length) marks real (unpadded) keys; `bias` (batch, length), set by `pad`,
+    is its additive form for the decode step (0 on real and future keys, -inf on padding)."""
+
+    def __init__(self, model: nn.Module, batch: int, length: int, device, dtype):
+        self.qkv: list[torch.Tensor] = []
+        self.q: list[torch.Tensor] = []
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for b in model.blocks:
+            self._set(len(self.qkv), torch.zeros(batch, length, 3, b.attn.heads,
+                                                 b.attn.head_dim, device=device, dtype=dtype))
+        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        self.padded = False
+        self.bias: torch.Tensor | None = None
+        self.filled = 0
+
+    def _set(self, i: int, buf: torch.Tensor) -> None:
+        views = [buf[:, :, j].transpose(1, 2) for j in range(3)]
+        if i == len(self.qkv):
+            for store, item in zip((self.qkv, self.q, self.k, self.v), (buf, *views)):
+                store.append(item)
+        else:
+            self.qkv[i], (self.q[i], self.k[i], self.v[i]) = buf, views
+
+    def pad(self, valid: torch.Tensor) -> None:
+        """Mark the prompt's keys, `valid` (batch, width): False where a row is left-padded."""
+        width = valid.shape[1]
+        self.valid[:, :width] = valid
+        self.padded = not bool(valid.all())
+        if self.padded:
+            self.bias = torch.zeros(self.valid.shape, dtype=self.qkv[0].dtype,
+                                    device=valid.device)
+            self.bias[:, :width].masked_fill_(~valid, -math.inf)
+
+    def select_heads(self, i: int, keep: torch.Tensor, heads: int | None = None) -> None:
+        """Block `i` keeps only the heads `keep` (`heads` None), or its heads are spread to
+        positions `keep` among `heads` heads, the others zero: a plan carrying the cache
+        between a compacted model and the dense one."""
+        buf = self.qkv[i]
+        if heads is None:
+            self._set(i, buf[:, :, :, keep].contiguous())
+        else:
+            wide = buf.new_zeros(*buf.shape[:3], heads, buf.shape[4])
+            wide[:, :, :, keep] = buf
+            self._set(i, wide)
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values in use (what a decode step reads)."""
+        return sum(k[:, :, :self.filled].numel() * k.element_size() * 2 for k in self.k)
+
+
+def _hooked(m: nn.Module) -> bool:
+    from torch.nn.modules import module as mod
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or mod._global_forward_hooks
+                or mod._global_forward_pre_hooks)
 
 
 def linear_call(m: nn.Module) -> Linear:
@@ -36,26 +104,35 @@ def linear_call(m: nn.Module) -> Linear:
     return m.forward
 
 
-def _hooked(m: nn.Module) -> bool:
-    from torch.nn.modules import module as mod
-
-    return bool(m._forward_hooks or m._forward_pre_hooks or mod._global_forward_hooks
-                or mod._global_forward_pre_hooks)
+def linear_into(m: nn.Module) -> LinearInto:
+    """`out[:] = m(x)`: a plain nn.Linear computes into `out`, so does a kernel module with a
+    `forward_into(x, out)` method; anything else is computed and copied there."""
+    if _hooked(m):
+        return lambda x, out: out.copy_(m(x))
+    if hasattr(m, "forward_into"):
+        return m.forward_into
+    if type(m) is nn.Linear:
+        wt, b = m.weight.t(), m.bias
+        if b is None:
+            return lambda x, out: torch.mm(x, wt, out=out)
+        return lambda x, out: torch.addmm(b, x, wt, out=out)
+    call = linear_call(m)
+    return lambda x, out: out.copy_(call(x))
 
 
 class BlockCalls(NamedTuple):
     """One block's tensors and calls, looked up once (a module attribute costs ~1 us)."""
     ln1: tuple
-    qkv: Linear
+    qkv: LinearInto
     proj: Linear
     ln2: tuple
     fc: Linear
     mlp_proj: Linear
-    heads: int
-    head_dim: int
+    width: int  # heads x head_dim: the attention's output features
 
 
 def _ln(ln: nn.LayerNorm) -> tuple:
+    """`torch.layer_norm`'s arguments after the input (the last: cudnn off, CPU or not)."""
     return (ln.normalized_shape, ln.weight, ln.bias, ln.eps, False)
 
 
@@ -66,29 +143,32 @@ class StepPlan:
         self.model = model
         self.wte, self.wpe, self.head = model.wte.weight, model.wpe.weight, model.wte.weight.t()
         self.ln_f = _ln(model.ln_f)
-        self.blocks = [BlockCalls(_ln(b.ln1), linear_call(b.attn.qkv), linear_call(b.attn.proj),
+        self.blocks = [BlockCalls(_ln(b.ln1), linear_into(b.attn.qkv), linear_call(b.attn.proj),
                                   _ln(b.ln2), linear_call(b.mlp.fc), linear_call(b.mlp.proj),
-                                  b.attn.heads, b.attn.head_dim) for b in model.blocks]
+                                  b.attn.heads * b.attn.head_dim) for b in model.blocks]
 
-    def __call__(self, tokens: torch.Tensor, pos: int | torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, pos: int | torch.Tensor, cache: Cache
+                 ) -> torch.Tensor:
         """tokens (batch,) at position `pos` (an int shared by every row, or one per row, a
-        (batch,) tensor) after `cache.filled` cached ones; returns logits (batch, vocab)."""
+        (batch,) tensor) after `cache.filled` cached ones; returns logits (batch, vocab).
+        Runs in inference mode (the qkv projection's `out=` refuses autograd)."""
+        if not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return self(tokens, pos, cache)
         start = cache.filled
-        n = start + 1
         wpe = self.wpe[pos] if isinstance(pos, int) else self.wpe.index_select(0, pos)
         x = self.wte.index_select(0, tokens).add_(wpe)
+        rows = x.shape[0]
         # (batch, 1, 1, keys): 0 on real keys, -inf on padding; None when nothing is padded
-        bias = cache.bias[:, None, None, :n] if cache.padded else None
-        b = x.shape[0]
+        bias = cache.bias[:, None, None, :start + 1] if cache.padded else None
         for i, blk in enumerate(self.blocks):
-            hd = blk.heads * blk.head_dim
-            qkv = blk.qkv(torch.layer_norm(x, *blk.ln1))
-            k, v = cache.k[i], cache.v[i]
-            k.select(2, start).copy_(qkv[:, hd:2 * hd].reshape(b, blk.heads, blk.head_dim))
-            v.select(2, start).copy_(qkv[:, 2 * hd:].reshape(b, blk.heads, blk.head_dim))
-            q = qkv[:, :hd].reshape(b, blk.heads, 1, blk.head_dim)
-            y = F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=bias)
-            x.add_(blk.proj(y.reshape(b, hd)))
+            blk.qkv(torch.layer_norm(x, *blk.ln1),
+                    cache.qkv[i].select(1, start).view(rows, 3 * blk.width))
+            y = F.scaled_dot_product_attention(cache.q[i].narrow(2, start, 1),
+                                               cache.k[i].narrow(2, 0, start + 1),
+                                               cache.v[i].narrow(2, 0, start + 1),
+                                               attn_mask=bias)
+            x.add_(blk.proj(y.reshape(rows, blk.width)))
             x.add_(blk.mlp_proj(F.gelu(blk.fc(torch.layer_norm(x, *blk.ln2)))))
-        cache.filled = n
+        cache.filled = start + 1
         return torch.mm(torch.layer_norm(x, *self.ln_f), self.head)

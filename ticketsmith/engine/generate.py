@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ticketsmith.base.errors import ConfigError
-from ticketsmith.engine.decode_step import StepPlan
+from ticketsmith.engine.decode_step import Cache, StepPlan
 from ticketsmith.engine.transformer import GPT
 
 
@@ -44,34 +44,6 @@ class Sampling:
     seed: int = 0
 
 
-class Cache:
-    """Keys and values per block, preallocated to `length` positions: (batch, heads, length,
-    head_dim) each, filled up to `filled`. `valid` (batch, length) marks real (unpadded) keys."""
-
-    def __init__(self, model: GPT, batch: int, length: int, device, dtype):
-        self.k = [torch.zeros(batch, b.attn.heads, length, b.attn.head_dim, device=device,
-                              dtype=dtype) for b in model.blocks]
-        self.v = [torch.zeros_like(k) for k in self.k]
-        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        self.padded = False
-        self.bias: torch.Tensor | None = None
-        self.filled = 0
-
-    def pad(self, valid: torch.Tensor) -> None:
-        """Mark the prompt's keys, `valid` (batch, width): False where a row is left-padded."""
-        width = valid.shape[1]
-        self.valid[:, :width] = valid
-        self.padded = not bool(valid.all())
-        if self.padded:
-            self.bias = torch.zeros(self.valid.shape, dtype=self.k[0].dtype,
-                                    device=valid.device)
-            self.bias[:, :width].masked_fill_(~valid, -math.inf)
-
-    def nbytes(self) -> int:
-        """Bytes of the keys and values in use (what a decode step reads)."""
-        return sum(k[:, :, :self.filled].numel() * k.element_size() * 2 for k in self.k)
-
-
 def _norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """`ln(x)` without nn.Module's call machinery (a few us per call, 5 calls a step)."""
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
@@ -81,9 +53,9 @@ def _attention(block: nn.Module, x: torch.Tensor, cache: Cache, i: int, start: i
                mask: torch.Tensor | None) -> torch.Tensor:
     a = block.attn
     b, t, _ = x.shape
-    q, k, v = a.qkv(_norm(block.ln1, x)).view(b, t, 3, a.heads, a.head_dim).permute(2, 0, 3, 1, 4)
-    cache.k[i][:, :, start:start + t] = k
-    cache.v[i][:, :, start:start + t] = v
+    qkv = a.qkv(_norm(block.ln1, x)).view(b, t, 3, a.heads, a.head_dim)
+    cache.qkv[i][:, start:start + t] = qkv
+    q = qkv[:, :, 0].transpose(1, 2)
     keys, values = cache.k[i][:, :, :start + t], cache.v[i][:, :, :start + t]
     # Without padding, prefill is plain causal attention and a decode step sees every key.
     causal = mask is None and t > 1

@@ -59,6 +59,18 @@ class ScipyCSRLinear(nn.Module):
         self._bias = self.bias.numpy()
         self._fast = fast and _csr_matvec is not None
 
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out[:] = self(x)`; at one row into a contiguous `out`, scipy writes there directly
+        (a decode step's qkv projection into its KV cache: `engine.decode_step`)."""
+        n_out, n_in = self._arrays[:2]
+        if (self._fast and x.numel() == n_in and x.dtype == torch.float32
+                and out.numel() == n_out and out.is_contiguous()):
+            y = out.numpy().reshape(-1)
+            y[:] = self._bias
+            _csr_matvec(*self._arrays, x.numpy().ravel(), y)
+            return out
+        return out.copy_(self(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_out, n_in = self._arrays[:2]
         if self._fast and x.numel() == n_in and x.dtype == torch.float32:

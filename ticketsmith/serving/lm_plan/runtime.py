@@ -123,16 +123,9 @@ class _PlanDecoder(Decoder):
         return super().step(tokens)
 
     def _carry(self, to_full: bool) -> None:
-        for kv in (self.cache.k, self.cache.v):
-            for i, t in enumerate(kv):
-                keep = self.keep[i]
-                if to_full:
-                    wide = t.new_zeros(t.shape[0], self.decode_model.blocks[i].attn.heads,
-                                       *t.shape[2:])
-                    wide[:, keep] = t
-                    kv[i] = wide
-                else:
-                    kv[i] = t[:, keep].contiguous()
+        for i, keep in enumerate(self.keep):
+            self.cache.select_heads(i, keep, self.decode_model.blocks[i].attn.heads
+                                    if to_full else None)
 
 
 def _per_table(base: GPT, kernels: dict[str, dict[str, str]]) -> dict[str, GPT]:
