@@ -159,9 +159,9 @@ class Decoder:
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
          ) -> torch.Tensor:
     """Next tokens (batch,) from logits (batch, vocab): argmax, or a seeded top-k draw."""
-    logits = logits.float()
-    if sampling.temperature <= 0:
+    if sampling.temperature <= 0:  # in any float dtype: widening keeps the order
         return logits.argmax(-1)
+    logits = logits.float()
     logits = logits / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), -1).values[:, -1:]
