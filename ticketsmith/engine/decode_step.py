@@ -5,7 +5,7 @@ At batch 1 on the serving-sized GPT (width 384) a decoded token's block Linears 
 0.7 ms of CPU and everything else (embeddings, norms, cache writes, attention, the head) took
 about 0.5 ms more, as ~45 small torch calls plus nn.Module dispatch: a cost pruning cannot
 remove, so it diluted every speedup. Between two block Linears, which stream megabytes of
-weights through the caches, even a tiny torch call costs ~5 us, so the step makes few:
+weights through the caches, even a tiny torch call costs 3-5 us, so the step makes few:
 each block's weights and sizes are looked up once per model (`StepPlan`), a plain nn.Linear
 runs as one `torch.addmm` on its stored transpose (`F.linear` dispatches `t` and `addmm`), a
 kernel module (sparse, int8) runs its own `forward`, the hidden state stays (batch, width),

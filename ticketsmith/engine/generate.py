@@ -149,8 +149,8 @@ class Decoder:
         cache = self.cache
         if self.plan is None or self.plan.model is not self.model:
             self.plan = StepPlan(self.model)
-        if not cache.padded:  # every row is at the same position: the cache's length
-            return self.plan(tokens, cache.filled, cache)
+        if not cache.padded:  # every row is at the same position, the cache's length
+            return self.plan(tokens, cache.filled, cache)  # (`next_pos` is not kept up)
         cache.valid[:, cache.filled] = True  # what `gpt_step`'s mask reads, if it runs next
         pos, self.next_pos = self.next_pos, self.next_pos + 1
         return self.plan(tokens, pos, cache)
