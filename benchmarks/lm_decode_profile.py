@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ticketsmith.engine.decode_step import linear_call, linear_into
+from ticketsmith.engine.decode_step import linear_call, linear_to, out_features
 from ticketsmith.engine.generate import Decoder
 from ticketsmith.serving.lm_kernels import (LINEARS, compacted_model, get_linear, set_linear,
                                             sparse_model)
@@ -55,14 +55,15 @@ class Spanned(nn.Module):
         super().__init__()
         self.inner, self.sink = inner, sink
         # as a decode step calls the layer itself (`engine.decode_step`): what is timed
-        self._call, self._into = linear_call(inner), linear_into(inner)
+        self._call, self._to = linear_call(inner), linear_to(inner)
+        self.out_features = out_features(inner)
 
     def forward(self, x):
         return self._timed(self._call if x.dim() == 2 else self.inner, x)
 
     def forward_into(self, x, out):
-        """A decode step's qkv projection, written into the KV cache (`linear_into`)."""
-        return self._timed(self._into, x, out)
+        """A decode step's call, into the output it keeps or the KV cache (`linear_to`)."""
+        return self._timed(self._to, x, out)
 
     def _timed(self, call, *args):
         if self.sink is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ticketsmith.engine.decode_step import linear_into
 from ticketsmith.engine.generate import Decoder, gpt_step
 from ticketsmith.engine.transformer import GPT
 from ticketsmith.serving import lm_kernels
@@ -67,16 +68,19 @@ def test_a_scipy_without_the_private_loop_takes_the_public_product(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("target", ["contiguous", "row of a cache"])
 def test_writing_into_an_output_gives_the_forward_numbers(rows, target):
-    """`forward_into` (a decode step's qkv projection into its KV cache): one row into a
-    contiguous output takes scipy's loop there; any other output gets a copy. Nothing
-    outside the output is written."""
+    """`forward_into` (a decode step's outputs and KV cache): at one row scipy's loop writes
+    into the output and returns it; otherwise a new tensor comes back, which `linear_into`
+    copies there. Nothing outside the output is written."""
     layer = _masked_linear(48, 40, True)
     kernel = ScipyCSRLinear(layer.weight, layer.bias)
     x = torch.randn(rows, 48)
     buf = torch.full((rows, 3, 40), 7.0)  # (rows, positions, features): position 1 written
     out = buf[:, 1] if target == "row of a cache" else torch.full((rows, 40), 7.0)
     with torch.inference_mode():
-        kernel.forward_into(x, out)
+        y = kernel.forward_into(x, out)
+        assert (y is out) == (rows == 1)
+        torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-6)
+        linear_into(kernel)(x, out)
         torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
     assert (buf[:, 0] == 7).all() and (buf[:, 2] == 7).all()
     torch.testing.assert_close(kernel.bias, layer.bias, rtol=0, atol=0)

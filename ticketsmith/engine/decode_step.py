@@ -9,8 +9,9 @@ weights through the caches, even a tiny torch call costs 3-5 us, so the step mak
 each block's weights and sizes are looked up once per model (`StepPlan`), a plain nn.Linear
 runs as one `torch.addmm` on its stored transpose (`F.linear` dispatches `t` and `addmm`), a
 kernel module (sparse, int8) runs its own `forward`, the hidden state stays (batch, width),
-residual adds are in place, and the qkv projection is written straight into the cache
-(`Cache.qkv`), so storing this token's keys and values costs no copy. A padded batch adds a
+residual adds are in place, each Linear writes into an output kept from step to step, and
+the qkv projection is written straight into the cache (`Cache.qkv`), so storing this
+token's keys and values costs no copy. A padded batch adds a
 -inf bias over its padding keys (`Cache.bias`), so its rows decode as alone.
 """
 from __future__ import annotations
@@ -104,11 +105,13 @@ def linear_call(m: nn.Module) -> Linear:
     return m.forward
 
 
-def linear_into(m: nn.Module) -> LinearInto:
-    """`out[:] = m(x)`: a plain nn.Linear computes into `out`, so does a kernel module with a
-    `forward_into(x, out)` method; anything else is computed and copied there."""
+def linear_to(m: nn.Module) -> LinearInto:
+    """`m(x)` for 2-D x, written into `out` (rows, out features) where the kernel can: a plain
+    nn.Linear (`addmm(out=)`) and a kernel module with a `forward_into(x, out)` method (which
+    returns `out`, or a new tensor where it cannot write there); else a new tensor. A decode
+    step so reuses one output per layer instead of allocating one per token."""
     if _hooked(m):
-        return lambda x, out: out.copy_(m(x))
+        return lambda x, out: m(x)
     if hasattr(m, "forward_into"):
         return m.forward_into
     if type(m) is nn.Linear:
@@ -116,19 +119,45 @@ def linear_into(m: nn.Module) -> LinearInto:
         if b is None:
             return lambda x, out: torch.mm(x, wt, out=out)
         return lambda x, out: torch.addmm(b, x, wt, out=out)
-    call = linear_call(m)
-    return lambda x, out: out.copy_(call(x))
+    call = m.forward
+    return lambda x, out: call(x)
+
+
+def linear_into(m: nn.Module) -> LinearInto:
+    """`out[:] = m(x)`: `linear_to`, and a copy where the kernel gave a new tensor."""
+    to = linear_to(m)
+
+    def into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        y = to(x, out)
+        return out if y is out else out.copy_(y)
+    return into
+
+
+def out_features(m: nn.Module, width: int | None = None) -> int:
+    """How many features `m` maps a row to: its `out_features` or weight rows, else (given
+    the row's `width`) measured on one zero row."""
+    n = getattr(m, "out_features", None)
+    if isinstance(n, int):
+        return n
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return w.shape[0]
+    if width is None:
+        raise ValueError(f"{type(m).__name__}: no out_features or weight, and no width given")
+    with torch.inference_mode():
+        return linear_call(m)(torch.zeros(1, width)).shape[-1]
 
 
 class BlockCalls(NamedTuple):
     """One block's tensors and calls, looked up once (a module attribute costs ~1 us)."""
     ln1: tuple
     qkv: LinearInto
-    proj: Linear
+    proj: LinearInto
     ln2: tuple
-    fc: Linear
-    mlp_proj: Linear
+    fc: LinearInto
+    mlp_proj: LinearInto
     width: int  # heads x head_dim: the attention's output features
+    hidden: int  # the MLP's hidden units
 
 
 def _ln(ln: nn.LayerNorm) -> tuple:
@@ -143,9 +172,22 @@ class StepPlan:
         self.model = model
         self.wte, self.wpe, self.head = model.wte.weight, model.wpe.weight, model.wte.weight.t()
         self.ln_f = _ln(model.ln_f)
-        self.blocks = [BlockCalls(_ln(b.ln1), linear_into(b.attn.qkv), linear_call(b.attn.proj),
-                                  _ln(b.ln2), linear_call(b.mlp.fc), linear_call(b.mlp.proj),
-                                  b.attn.heads * b.attn.head_dim) for b in model.blocks]
+        self.blocks = [BlockCalls(_ln(b.ln1), linear_into(b.attn.qkv), linear_to(b.attn.proj),
+                                  _ln(b.ln2), linear_to(b.mlp.fc), linear_to(b.mlp.proj),
+                                  b.attn.heads * b.attn.head_dim,
+                                  out_features(b.mlp.fc, model.width)) for b in model.blocks]
+        self._outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+
+    def outputs(self, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per block, where its attention projection, MLP hidden layer and MLP projection
+        write at x's number of rows (made once per batch size; each is read before the
+        next token's step writes it again)."""
+        rows = x.shape[0]
+        if rows not in self._outputs:
+            self._outputs[rows] = [tuple(x.new_empty(rows, n) for n in (x.shape[1], b.hidden,
+                                                                         x.shape[1]))
+                                   for b in self.blocks]
+        return self._outputs[rows]
 
     def __call__(self, tokens: torch.Tensor, pos: int | torch.Tensor, cache: Cache
                  ) -> torch.Tensor:
@@ -161,14 +203,14 @@ class StepPlan:
         rows = x.shape[0]
         # (batch, 1, 1, keys): 0 on real keys, -inf on padding; None when nothing is padded
         bias = cache.bias[:, None, None, :start + 1] if cache.padded else None
-        for i, blk in enumerate(self.blocks):
+        for i, (blk, (proj, hidden, mlp)) in enumerate(zip(self.blocks, self.outputs(x))):
             blk.qkv(torch.layer_norm(x, *blk.ln1),
                     cache.qkv[i].select(1, start).view(rows, 3 * blk.width))
             y = F.scaled_dot_product_attention(cache.q[i].narrow(2, start, 1),
                                                cache.k[i].narrow(2, 0, start + 1),
                                                cache.v[i].narrow(2, 0, start + 1),
                                                attn_mask=bias)
-            x.add_(blk.proj(y.reshape(rows, blk.width)))
-            x.add_(blk.mlp_proj(F.gelu(blk.fc(torch.layer_norm(x, *blk.ln2)))))
+            x.add_(blk.proj(y.reshape(rows, blk.width), proj))
+            x.add_(blk.mlp_proj(F.gelu(blk.fc(torch.layer_norm(x, *blk.ln2), hidden)), mlp))
         cache.filled = start + 1
         return torch.mm(torch.layer_norm(x, *self.ln_f), self.head)

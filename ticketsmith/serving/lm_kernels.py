@@ -58,10 +58,12 @@ class ScipyCSRLinear(nn.Module):
         self._arrays = (*w.shape, self.matrix.indptr, self.matrix.indices, self.matrix.data)
         self._bias = self.bias.numpy()
         self._fast = fast and _csr_matvec is not None
+        self.out_features, self.in_features = w.shape  # as nn.Linear names them
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out[:] = self(x)`; at one row into a contiguous `out`, scipy writes there directly
-        (a decode step's qkv projection into its KV cache: `engine.decode_step`)."""
+        """`self(x)`, written into `out` at one row when `out` is contiguous (scipy's loop
+        writes there: a decode step's outputs, its KV cache); else a new tensor
+        (`engine.decode_step.linear_to`)."""
         n_out, n_in = self._arrays[:2]
         if (self._fast and x.numel() == n_in and x.dtype == torch.float32
                 and out.numel() == n_out and out.is_contiguous()):
@@ -69,7 +71,7 @@ class ScipyCSRLinear(nn.Module):
             y[:] = self._bias
             _csr_matvec(*self._arrays, x.numpy().ravel(), y)
             return out
-        return out.copy_(self(x))
+        return self(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_out, n_in = self._arrays[:2]
