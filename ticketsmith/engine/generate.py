@@ -4,7 +4,9 @@ Two model families:
 - our GPT (engine/transformer.py), run functionally over its own submodules (`ln1`,
   `attn.qkv`, `attn.proj`, `ln2`, `mlp`) with each block's own head count, so a compacted
   structured ticket (fewer heads, narrower MLP per block) and a model whose Linear layers were
-  swapped for sparse kernels (serving/lm_benchmark.py) decode through the same code;
+  swapped for sparse kernels (serving/lm_benchmark.py) decode through the same code: prefill
+  here (`gpt_step`), each decode step as flat calls without module dispatch
+  (engine/decode_step.py, which also holds the cache);
 - Hugging Face causal LMs, through their own `past_key_values`.
 
 A batch of prompts of different lengths is left-padded; an attention mask hides the padding
