@@ -19,9 +19,12 @@ from ticketsmith.serving.lm_benchmark import bytes_per_decoded_token, macs_per_p
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PROMPT, NEW = 128, 128  # the benchmark's default request
-# CPU seconds per iteration of the serving-sized GPT (batch 4 x 256 bytes, one thread, an idle
-# core): 300 iterations took about 2 min; evaluation, samples and registry come on top.
-SECONDS_PER_ITERATION = 0.4
+# CPU seconds per iteration of the serving-sized GPT (batch 4 x 256 bytes, one thread), its
+# evaluations and samples included: a 600-iteration training took about 230 s. Start-up, gates,
+# registry (the champion's serving plan) and report come on top: about 2 min in all (the
+# 3-level experiments measured 28.9 and 29.4 min of CPU, docs/language-models.md).
+SECONDS_PER_ITERATION = 0.38
+FIXED_S = 120
 BUDGET_S = 30 * 60  # the issue: trained in at most about 30 minutes here
 
 
@@ -62,7 +65,7 @@ def test_serving_configs_train_the_random_control_within_the_cpu_budget(name):
     cfg = load_config(CONFIGS / name)
     assert set(cfg.experiment.variants) == {"ticket", "random_reinit"}
     trainings = 1 + cfg.prune.levels * len(cfg.experiment.variants)
-    assert trainings * cfg.train.iterations * SECONDS_PER_ITERATION <= 0.9 * BUDGET_S
+    assert trainings * cfg.train.iterations * SECONDS_PER_ITERATION + FIXED_S <= BUDGET_S
     assert cfg.train.iterations >= 600  # 300 left dense at 3.36 bits per byte
 
 
