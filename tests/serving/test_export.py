@@ -97,6 +97,13 @@ def test_the_export_is_torchs_own_bytes_without_importing_onnx(tmp_path, tickets
     import subprocess
     import sys
 
+    from torch.onnx._internal.torchscript_exporter import onnx_proto_utils
+
+    from ticketsmith.serving.export import onnx_bytes
+
+    step = onnx_proto_utils._add_onnxscript_fn
+    onnx_bytes(torch.nn.Linear(4, 2), (4,))
+    assert onnx_proto_utils._add_onnxscript_fn is step  # torch's own step is back after
     out = subprocess.run([sys.executable, "-c", WITHOUT_ONNX, str(tickets["mlp"]),
                           str(tickets["lenet"])],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)

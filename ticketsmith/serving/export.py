@@ -12,6 +12,7 @@ with ONNX Runtime and numpy alone.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 OPSET = 17
+_EXPORTING = threading.Lock()  # see _without_onnx_package
 
 
 def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
@@ -61,19 +63,20 @@ def _without_onnx_package() -> Iterator[None]:
     except ImportError:
         yield
         return
-    step = getattr(proto, "_add_onnxscript_fn", None)
-    if step is None:
-        yield
-        return
+    with _EXPORTING:  # read and swap under one lock: never another export's swapped step
+        step = getattr(proto, "_add_onnxscript_fn", None)
+        if step is None:
+            yield
+            return
 
-    def unchanged(model_bytes: bytes, custom_opsets) -> bytes:
-        return step(model_bytes, custom_opsets) if custom_opsets else model_bytes
+        def unchanged(model_bytes: bytes, custom_opsets) -> bytes:
+            return step(model_bytes, custom_opsets) if custom_opsets else model_bytes
 
-    proto._add_onnxscript_fn = unchanged
-    try:
-        yield
-    finally:
-        proto._add_onnxscript_fn = step
+        proto._add_onnxscript_fn = unchanged
+        try:
+            yield
+        finally:
+            proto._add_onnxscript_fn = step
 
 
 def ort_session(model: bytes | str, threads: int):
