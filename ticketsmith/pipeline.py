@@ -106,14 +106,28 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
 
 
 def import_tracking_modules(uri: str | None) -> None:
-    """Import what the first store call and the first run's figures need: SQLAlchemy's
-    mappers and Alembic for a SQLite store, matplotlib for the figures."""
+    """Import what the first store call, the first run's figures and the first logged ticket
+    need: SQLAlchemy's mappers and Alembic for a SQLite store, matplotlib for the figures,
+    MLflow's pyfunc flavor and ONNX Runtime for the ticket, the report's modules; and resolve
+    the run-context tags MLflow gives every logged model (user, source, git commit: GitPython
+    and `git` processes, once per process, cached by MLflow). No torch: this runs on a thread
+    while the data loads."""
     import mlflow
 
     if (uri or mlflow.get_tracking_uri()).startswith("sqlite:"):
         import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import ticketsmith.tracking.figures  # noqa: F401
+    import mlflow.pyfunc  # noqa: F401
+    from mlflow.tracking.context import registry as run_context
+
+    import ticketsmith.report.build  # noqa: F401
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:  # optional: a plan then serves its numpy route
+        pass
+    run_context.resolve_tags()
 
 
 def probe(data):

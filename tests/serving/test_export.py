@@ -66,6 +66,53 @@ def test_the_onnx_export_round_trips(tmp_path, tickets, kind, shrunk):
     assert sidecar["compaction"] == summary["compaction"] and sidecar["opset"] == summary["opset"]
 
 
+# In a fresh process: each ticket exported through `onnx_bytes` without the `onnx` package
+# being imported, then by torch's exporter with its own last step (which imports `onnx`).
+WITHOUT_ONNX = """
+import io, json, sys
+import torch
+from ticketsmith.engine.checkpoint import model_from_checkpoint
+from ticketsmith.serving.compaction import as_chain, compact
+from ticketsmith.serving.export import OPSET, onnx_bytes
+nets = [compact(as_chain(model_from_checkpoint(path)[0]))[0] for path in sys.argv[1:]]
+shapes = [tuple(model_from_checkpoint(path)[2]["input_shape"]) for path in sys.argv[1:]]
+ours = [onnx_bytes(net, shape) for net, shape in zip(nets, shapes)]
+imported = "onnx" in sys.modules
+same = []
+for net, shape, blob in zip(nets, shapes, ours):
+    buf = io.BytesIO()
+    torch.onnx.export(net, (torch.zeros(1, *shape),), buf, input_names=["x"],
+                      output_names=["y"], opset_version=OPSET, dynamo=False,
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    same.append(blob == buf.getvalue())
+print(json.dumps({"onnx_imported": imported, "same": same,
+                  "torch_imported_onnx": "onnx" in sys.modules,
+                  "sizes": [len(blob) for blob in ours]}))
+"""
+
+
+def test_the_export_is_torchs_own_bytes_without_importing_onnx(tmp_path, tickets):
+    """The exporter's last step imports `onnx` (0.7 s of CPU per process) only to add the
+    functions of custom operators; skipped, the bytes are exactly torch's own export."""
+    import subprocess
+    import sys
+
+    from torch.onnx._internal.torchscript_exporter import onnx_proto_utils
+
+    from ticketsmith.serving.export import onnx_bytes
+
+    step = onnx_proto_utils._add_onnxscript_fn
+    onnx_bytes(torch.nn.Linear(4, 2), (4,))
+    assert onnx_proto_utils._add_onnxscript_fn is step  # torch's own step is back after
+    out = subprocess.run([sys.executable, "-c", WITHOUT_ONNX, str(tickets["mlp"]),
+                          str(tickets["lenet"])],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["onnx_imported"] is False and got["torch_imported_onnx"] is True
+    assert got["same"] == [True, True] and min(got["sizes"]) > 1000
+
+
 def test_the_probe_is_the_test_set_when_it_fits_else_seeded_noise(tmp_path, tickets):
     mlp = export_checkpoint(tickets["mlp"], tmp_path / "a.onnx", data_root=tmp_path)
     assert mlp["probe"] == "the first 400 synthetic test images"

@@ -12,9 +12,10 @@ with ONNX Runtime and numpy alone.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
-
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 OPSET = 17
+_EXPORTING = threading.Lock()  # see _without_onnx_package
 
 
 def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
@@ -34,7 +36,7 @@ def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
 
     buf = io.BytesIO()
     example = torch.zeros(1, *input_shape)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _without_onnx_package():
         # TorchScript-exporter deprecation and tracer notes: known, the graph is checked after.
         warnings.simplefilter("ignore")
         try:
@@ -44,6 +46,37 @@ def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
         except Exception as exc:  # the exporter raises many types; all mean "cannot export"
             raise ExportError(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
     return buf.getvalue()
+
+
+@contextmanager
+def _without_onnx_package() -> Iterator[None]:
+    """The TorchScript exporter without its last step's `import onnx` (0.7 s of CPU per
+    process here, nearly all of it `ml_dtypes` registering its numpy casts one by one).
+
+    torch serialises the graph itself; that step (`_add_onnxscript_fn`) only parses the bytes
+    again to append the onnxscript functions of custom-domain operators, which need custom
+    opsets. Asked with none, as here (standard operators only), it returns the bytes as they
+    were, so they are handed on unchanged. Where torch names the step otherwise, the export
+    runs as it is."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import onnx_proto_utils as proto
+    except ImportError:
+        yield
+        return
+    with _EXPORTING:  # read and swap under one lock: never another export's swapped step
+        step = getattr(proto, "_add_onnxscript_fn", None)
+        if step is None:
+            yield
+            return
+
+        def unchanged(model_bytes: bytes, custom_opsets) -> bytes:
+            return step(model_bytes, custom_opsets) if custom_opsets else model_bytes
+
+        proto._add_onnxscript_fn = unchanged
+        try:
+            yield
+        finally:
+            proto._add_onnxscript_fn = step
 
 
 def ort_session(model: bytes | str, threads: int):
