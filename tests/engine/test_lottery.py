@@ -274,3 +274,29 @@ def test_prune_cli_prints_the_per_level_summary(tmp_path):
         assert float(density) == pytest.approx(100 * sum(k.values()) / sum(SIZES.values()), abs=0.01)
     assert re.search(r"r0 level 0\s+density 100.00%\s+dense [\d.]+%", out.stdout)
     assert "done: 7 runs (7 trained now)" in out.stdout
+
+
+def test_an_experiment_takes_its_start_up_objects_out_of_full_collections_once(tmp_path):
+    """run_experiment freezes what is alive once its imports and data are in place, and a
+    second experiment in the same process freezes nothing more (garbage of later work stays
+    collectable). A fresh process: this one may have frozen already."""
+    import textwrap
+
+    repo = Path(__file__).resolve().parents[2]
+    code = textwrap.dedent(f"""
+        import gc
+        from ticketsmith.base.config import load_config
+        from ticketsmith.engine.lottery import run_experiment
+        cfg = load_config({str(repo / "configs" / "tiny.yaml")!r},
+                          overrides=["prune.levels=1", "experiment.output_dir={tmp_path / 'runs'}"])
+        before = gc.get_freeze_count()
+        run_experiment(cfg, progress=False, echo=lambda s: None)
+        first = gc.get_freeze_count()
+        run_experiment(cfg, progress=False, echo=lambda s: None)
+        print(before, first, gc.get_freeze_count())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, first, second = map(int, out.stdout.split()[-3:])
+    assert before == 0 and first > 10_000 and second == first

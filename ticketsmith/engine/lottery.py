@@ -18,7 +18,8 @@ from torch import nn
 from ticketsmith.engine import checkpoint as ckpt
 from ticketsmith.base.config import Config, ConfigError, dump_config
 from ticketsmith.engine.data import Dataset
-from ticketsmith.engine.execution import check_resume, determinism, execution_facts
+from ticketsmith.engine.execution import (check_resume, determinism, execution_facts,
+                                         freeze_long_lived)
 from ticketsmith.engine.masks import (Mask, describe_plan, fraction_after, prune_magnitude, prune_n_m,
                                       random_mask_like, semi_structured_plan)
 from ticketsmith.engine.models import build_model, count_params, output_layer, prunable_for
@@ -293,6 +294,7 @@ def run_experiment(cfg: Config, *, tracker: Tracker | None = None, progress: boo
     if data is None:
         data = experiment_data(cfg, device)
     check_model(cfg, data)  # every config error before the run folder and tracking exist
+    freeze_long_lived()  # modules and data stay to the end: full collections skip them
     store = RunStore(Path(cfg.experiment.output_dir) / exp_hash)
     store.root.mkdir(parents=True, exist_ok=True)
     # The resolved config, with any credential in its values masked (e.g. a signed data URL).
