@@ -183,7 +183,10 @@ def test_interrupt_exits_130_with_one_line(door, tmp_path):
     """Ctrl-C during training: one line, exit 130 (interrupts in depth: test_interrupts)."""
     cmd = [*door_command(door, "prune"), "--config", TINY, "--no-tracking", "-q",
            "--set", f"experiment.output_dir={tmp_path}", "--set", "train.iterations=1000000"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # faulthandler: a child still running after the wait is sent SIGABRT, and the failure
+    # shows where its threads were instead of a bare timeout.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1"}
     # SIGINT at its default in the child, also when the suite runs as a background job
     proc = subprocess.Popen(with_default_sigint(cmd), cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -191,7 +194,12 @@ def test_interrupt_exits_130_with_one_line(door, tmp_path):
         first = proc.stdout.readline()  # the experiment has started once it prints
         assert first.startswith("experiment tiny"), first + proc.stderr.read()
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"still running 120 s after SIGINT; its threads:\n{err[-4000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
