@@ -1,10 +1,12 @@
-"""Tracking work that overlaps training: one background thread, jobs in order, failures kept.
+"""Work whose failure is kept until a barrier: jobs in order, the first failure raised by
+`wait()`, so a run that waits on its jobs before it is closed ends FAILED when one of them
+failed, never FINISHED without them.
 
-Torch trains at one thread, so on a two-core machine the second core is idle while a level
-trains. Work that needs only what an earlier level left on disk (e.g. logging a ticket as a
-pyfunc model: plan build, check, model files) runs here meanwhile. `wait()` is the barrier:
-it returns once every job has ended and raises the first failure, so a run that waits on its
-jobs before it is closed ends FAILED when one of them failed, never FINISHED without them.
+Two uses: the tracker runs each level's ticket logging (plan build and check, model files)
+in the training thread (`threaded=False`: on a thread beside the next level's training it drew
+on torch's process-wide random generator and thread pool, so weights depended on timing), and
+the pipeline imports the tracking modules on one worker thread while the data loads (no torch
+work there).
 """
 from __future__ import annotations
 

@@ -233,7 +233,7 @@ def prepare_ticket(client: MlflowClient, run_id: str, checkpoint: Path,
                    allow_factory: str | None = None, probe=None) -> Prepared:
     """Everything of `register_ticket` before the version: the serving plan built (when the
     benchmark wrote none) and checked, the model logged in its run. Touches no registry entry,
-    so it may run while a later level trains (see background.py)."""
+    so it may run as each level ends, before the gates (`pipeline.prepare_tickets_ahead`)."""
     from ticketsmith.engine.checkpoint import load_checkpoint
 
     mlflow.set_tracking_uri(client.tracking_uri)

@@ -29,9 +29,9 @@ def check_plan(folder: str | Path, model, probe) -> dict[str, Any]:
     x = probe.cpu().numpy().astype(np.float32)
     worst, agree, routes, inexact = 0.0, 1.0, [], {}
     # At torch's thread count as it is: a plan loaded at its own (all cores) would set torch's
-    # process-wide count to that, and a level training beside the check (a ticket registered
-    # in the background) would go on at two threads on a shared 2-core machine: ten times the
-    # CPU, and not the thread count its results were pinned at.
+    # process-wide count to that, and the next level, trained after a ticket is logged as its
+    # level ends, would go on at two threads on a shared 2-core machine: ten times the CPU,
+    # and not the thread count its results were pinned at.
     threads = torch.get_num_threads()
     for name in plan["routes"]:
         runner = load_plan(folder, threads, route=name)
