@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from statistics import mean
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ticketsmith.base.config import Config, GateConfig
 from ticketsmith.base.errors import GateError  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:  # an annotation only: the engine imports torch
+    from ticketsmith.engine.lottery import ExperimentResult
 
 PASS, FAIL, NOT_APPLICABLE = "PASS", "FAIL", "n/a"  # see `label`
 
@@ -179,3 +182,25 @@ def format_table(verdicts: list[LevelVerdict]) -> str:
         lines.append(f"{v.level:>5} {v.sparsity:>9.2%} {quality}  "
                      f"{label(v.passed):<7}  {gates}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What the registry made of the verdicts (`tracking.registry.promote`)."""
+    model_name: str
+    versions: dict[int, str]          # level → model version
+    champion: str | None              # version holding `champion` now
+    previous: str | None              # version holding `previous-champion` now
+    rejected: list[str]
+
+
+@dataclass
+class PipelineResult:
+    """What a tracked `prune` came to: the experiment, its verdicts, the registry's promotion
+    (None when nothing is registered) and the release check. Here, with the verdicts, so that
+    the training process of `ticketsmith.sidecar` builds one without importing MLflow."""
+    experiment: ExperimentResult
+    verdicts: list[LevelVerdict]
+    promotion: Promotion | None
+    release_ok: bool
+    release_reason: str

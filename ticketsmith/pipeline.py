@@ -6,7 +6,6 @@ entry point run. Each stage reads what the previous one recorded, so each is ide
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,25 +14,16 @@ from mlflow.entities import Metric, RunTag
 
 from ticketsmith.base.config import Config
 from ticketsmith.base.errors import BenchmarkError
-from ticketsmith.gates import (LevelVerdict, described, evaluate_gates, format_table, label,
-                               release_check)
+from ticketsmith.gates import (LevelVerdict, PipelineResult, described, evaluate_gates,  # noqa: F401
+                               format_table, label, release_check)
 from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
 from ticketsmith.engine.events import Tracker
 from ticketsmith.tracking.background import Background
-from ticketsmith.tracking.registry import (Prepared, Promotion, model_name_for, prepare_ticket,
+from ticketsmith.tracking.registry import (Prepared, model_name_for, prepare_ticket,
                                            promote, ticket_runs)
 from ticketsmith.tracking.run_summary import best_speedups, ui_link
 from ticketsmith.tracking.regate import gate_experiment  # noqa: F401 (`ticketsmith gate`)
 from ticketsmith.tracking.tracker import MlflowTracker, load_records, prepare_store, retry
-
-
-@dataclass
-class PipelineResult:
-    experiment: ExperimentResult
-    verdicts: list[LevelVerdict]
-    promotion: Promotion | None
-    release_ok: bool
-    release_reason: str
 
 
 def log_gates(client: MlflowClient, tracker: MlflowTracker, verdicts: list[LevelVerdict]) -> None:
@@ -77,6 +67,17 @@ def run_prune(cfg: Config, *, client: MlflowClient | None = None, progress: bool
     prepared = prepare_tickets_ahead(cfg, client, tracker, data)
     result = run_experiment(cfg, tracker=engine_tracker or tracker, progress=progress, echo=echo,
                             selection=selection, data=data)
+    return finish_prune(cfg, client, tracker, result, prepared, legacy_stages=legacy_stages,
+                        echo=echo, report_dir=report_dir)
+
+
+def finish_prune(cfg: Config, client: MlflowClient, tracker: MlflowTracker,
+                 result: ExperimentResult, prepared: dict[str, Prepared], *,
+                 legacy_stages: bool = False, echo: Callable[[str], None] = print,
+                 report_dir: str | Path | None = None) -> PipelineResult:
+    """Everything after the last level: the benchmark, gates, registry, release check and
+    report. In this process after `run_prune`'s training, or in the tracking process beside
+    it (`ticketsmith.sidecar`)."""
     if cfg.experiment.benchmark and cfg.task == "language_model":
         benchmark_lm_levels(cfg, client, tracker, result, echo)
     elif cfg.experiment.benchmark:
@@ -133,7 +134,9 @@ def import_tracking_modules(uri: str | None) -> None:
 def probe(data):
     """The inputs (a tensor) a ticket's serving plan is checked on before it is registered:
     real test inputs."""
-    return data.test_x[:1000].cpu()
+    from ticketsmith.serving.plan.check import PROBE_EXAMPLES
+
+    return data.test_x[:PROBE_EXAMPLES].cpu()
 
 
 def prepare_tickets_ahead(cfg: Config, client: MlflowClient, tracker: MlflowTracker,

@@ -300,3 +300,18 @@ def test_an_experiment_takes_its_start_up_objects_out_of_full_collections_once(t
     assert out.returncode == 0, out.stderr[-2000:]
     before, first, second = map(int, out.stdout.split()[-3:])
     assert before == 0 and first > 10_000 and second == first
+
+
+def test_the_cli_knows_every_variant_the_driver_builds_and_no_other():
+    """`--variants` is checked against `selection.VARIANT_NAMES` (no torch to import), the
+    driver builds from `lottery.VARIANTS`, and the config allows `experiment.variants`: one
+    list of names."""
+    import typing
+
+    from ticketsmith.base.config import ExperimentConfig
+    from ticketsmith.engine.lottery import VARIANTS
+    from ticketsmith.engine.selection import VARIANT_NAMES
+
+    assert tuple(VARIANTS) == VARIANT_NAMES
+    allowed = typing.get_args(typing.get_args(ExperimentConfig.model_fields["variants"].annotation)[0])
+    assert set(allowed) == set(VARIANT_NAMES)

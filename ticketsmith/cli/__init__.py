@@ -10,16 +10,14 @@ preemption), both after closing the open runs as KILLED.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import warnings
 from typing import Callable
 
 from ticketsmith.cli import benchmark, data, experiment, export, generate, report, sweep
 from ticketsmith.cli.args import add_config_args
 from ticketsmith.base.errors import USER_ERRORS, SweepError, TrackingError
 from ticketsmith.base.interrupts import Terminated, stop_on_sigterm
+from ticketsmith.base.output import quiet_libraries, without_mlflow_hints  # noqa: F401
 
 Handler = Callable[[argparse.Namespace], int]
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -50,31 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def without_mlflow_hints(show: Callable) -> Callable:
-    """MLflow's hints about its own API (UserWarnings, some in raw ANSI colour) are not news
-    about the experiment: the output is progress, the per-level lines, the answer and where to
-    look next (the MLflow UI link, the report path). A hook rather than a filter, because
-    libraries imported later put their own filters in front of ours."""
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        mlflow_hint = str(message).startswith("\x1b[") or f"{os.sep}mlflow{os.sep}" in filename
-        if not (issubclass(category, UserWarning) and mlflow_hint):
-            show(message, category, filename, lineno, file, line)
-    return showwarning
-
-
 def main(argv: list[str] | None = None) -> int:
     # First: from here a SIGTERM is a clean stop at the next safe point, like Ctrl-C (exit
     # 143). Before (interpreter start-up) it ends the process, nothing opened yet.
     stop_on_sigterm()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Per-file download bars from MLflow drown the experiment's own progress output.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # MLflow's HTTP client retries 7 times with exponential backoff (minutes) inside each of
-    # our retries (tracking.retry); two inner retries keep an outage's failure prompt.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    # MLflow's own INFO lines (creating tables, inferring a signature) are not ours to show.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    warnings.showwarning = without_mlflow_hints(warnings.showwarning)
+    quiet_libraries()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:

@@ -31,6 +31,7 @@ from ticketsmith.engine.structured import check_structured, prune_units, random_
 from ticketsmith.engine.store import RunStore
 from ticketsmith.engine.transformer_units import (UnitGroup, prune_transformer_units,
                                                   random_transformer_units, transformer_layout)
+from ticketsmith.engine.selection import VARIANT_NAMES, Selection  # noqa: F401 (re-exported)
 from ticketsmith.engine.tasks import task_for
 from ticketsmith.engine.train import TrainResult, resolve_device, total_iterations
 from ticketsmith.base.errors import LotteryError  # noqa: F401 (re-exported)
@@ -173,22 +174,6 @@ VARIANTS: dict[str, Callable[[LevelContext], tuple[dict[str, torch.Tensor], Mask
     "random_reinit": _random_reinit,
     "random_prune": _random_prune,
 }
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which part of the experiment to train now (the rest must be finished or is left out).
-
-    Selecting work never changes the experiment hash: a Job can train levels 3:4 or only the
-    random control of an experiment that other Jobs train the rest of.
-    """
-    first_level: int = 0
-    last_level: int | None = None      # inclusive; None = the config's last level
-    variants: tuple[str, ...] | None = None  # None = every configured variant
-
-    def allows(self, level: int, variant: str) -> bool:
-        in_range = self.first_level <= level and (self.last_level is None or level <= self.last_level)
-        return in_range and (self.variants is None or variant in self.variants or variant == "dense")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 
 from ticketsmith.engine.store import RunStore
-from ticketsmith.gates import LevelVerdict, champion_level, label
+from ticketsmith.gates import LevelVerdict, Promotion, champion_level, label  # noqa: F401
 from ticketsmith.base.interrupts import interrupts_deferred
 from ticketsmith.tracking.serving_tags import (CHECKED, FORMAT, lm_plan_tags,
                                                serving_description, serving_tags)
@@ -28,15 +28,6 @@ from ticketsmith.tracking.tracker import TAG, retry
 CHAMPION, PREVIOUS = "champion", "previous-champion"
 MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
 LM_MODEL_CODE = str(Path(__file__).with_name("lm_pyfunc.py"))
-
-
-@dataclass(frozen=True)
-class Promotion:
-    model_name: str
-    versions: dict[int, str]          # level → model version
-    champion: str | None              # version holding `champion` now
-    previous: str | None              # version holding `previous-champion` now
-    rejected: list[str]
 
 
 def model_name_for(experiment_name: str, exp_hash: str) -> str:

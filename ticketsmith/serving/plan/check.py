@@ -15,6 +15,8 @@ from ticketsmith.serving import agreement
 from ticketsmith.serving.plan.layout import INEXACT, PLAN, PlanError, read_plan, shipped
 from ticketsmith.serving.plan.runtime import load_plan
 
+PROBE_EXAMPLES = 1000  # real test inputs a ticket's plan is checked on before registration
+
 
 def check_plan(folder: str | Path, model, probe) -> dict[str, Any]:
     """Every route of the plan against the masked model on a fixed probe batch (model input,
