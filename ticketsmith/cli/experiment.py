@@ -25,6 +25,9 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--no-tracking", action="store_true",
                    help="run the engine only: no MLflow runs, gates or registry")
+    p.add_argument("--inline-tracking", action="store_true",
+                   help="track in the training process (default on a CPU: in a second process "
+                   "beside training, see docs/architecture.md)")
     p.add_argument("--legacy-stages", action="store_true",
                    help="also move deprecated registry stages (Production/Archived)")
     p.add_argument("--report-dir", default="reports",
@@ -38,7 +41,7 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
 
 def parse_selection(levels: str | None, variants: str | None):
     """--levels/--variants → lottery.Selection, with one-line errors naming the option."""
-    from ticketsmith.engine.lottery import VARIANTS, Selection
+    from ticketsmith.engine.selection import VARIANT_NAMES, Selection
 
     first, last = 0, None
     if levels:
@@ -53,9 +56,9 @@ def parse_selection(levels: str | None, variants: str | None):
     chosen = None
     if variants:
         chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
-        unknown = [v for v in chosen if v not in VARIANTS]
+        unknown = [v for v in chosen if v not in VARIANT_NAMES]
         if unknown:
-            raise ConfigError(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+            raise ConfigError(f"--variants: unknown {unknown}; choose from {sorted(VARIANT_NAMES)}")
     return Selection(first, last, chosen)
 
 
@@ -70,10 +73,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"done: {len(result.records)} runs ({len(result.trained)} trained now) "
               f"in {result.run_root}")
         return 0
-    from ticketsmith.pipeline import run_prune
+    options = dict(progress=not args.quiet, legacy_stages=args.legacy_stages, selection=selection,
+                   report_dir=None if args.no_report else args.report_dir)
+    if args.inline_tracking:
+        from ticketsmith.pipeline import run_prune
 
-    out = run_prune(cfg, progress=not args.quiet, legacy_stages=args.legacy_stages,
-                    selection=selection, report_dir=None if args.no_report else args.report_dir)
+        out = run_prune(cfg, **options)
+    else:
+        from ticketsmith.sidecar import run_prune_beside
+
+        out = run_prune_beside(cfg, **options)
     print(f"done: {len(out.experiment.records)} runs ({len(out.experiment.trained)} trained now) "
           f"in {out.experiment.run_root}")
     return 0
