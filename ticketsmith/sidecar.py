@@ -15,8 +15,8 @@ store) and `progress_saved` (so a stop's checkpoint is uploaded before the stop 
 A failure in the tracking process closes its open runs FAILED and raises the same error in
 the engine at its next event, so the command fails with the same line and exit code.
 
-Signals. The tracking process leads a process group of its own, so Ctrl-C at a terminal reaches
-the training process alone, which decides:
+Signals. The tracking process leads a session and process group of its own, so Ctrl-C at a
+terminal reaches the training process alone, which decides:
   - an interrupt or error during training `abort`s: the events before it are logged, then the
     open runs are closed, KILLED or FAILED, as in one process;
   - an interrupt while it waits (for the gates, registry and report, or for an abort) is passed
@@ -162,7 +162,7 @@ class TrackingProcess:
         with theirs:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ticketsmith.sidecar", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=env, process_group=0)
+                pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
         self.conn = Connection(ours.detach())
         self._lock = threading.Lock()
         self.replies: queue.SimpleQueue = queue.SimpleQueue()
