@@ -14,7 +14,7 @@ from mlflow.entities import Metric, RunTag
 
 from ticketsmith.base.config import Config
 from ticketsmith.base.errors import BenchmarkError
-from ticketsmith.gates import (LevelVerdict, PipelineResult, described, evaluate_gates,  # noqa: F401
+from ticketsmith.gates import (LevelVerdict, PipelineResult, described, evaluate_gates,
                                format_table, label, release_check)
 from ticketsmith.engine.lottery import ExperimentResult, Selection, prepare_experiment, run_experiment
 from ticketsmith.engine.events import Tracker
@@ -23,6 +23,7 @@ from ticketsmith.tracking.registry import (Prepared, model_name_for, prepare_tic
                                            promote, ticket_runs)
 from ticketsmith.tracking.run_summary import best_speedups, ui_link
 from ticketsmith.tracking.regate import gate_experiment  # noqa: F401 (`ticketsmith gate`)
+from ticketsmith.tracking.sqlite_store import import_store_modules
 from ticketsmith.tracking.tracker import MlflowTracker, load_records, prepare_store, retry
 
 
@@ -113,11 +114,7 @@ def import_tracking_modules(uri: str | None) -> None:
     the run-context tags MLflow gives every logged model (user, source, git commit: GitPython
     and `git` processes, once per process, cached by MLflow). No torch: this runs on a thread
     while the data loads."""
-    import mlflow
-
-    if (uri or mlflow.get_tracking_uri()).startswith("sqlite:"):
-        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import_store_modules(uri)
     import ticketsmith.tracking.figures  # noqa: F401
     import mlflow.pyfunc  # noqa: F401
     from mlflow.tracking.context import registry as run_context

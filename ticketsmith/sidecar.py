@@ -52,6 +52,7 @@ from ticketsmith.base import errors
 from ticketsmith.base.errors import TrackingError
 from ticketsmith.base.interrupts import Terminated, stop_on_sigterm
 from ticketsmith.base.secrets import redact
+from ticketsmith.engine.selection import Selection
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding `ticketsmith/`
 
@@ -64,7 +65,7 @@ def applies(cfg: Any) -> bool:
 
 
 def run_prune_beside(cfg: Any, *, progress: bool = True, legacy_stages: bool = False,
-                     selection: Any = None, report_dir: str | Path | None = None,
+                     selection: Selection = Selection(), report_dir: str | Path | None = None,
                      echo: Callable[[str], None] = print):
     """`pipeline.run_prune(cfg, ...)`, with the tracking in a process beside training where
     it applies; the same `PipelineResult`."""
@@ -73,7 +74,7 @@ def run_prune_beside(cfg: Any, *, progress: bool = True, legacy_stages: bool = F
     tracking = TrackingProcess(cfg, report_dir=report_dir, legacy_stages=legacy_stages,
                                echo=echo)  # first: its imports overlap ours and the data's
     try:
-        from ticketsmith.engine.lottery import Selection, prepare_experiment, run_experiment
+        from ticketsmith.engine.lottery import prepare_experiment, run_experiment
         from ticketsmith.engine.train import resolve_device
 
         if resolve_device(cfg.train.device).type != "cpu":
@@ -81,7 +82,7 @@ def run_prune_beside(cfg: Any, *, progress: bool = True, legacy_stages: bool = F
             return _inline(cfg, progress, legacy_stages, selection, report_dir, echo)
         data = prepare_experiment(cfg)  # config errors first, as in one process
         result = run_experiment(cfg, tracker=tracking, progress=progress, echo=echo,
-                                selection=selection or Selection(), data=data)
+                                selection=selection, data=data)
         verdicts, promotion, ok, reason = tracking.finish(result.records, result.trained)
     except BaseException as error:
         tracking.abort(error)
@@ -94,11 +95,10 @@ def run_prune_beside(cfg: Any, *, progress: bool = True, legacy_stages: bool = F
 
 
 def _inline(cfg, progress, legacy_stages, selection, report_dir, echo):
-    from ticketsmith.engine.lottery import Selection
     from ticketsmith.pipeline import run_prune
 
     return run_prune(cfg, progress=progress, legacy_stages=legacy_stages, echo=echo,
-                     selection=selection or Selection(), report_dir=report_dir)
+                     selection=selection, report_dir=report_dir)
 
 
 def shipped(data: Any) -> Any:
@@ -200,12 +200,7 @@ class TrackingProcess:
                             f"{self.proc.wait()}); rerun the same command to resume")
 
     def _event(self, name: str, *args: Any) -> None:
-        try:  # a failure met since the last event stops the engine now
-            msg = self.replies.get_nowait()
-        except queue.Empty:
-            pass
-        else:
-            self.replies.put(msg)
+        if not self.replies.empty():  # a failure met since the last event stops the engine now
             self._answer()
         if self._ended:
             raise TrackingError("the tracking process has stopped; rerun to resume")
@@ -312,6 +307,8 @@ class TrackingProcess:
         """Let the tracking process end (it has answered, or stopped, or was told nothing)
         and reap it. The connection is shut for writing, not closed, while the reader reads:
         the other end sees its end, and the reader sees the other's once it has exited."""
+        if self.conn.closed:
+            return
         if not self._started and self.proc.poll() is None:
             self.proc.kill()  # still importing, perhaps: it has touched no store
         try:
@@ -376,14 +373,13 @@ class TrackingServer:
                 self.tracker.experiment_failed(stop)
             return 143 if isinstance(stop, Terminated) else 130
 
-    def _import_store(self) -> None:
+    @staticmethod
+    def _import_store() -> None:
         """What `experiment_started` needs, since the engine waits for its answer: MLflow,
         the store's modules and the tracker (no torch)."""
-        import mlflow
+        from ticketsmith.tracking.sqlite_store import import_store_modules
 
-        if mlflow.get_tracking_uri().startswith("sqlite:"):
-            import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        import_store_modules()
         import ticketsmith.tracking.tracker  # noqa: F401
 
     @staticmethod
@@ -415,7 +411,7 @@ class TrackingServer:
                 try:
                     self._dispatch(name, args)
                 except Exception as error:  # noqa: BLE001 - sent to the engine, runs closed
-                    self._fail(error, close=self.training)
+                    self._fail(error)
         elif kind == "call":
             if self.failed is not None:
                 _send(self.conn, self._lock, "error", *self.failed)
@@ -435,12 +431,13 @@ class TrackingServer:
             _send(self.conn, self._lock, "reply", None)
             self.done = True
 
-    def _fail(self, error: Exception, close: bool) -> None:
+    def _fail(self, error: Exception) -> None:
+        """Send the error; close the open runs FAILED if events were still coming."""
         if not isinstance(error, (errors.TrackingError, *errors.USER_ERRORS)):
             traceback.print_exc()  # a bug: its traceback, as one process would show it
         self.failed = (type(error).__name__, str(error))
         _send(self.conn, self._lock, "error", *self.failed)
-        if close and self.tracker is not None:
+        if self.training and self.tracker is not None:
             self.tracker.experiment_failed(error)
         self.training = False
 

@@ -17,7 +17,7 @@ from ticketsmith.cli import benchmark, data, experiment, export, generate, repor
 from ticketsmith.cli.args import add_config_args
 from ticketsmith.base.errors import USER_ERRORS, SweepError, TrackingError
 from ticketsmith.base.interrupts import Terminated, stop_on_sigterm
-from ticketsmith.base.output import quiet_libraries, without_mlflow_hints  # noqa: F401
+from ticketsmith.base.output import quiet_libraries
 
 Handler = Callable[[argparse.Namespace], int]
 AddArgs = Callable[[argparse.ArgumentParser], None]
